@@ -1,0 +1,21 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch pulls GBs of CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[torch,dev]'
+	touch $@
+
+.PHONY: install demo test
+install: $(BIN)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m piccolo_jax.demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

@@ -1,0 +1,106 @@
+"""piccolo_jax model directory -> sentence-transformers directory (safetensors).
+
+Usage: python -m piccolo_jax.export MODEL_DIR OUT_DIR [--truncate-dim N]
+"""
+import argparse
+import json
+import pathlib
+import shutil
+
+import numpy as np
+
+from piccolo_jax import checkpoint
+from piccolo_jax import convert
+from piccolo_jax import model as model_lib
+
+ST_ACTIVATIONS = {v: k for k, v in convert.DENSE_ACTIVATION_NAMES.items()}
+
+
+def hf_config(cfg: model_lib.Config) -> dict:
+  """The Hugging Face BertConfig dict of cfg."""
+  from transformers import BertConfig
+  return BertConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+      max_position_embeddings=cfg.max_position, type_vocab_size=cfg.type_vocab_size,
+      layer_norm_eps=cfg.layer_norm_eps, hidden_act=cfg.hidden_act, hidden_dropout_prob=cfg.dropout,
+      attention_probs_dropout_prob=cfg.attention_dropout, pad_token_id=cfg.pad_token_id,
+      architectures=["BertModel"]).to_dict()
+
+
+def to_weights(cfg: model_lib.Config, params: dict) -> dict[str, np.ndarray]:
+  """Our parameter pure dict -> HF-keyed numpy weights (inverse of convert.to_params)."""
+  out = {}
+  for path, (key, transpose) in convert.name_map(cfg).items():
+    value = params
+    for p in path:
+      value = value[p]
+    value = np.asarray(value, np.float32)
+    out[key] = np.ascontiguousarray(value.T if transpose else value)
+  return out
+
+
+def _write_json(path, obj):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export(model_dir, out_dir, truncate_dim: int | None = None):
+  """Writes a sentence-transformers directory that SentenceTransformer(out_dir) loads."""
+  from safetensors.numpy import save_file
+  cfg = checkpoint.load_config(model_dir)
+  if truncate_dim is not None and not 0 < truncate_dim <= cfg.embed_dim:
+    raise ValueError(f"--truncate-dim {truncate_dim} out of range: embeddings have {cfg.embed_dim} dims")
+  weights = to_weights(cfg, checkpoint.load_params(model_dir, cfg))
+  dense = {k.removeprefix("2_Dense."): weights.pop(k) for k in list(weights) if k.startswith("2_Dense.")}
+  # BertModel expects a pooler; sentence embeddings never use it. Zeros keep its load report clean.
+  D = cfg.hidden_size
+  weights |= {"pooler.dense.weight": np.zeros((D, D), np.float32), "pooler.dense.bias": np.zeros(D, np.float32)}
+  tok_files = checkpoint.tokenizer_files(model_dir)
+  with checkpoint.atomic_dir(out_dir) as tmp:
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+    _write_json(tmp / "config.json", hf_config(cfg))
+    for f in tok_files:
+      shutil.copy2(f, tmp / f.name)
+    _write_json(tmp / "sentence_bert_config.json", {"max_seq_length": cfg.max_seq_length,
+                                                    "do_lower_case": False})
+    modules = [("Transformer", ""), ("Pooling", "1_Pooling")]
+    _write_json(tmp / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": cfg.hidden_size,
+        "pooling_mode_cls_token": cfg.pooling == "cls", "pooling_mode_mean_tokens": cfg.pooling == "mean",
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False,
+        "include_prompt": True})
+    if cfg.dense_out:
+      modules.append(("Dense", "2_Dense"))
+      _write_json(tmp / "2_Dense" / "config.json", {
+          "in_features": cfg.hidden_size, "out_features": cfg.dense_out, "bias": cfg.dense_bias,
+          "activation_function": ST_ACTIVATIONS[cfg.dense_activation]})
+      save_file(dense, tmp / "2_Dense" / "model.safetensors", metadata={"format": "pt"})
+    if cfg.normalize:
+      modules.append(("Normalize", f"{len(modules)}_Normalize"))
+    _write_json(tmp / "modules.json", [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (kind, path) in enumerate(modules)])
+    st_config = {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    if truncate_dim:
+      st_config["truncate_dim"] = truncate_dim
+    _write_json(tmp / "config_sentence_transformers.json", st_config)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m piccolo_jax.export", description=__doc__.split("\n")[0])
+  parser.add_argument("model_dir", help="piccolo_jax model directory (from convert or train)")
+  parser.add_argument("out_dir", help="new sentence-transformers directory (must not exist or be empty)")
+  parser.add_argument("--truncate-dim", type=int, default=None,
+                      help="Matryoshka dimension SentenceTransformer truncates to when loading")
+  args = parser.parse_args(argv)
+  try:
+    export(args.model_dir, args.out_dir, args.truncate_dim)
+  except (OSError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
+  print(f"exported {args.model_dir} -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+  main()
