@@ -85,3 +85,29 @@ def load_model(model_dir, *, seed=0, **overrides) -> model_lib.Bert:
 def params_numpy(model: model_lib.Bert) -> dict:
   """The model's parameters as a pure dict of host numpy arrays."""
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def train_manager(workdir, c) -> ocp.CheckpointManager:
+  """Async Orbax manager for workdir/checkpoints: every c.every steps, keeping c.keep."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, save_interval_steps=1,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(), options=options,
+                               item_names=("state", "data"))
+
+
+def save_args(state, data_iterator):
+  import grain
+  return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            data=grain.checkpoint.CheckpointSave(data_iterator))
+
+
+def restore_latest(mngr, state, shardings, data_iterator) -> tuple[dict, int]:
+  """(state, step) from the latest checkpoint, restoring the data iterator in place; (state, 0) if none."""
+  import grain
+  step = mngr.latest_step()
+  if step is None:
+    return state, 0
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored["state"], step

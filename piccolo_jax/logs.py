@@ -1,0 +1,68 @@
+"""Run logging: a progress bar with throughput, metrics to JSONL and TensorBoard (process 0)."""
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger("piccolo_jax.train")
+
+
+class MetricLogger:
+  """Fetches step metrics, updates the bar, writes every `every` steps to metrics.jsonl and tb/."""
+
+  def __init__(self, workdir, total_steps, start_step, global_batch, mrl_dims, schedule, every,
+               enabled=True):
+    self.enabled, self.every, self.dims = enabled, every, tuple(mrl_dims)
+    self.global_batch, self.schedule = global_batch, schedule
+    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not enabled)
+    self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a") if enabled else None
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+    self.tick, self.task_loss, self.last = time.perf_counter(), {}, {}
+
+  def step(self, step, task, metrics, batch) -> dict:
+    """Host metrics of one finished step (blocks on its device values)."""
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    dt, self.tick = now - self.tick, now
+    tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask")) * jax.process_count()
+    self.task_loss[task] = float(m["loss"])
+    host = {"task": task, "dataset": batch.get("dataset", ""), "bucket": batch.get("bucket"), "ok": bool(m["ok"]),
+            f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+            "lr": float(self.schedule(step - 1)), "pad_frac": float(batch.get("pad_frac", 0.0)),
+            "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt}
+    host |= {f"loss/{task}/dim{d}": float(v) for d, v in zip(self.dims, np.ravel(m["loss_per_dim"]))}
+    self.last = host
+    self.bar.update(1)
+    self.bar.set_postfix({**{f"{t}": f"{v:.4f}" for t, v in self.task_loss.items()},
+                          "ex/s": f"{host['examples_per_s']:.1f}", "tok/s": f"{host['tokens_per_s']:.0f}"},
+                         refresh=False)
+    if step % self.every == 0:
+      self.write(step, host, echo=False)
+    return host
+
+  def write(self, step, metrics: dict, echo=True):
+    """Appends metrics to the JSONL file and TensorBoard; echo prints them under the bar."""
+    if not self.enabled or not metrics:
+      return
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        self.tb.add_scalar(k, v, step)
+    if echo:
+      self.bar.write(f"step {step}: " + "  ".join(
+          f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+  def close(self):
+    self.bar.close()
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()

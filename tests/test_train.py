@@ -1,0 +1,132 @@
+"""Training on 8 fake devices: learning, compile counts, frozen params, resume, NaN stop, configs."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_config
+from piccolo_jax import checkpoint, state, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _metrics(workdir):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(l) for l in lines]
+
+
+def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch):
+  assert jax.device_count() == 8
+  steps = []
+  make = train.make_train_step
+
+  def spy(*args):
+    steps.append(make(*args))
+    return steps[-1]
+
+  monkeypatch.setattr(train, "make_train_step", spy)
+  c = tiny_config.get_config()
+  c.model.dropout, c.optim.lr, c.train.epochs = 0.0, 5e-3, 8
+  train.train(c, tmp_path)
+  rows = [m for m in _metrics(tmp_path) if "task" in m]
+  assert len(rows) == 8 * 6  # 8 epochs x (2 + 2 + 2) batches
+  for m in rows:
+    assert m["ok"] and np.isfinite(m[f"loss/{m['task']}"])
+  for task in ("retrieval", "sts", "cls"):
+    losses = [m[f"loss/{task}"] for m in rows if m["task"] == task]
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), (task, losses)  # Last vs first 2 epochs.
+    assert {f"loss/{task}/dim16", f"loss/{task}/dim32"} <= set(next(m for m in rows if m["task"] == task))
+  assert steps[0]._cache_size() == len({(m["task"], m.get("bucket")) for m in rows})
+  assert steps[0]._cache_size() <= 3 * len(c.data.buckets)
+  # Frozen position embeddings are bit-identical; word embeddings moved.
+  init = state.random_params(state.init_params(c)[0], c.seed)
+  cfg = checkpoint.load_config(tmp_path / "model")
+  final = checkpoint.load_params(tmp_path / "model", cfg)
+  np.testing.assert_array_equal(final["embeddings"]["position"]["embedding"],
+                                init["embeddings"]["position"]["embedding"])
+  assert np.abs(final["embeddings"]["word"]["embedding"] - init["embeddings"]["word"]["embedding"]).max() > 1e-4
+  assert (tmp_path / "export" / "modules.json").is_file()
+
+
+def _run_cli(workdir, overrides, env_extra=None):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1",
+             **(env_extra or {}))
+  return subprocess.Popen([sys.executable, "-m", "piccolo_jax.train", "--config=tests/tiny_config.py",
+                           f"--workdir={workdir}", *overrides], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=600):
+  ckpts = pathlib.Path(workdir) / "checkpoints"
+  start = time.time()
+  while time.time() - start < timeout:
+    done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+    if done or proc.poll() is not None:
+      return done
+    time.sleep(0.02)
+  raise TimeoutError(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_bit_identical(tmp_path, sig):
+  overrides = ["--config.checkpoint.every=2", "--config.train.epochs=2"]
+  straight = _run_cli(tmp_path / "straight", overrides)
+  out = straight.communicate()[0]
+  assert straight.returncode == 0, out
+  killed = _run_cli(tmp_path / "killed", overrides)
+  assert _wait_for_checkpoint(tmp_path / "killed", killed), killed.communicate()[0]
+  killed.send_signal(sig)
+  out = killed.communicate()[0]
+  assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+  if sig == signal.SIGTERM:
+    assert killed.returncode == 0 and "preempted: saved step" in out, out
+  resumed = _run_cli(tmp_path / "killed", overrides)
+  out = resumed.communicate()[0]
+  assert resumed.returncode == 0 and "resuming at step" in out, out
+  a = checkpoint.load_params(tmp_path / "straight" / "model", checkpoint.load_config(tmp_path / "straight" / "model"))
+  b = checkpoint.load_params(tmp_path / "killed" / "model", checkpoint.load_config(tmp_path / "killed" / "model"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  first = [m for m in _metrics(tmp_path / "straight") if "task" in m]
+  second = {m["step"]: m for m in _metrics(tmp_path / "killed") if "task" in m}
+  for m in first:  # Same batches, same losses at every step.
+    assert second[m["step"]][f"loss/{m['task']}"] == m[f"loss/{m['task']}"]
+
+
+def test_non_finite_loss_stops_with_step_and_task(tmp_path):
+  c = tiny_config.get_config()
+  c.loss.sts.temperature = 0.0  # cos / 0: Inf and NaN logits.
+  c.data.datasets = c.data.datasets[1:2]
+  with pytest.raises(train.NonFiniteError, match=r"step 1 \(task sts, dataset .*sts-b-en.*the last checkpoint is intact"):
+    train.train(c, tmp_path)
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_config_by_name_and_overrides():
+  assert train.resolve_config_path("finetune").endswith("configs/finetune.py")
+  assert train._resolve_argv(["--config=demo", "--config.optim.lr=2e-5"]) == [
+      f"--config={REPO / 'configs/demo.py'}", "--config.optim.lr=2e-5"]
+  with pytest.raises(SystemExit, match="no config 'nope'"):
+    train.resolve_config_path("nope")
+  from configs import finetune
+  c = finetune.get_config()
+  assert c.model.dense_out == 1792 and c.loss.mrl_dims[-1] == 1792 and c.model.dtype == "bfloat16"
+  assert c.optim.lr == 1e-5 and c.train.epochs == 3 and "embeddings/position" in c.optim.freeze
+
+
+def test_position_extension():
+  p = np.random.default_rng(0).normal(size=(8, 4))
+  tiled = state.extend_positions(p, 20, "tile")
+  np.testing.assert_array_equal(tiled[8:16], p)
+  h = state.extend_positions(p, 64, "hierarchical")
+  np.testing.assert_allclose(h[:8], p, atol=1e-12)  # The first n positions are unchanged.
+  u = (p - 0.4 * p[0]) / 0.6
+  np.testing.assert_allclose(h[3 * 8 + 5], 0.4 * u[3] + 0.6 * u[5], atol=1e-12)
+  with pytest.raises(ValueError, match="position_extension 'rope'"):
+    state.extend_positions(p, 16, "rope")
