@@ -1,0 +1,156 @@
+"""Piccolo2 multi-task hybrid loss: retrieval InfoNCE, CoSENT, cls contrast, MRL.
+
+Pure functions of raw (unnormalised) embeddings. Every similarity is a cosine,
+computed in float32 (bf16 inputs are upcast). Under `jit` with the batch sharded
+on a mesh axis, the jnp ops below act on the global arrays, so the retrieval
+in-batch negatives span all devices (XLA inserts the all-gather).
+
+Shape suffixes: B batch, D embedding dim, K negatives per query, M flat
+negatives, N candidates per query, L number of Matryoshka dims.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-8  # Norm floor, as torch.cosine_similarity: x / max(||x||, eps).
+MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
+
+
+def normalize(x):
+  """L2-normalises the last axis in >= float32; zero vectors map to zero."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, EPS * EPS))  # NaN-free grad at 0.
+
+
+def _dot(x_BD, y_ND):
+  return jnp.einsum("bd,nd->bn", x_BD, y_ND, precision="highest")
+
+
+def _xent(pos_B, logits_BN):
+  """Mean cross-entropy where the target logit pos_B is one of logits_BN."""
+  return jnp.mean(jax.nn.logsumexp(logits_BN, axis=-1) - pos_B)
+
+
+def retrieval_infonce(q, p, n=None, *, temperature=0.01, weight=1.0,
+                      n_mask=None):
+  """InfoNCE of each query over all positives and all hard negatives in batch.
+
+  Args:
+    q: queries, B x D.
+    p: positives, B x D; p[i] is the target of q[i].
+    n: hard negatives, M x D or B x K x D (flattened); shared by every query.
+    temperature: logits are cosines / temperature.
+    weight: loss multiplier (the original has none, i.e. 1).
+    n_mask: optional bool, shape n.shape[:-1]; False drops a padded negative.
+  """
+  q_BD, p_BD = normalize(q), normalize(p)
+  c_ND = p_BD
+  if n is not None:
+    n_MD = normalize(n).reshape(-1, q_BD.shape[-1])
+    c_ND = jnp.concatenate([p_BD, n_MD])
+  logits_BN = _dot(q_BD, c_ND) / temperature
+  if n is not None and n_mask is not None:
+    keep_N = jnp.concatenate([jnp.ones(p_BD.shape[0], bool),
+                              jnp.asarray(n_mask, bool).reshape(-1)])
+    logits_BN = jnp.where(keep_N, logits_BN, -jnp.inf)  # Positives stay finite.
+  pos_B = jnp.sum(q_BD * p_BD, axis=-1) / temperature
+  return weight * _xent(pos_B, logits_BN)
+
+
+def cosent(a, b, labels, *, temperature=0.05, weight=0.04):
+  """weight * log(1 + sum_{label_j > label_i} exp(s_i - s_j)), s = cos / T."""
+  s_B = jnp.sum(normalize(a) * normalize(b), axis=-1) / temperature
+  labels_B = jnp.asarray(labels)
+  diff_BB = s_B[:, None] - s_B[None, :]  # [i, j] = s_i - s_j.
+  keep_BB = labels_B[None, :] > labels_B[:, None]  # Strict: ties add nothing.
+  diff_BB = jnp.where(keep_BB, diff_BB, -jnp.inf)
+  return weight * jax.nn.logsumexp(jnp.append(diff_BB.reshape(-1), 0.0))
+
+
+def cls_contrast(q, p, n, *, temperature=0.05, weight=0.2, n_mask=None):
+  """weight * InfoNCE of q[i] over p[i] and its own K negatives only.
+
+  Args:
+    q: queries, B x D.
+    p: positives, B x D.
+    n: label negatives, B x K x D (the original's flat (B*K) x D, grouped per
+      query, is also accepted). No in-batch negatives: row i sees only row i.
+    temperature: logits are cosines / temperature.
+    weight: loss multiplier.
+    n_mask: optional bool B x K; False marks a padded negative, which then
+      contributes exactly nothing (value or gradient).
+  """
+  q_BD, p_BD = normalize(q), normalize(p)
+  n_BKD = normalize(n).reshape(q_BD.shape[0], -1, q_BD.shape[-1])
+  pos_B = jnp.sum(q_BD * p_BD, axis=-1) / temperature
+  neg_BK = jnp.einsum("bd,bkd->bk", q_BD, n_BKD, precision="highest")
+  neg_BK = neg_BK / temperature
+  if n_mask is not None:
+    neg_BK = jnp.where(jnp.asarray(n_mask, bool), neg_BK, -jnp.inf)
+  logits_BN = jnp.concatenate([pos_B[:, None], neg_BK], axis=1)
+  return weight * _xent(pos_B, logits_BN)
+
+
+TASK_LOSSES = {"retrieval": retrieval_infonce, "sts": cosent,
+               "cls": cls_contrast}
+
+
+def _check_dims(dims, weights):
+  dims = tuple(int(d) for d in dims)
+  if not dims:
+    raise ValueError("Matryoshka dims must be non-empty.")
+  for d in dims:
+    if d <= 0:
+      raise ValueError(f"Matryoshka dim {d} must be positive.")
+  if list(dims) != sorted(set(dims)):
+    raise ValueError(f"Matryoshka dims {dims} must be strictly increasing.")
+  if weights is not None and len(weights) != len(dims):
+    raise ValueError(f"Got {len(weights)} Matryoshka weights for "
+                     f"{len(dims)} dims {dims}.")
+  return dims
+
+
+def matryoshka(loss_fn, dims=MRL_DIMS, weights=None, *, return_per_dim=False):
+  """Wraps loss_fn to average it over nested embedding prefixes.
+
+  Contract: positional array arguments with ndim >= 2 are embeddings and get
+  their last axis cut to each dim (each loss re-normalises the prefix). All
+  else passes through unchanged: 1-D positionals (cosent's labels), None, and
+  every keyword argument (n_mask, temperature, ...). So pass embeddings
+  positionally, e.g. `mrl(q, p, n, n_mask=m)` or `mrl(a, b, labels)`.
+
+  Args:
+    loss_fn: one of the losses above (or any fn with that contract).
+    dims: increasing prefix sizes; a dim above the embedding size raises.
+    weights: optional per-dim weights; the total is sum(w * l) / sum(w). None
+      gives the plain mean, as the original.
+    return_per_dim: if True, return (total, losses_L) with losses_L in dims
+      order, for per-dim logging.
+  """
+  dims = _check_dims(dims, weights)
+  weights = [1.0] * len(dims) if weights is None else weights
+
+  @functools.wraps(loss_fn)
+  def wrapped(*args, **kwargs):
+    is_emb = [hasattr(x, "ndim") and x.ndim >= 2 for x in args]
+    sizes = {x.shape[-1] for x, e in zip(args, is_emb) if e}
+    if not sizes:
+      raise ValueError("matryoshka: no positional embedding (ndim >= 2) given.")
+    if len(sizes) > 1:
+      raise ValueError(f"matryoshka: embeddings disagree on size: {sizes}.")
+    size = sizes.pop()
+    for d in dims:
+      if d > size:
+        raise ValueError(f"Matryoshka dim {d} exceeds the embedding size "
+                         f"{size} (dims {dims}).")
+    losses_L = jnp.stack([
+        loss_fn(*[x[..., :d] if e else x for x, e in zip(args, is_emb)],
+                **kwargs)
+        for d in dims])
+    w_L = jnp.asarray(weights, losses_L.dtype)
+    total = jnp.sum(w_L * losses_L) / jnp.sum(w_L)
+    return (total, losses_L) if return_per_dim else total
+
+  return wrapped
