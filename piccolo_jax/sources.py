@@ -1,0 +1,284 @@
+"""Training-set readers: piccolo `save_to_disk` dirs, meta lists, jsonl, tsv and TFDS.
+
+Every dataset is read once, validated and normalised into a `Table`: row-aligned first
+texts (`queries`), a de-duplicated pool of second texts (`passages`), the positive and
+negative passage ids of each row as CSR arrays, and STS labels. A Table is a
+random-access source (`len`, `[]`) in grain's sense. Errors name dataset, row and field.
+"""
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+import pyarrow as pa
+
+TASKS = {"retrieval": "retrieval", "retri_contrast": "retrieval", "sts": "sts",
+         "cosent": "sts", "cls": "cls", "cls_contrast": "cls"}
+
+# Column layouts per task: canonical slot -> column. Piccolo's first, then the community's.
+# A cls layout without `pos` builds label triplets: pos = own label, neg = other labels.
+LAYOUTS = {
+    "retrieval": ({"query": "text", "pos": "text_pos", "neg": "text_neg"},
+                  {"query": "query", "pos": "pos", "neg": "neg"}),
+    "sts": ({"query": "text", "pos": "text_pair", "label": "label"},
+            {"query": "sentence1", "pos": "sentence2", "label": "label"},
+            {"query": "sentence1", "pos": "sentence2", "label": "score"}),
+    "cls": ({"query": "text", "pos": "text_pos", "neg": "text_neg"},
+            {"query": "text", "label": "label"}),
+}
+
+
+class DataError(ValueError):
+  """Bad training data; the message names the dataset, row and field."""
+
+
+@dataclasses.dataclass
+class Table:
+  """One validated dataset; passages are referenced by id from pos/neg CSR arrays."""
+  name: str
+  task: str
+  queries: list
+  passages: list
+  pos_off: np.ndarray  # int64 [n+1]; row i's positives are pos_ids[pos_off[i]:pos_off[i+1]]
+  pos_ids: np.ndarray  # int32
+  neg_off: np.ndarray
+  neg_ids: np.ndarray
+  labels: np.ndarray  # float32 [n]; STS only, zeros otherwise
+  skipped: dict
+  repeat: int = 1
+  query_prefix: str = ""
+  passage_prefix: str = ""
+  q_len: np.ndarray | None = None  # token lengths, filled in by data.load_tables
+  p_len: np.ndarray | None = None
+
+  def __len__(self):
+    return len(self.queries)
+
+  def __getitem__(self, i):
+    ids = lambda off, flat: [self.passages[j] for j in flat[off[i]:off[i + 1]]]
+    return {"query": self.queries[i], "pos": ids(self.pos_off, self.pos_ids),
+            "neg": ids(self.neg_off, self.neg_ids), "label": float(self.labels[i])}
+
+
+def _lines(path):
+  """Yields (line_number, text) of a UTF-8 file; bad bytes are an error naming the line."""
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        yield n, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}: line {n}: not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def _jsonl(entry):
+  path = entry["path"]
+
+  def rows():
+    for n, line in _lines(path):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise DataError(f"{path}: line {n}: expected a JSON object")
+      yield f"line {n}", row
+  return path, rows()
+
+
+def _tsv(entry):
+  """Pairs: a header naming sentence1/sentence2/score, or exactly those three columns."""
+  path = entry["path"]
+
+  def rows():
+    reader = csv.reader((line for _, line in _lines(path)), delimiter="\t",
+                        quoting=csv.QUOTE_NONE)
+    header = None
+    for cols in reader:
+      n = reader.line_num
+      if n == 1 and "sentence1" in cols:
+        header = cols
+        continue
+      if header is None and len(cols) != 3:
+        raise DataError(f"{path}: line {n}: expected 3 columns sentence1, sentence2, score")
+      yield f"line {n}", dict(zip(header or ("sentence1", "sentence2", "score"), cols))
+  return path, rows()
+
+
+def _piccolo(entry):
+  """A Hugging Face `save_to_disk` dir (Dataset or DatasetDict), read with pyarrow."""
+  path = pathlib.Path(entry["path"])
+  dirs = [path]
+  if (path / "dataset_dict.json").exists():  # a DatasetDict: all splits, as the original
+    dirs = [path / s for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+  files = [d / f["filename"] for d in dirs
+           for f in json.loads((d / "state.json").read_text())["_data_files"]]
+
+  def rows():
+    i = 0
+    for f in files:
+      with pa.OSFile(str(f)) as stream:
+        for batch in pa.ipc.open_stream(stream):
+          for row in batch.to_pylist():
+            yield f"row {i}", row
+            i += 1
+  return entry.get("name") or path.name, rows()
+
+
+def _decode(value):
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_decode(v) for v in value]
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def _tfds(entry):
+  """`tfds.data_source` over ArrayRecord files; no TensorFlow needed."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  split = entry.get("split", "train")
+  src = tfds.data_source(entry["name"], data_dir=entry.get("data_dir"), split=split)
+  rows = ((f"row {i}", {k: _decode(v) for k, v in src[i].items()}) for i in range(len(src)))
+  return f"tfds:{entry['name']}/{split}", rows
+
+
+READERS = {"jsonl": _jsonl, "tsv": _tsv, "piccolo": _piccolo, "tfds": _tfds}
+
+
+def read_meta_list(entry):
+  """Expands {kind: meta, path: list file, root: dir}: lines `dataset_name repeat`."""
+  rest = {k: v for k, v in entry.items() if k not in ("kind", "path", "root", "name")}
+  out = []
+  for n, line in _lines(entry["path"]):
+    parts = line.split()
+    if not parts:
+      continue
+    if len(parts) != 2 or not parts[1].isdigit():
+      raise DataError(f"{entry['path']}: line {n}: expected 'dataset_name repeat'")
+    out.append({**rest, "kind": "piccolo", "name": parts[0], "repeat": int(parts[1]),
+                "path": os.path.join(entry["root"], parts[0])})
+  return out
+
+
+def _task(where, value, field):
+  if value not in TASKS:
+    raise DataError(f"{where}: field '{field}': unknown task type {value!r}, "
+                    f"expected one of {sorted(TASKS)}")
+  return TASKS[value]
+
+
+def _infer_task(where, row):
+  if "type" in row:
+    return _task(where, row["type"], "type")
+  if "query" in row:
+    return "retrieval"
+  if "sentence1" in row or "text_pair" in row:
+    return "sts"
+  if "text" in row and "label" in row and "text_pos" not in row:
+    return "cls"
+  raise DataError(f"{where}: no 'type' field and the columns {sorted(row)} do not tell "
+                  "the task; set `task` for this dataset in the config")
+
+
+def _layout(task, row):
+  return max(LAYOUTS[task], key=lambda lay: sum(c in row for c in lay.values()) / len(lay))
+
+
+def _text(where, field, value):
+  if value is None or isinstance(value, str):
+    return value or ""
+  raise DataError(f"{where}: field '{field}': expected a string, got {type(value).__name__}")
+
+
+def _texts(where, field, value):
+  if not isinstance(value, (list, tuple)):
+    raise DataError(f"{where}: field '{field}': expected a list of strings, "
+                    f"got {type(value).__name__}")
+  return [t for t in (_text(where, field, v) for v in value) if t.strip()]
+
+
+def _number(where, field, value):
+  try:
+    if isinstance(value, bool) or value is None:
+      raise ValueError
+    return float(value)
+  except (TypeError, ValueError):
+    raise DataError(f"{where}: field '{field}': label is not a number: {value!r}") from None
+
+
+def _parse(where, task, layout, row, need_neg):
+  """One row -> (query, positives, negatives, label, skip reason or None)."""
+  col = lambda slot: row[layout[slot]]
+  q = _text(where, layout["query"], col("query"))
+  label = _number(where, layout["label"], col("label")) if task == "sts" else 0.0
+  if task == "sts":
+    p = [_text(where, layout["pos"], col("pos"))]
+  elif "pos" in layout and not isinstance(col("pos"), (list, tuple)):  # a string or null
+    p = [_text(where, layout["pos"], col("pos"))]
+  elif "pos" in layout:
+    p = _texts(where, layout["pos"], col("pos"))
+  else:
+    p = [] if col("label") is None else [str(col("label")).strip()]
+  n = _texts(where, layout["neg"], col("neg")) if "neg" in layout else []
+  p = [t for t in p if t.strip()]
+  if not q.strip():
+    return q, p, n, label, ("empty text", layout["query"])
+  if not p:
+    return q, p, n, label, ("no positive", layout.get("pos", layout.get("label")))
+  if task == "retrieval" and need_neg and not n:
+    return q, p, n, label, ("no negative", layout["neg"])
+  return q, p, n, label, None
+
+
+def load_table(entry, strict=False, need_neg=True):
+  """Reads, validates and normalises one dataset entry (a mapping) into a Table."""
+  kind = entry.get("kind", "piccolo")
+  if kind not in READERS:
+    raise DataError(f"dataset {entry.get('name') or entry.get('path')}: unknown kind "
+                    f"{kind!r}, expected one of {sorted(READERS)}")
+  name, rows = READERS[kind](entry)
+  task = _task(name, entry["task"], "task") if entry.get("task") else None
+  limit = entry.get("limit") or float("inf")  # keep the first `limit` usable rows
+  layout, columns = None, ()
+  queries, pos, neg, labels, skipped = [], [], [], [], {}
+  for loc, row in rows:
+    where = f"{name}: {loc}"
+    if layout is None:  # the first row fixes the task and the layout
+      typed, task = task is None and "type" in row, task or _infer_task(where, row)
+      layout = _layout(task, row)
+      columns = list(layout.values()) + ["type"] * typed
+    for c in columns:
+      if c not in row:
+        raise DataError(f"{where}: missing field '{c}'")
+    if "type" in columns and _task(where, row["type"], "type") != task:
+      raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
+                      f"dataset's task {task!r} (set by its first row)")
+    q, p, n, label, reason = _parse(where, task, layout, row, need_neg)
+    if reason and strict:
+      raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
+    if reason:
+      skipped[reason[0]] = skipped.get(reason[0], 0) + 1
+      continue
+    queries.append(q)
+    pos.append(p)
+    neg.append(n)
+    labels.append(label)
+    if len(queries) >= limit:
+      break
+  if layout is None:
+    raise DataError(f"{name}: no rows")
+  if task == "cls" and "pos" not in layout:  # label triplets: negatives = other labels
+    names = list(dict.fromkeys(p[0] for p in pos))
+    neg = [[m for m in names if m != p[0]] for p in pos]
+  pool = {}
+  csr = lambda lists: (np.cumsum([0] + [len(x) for x in lists], dtype=np.int64),
+                       np.array([pool.setdefault(t, len(pool)) for x in lists for t in x],
+                                np.int32))
+  (pos_off, pos_ids), (neg_off, neg_ids) = csr(pos), csr(neg)
+  return Table(name=name, task=task, queries=queries, passages=list(pool), pos_off=pos_off,
+               pos_ids=pos_ids, neg_off=neg_off, neg_ids=neg_ids,
+               labels=np.array(labels, np.float32), skipped=skipped,
+               repeat=int(entry.get("repeat", 1)))

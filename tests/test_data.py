@@ -1,0 +1,325 @@
+"""Input pipeline: real bundled data, the MiniLM tokenizer and the TFDS fixture."""
+import collections
+import json
+import pathlib
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from piccolo_jax import data
+from piccolo_jax import sources
+
+TFDS_DIR = pathlib.Path(__file__).parent / "fixtures" / "tfds"
+G = 8  # global batch
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_path):
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+
+
+@pytest.fixture(scope="module")
+def small(data_dir, tmp_path_factory):
+  """Piccolo example (meta list, retrieval repeated twice) + the TFDS fixture."""
+  meta = tmp_path_factory.mktemp("meta") / "piccolo-ft.txt"
+  meta.write_text("cls.dataset 1\nretri.dataset 2\nsts.dataset 1\n")
+  return data.DataConfig(
+      datasets=({"kind": "meta", "path": str(meta), "root": str(data_dir / "piccolo_example")},
+                {"kind": "tfds", "name": "retrieval_zh_tiny", "data_dir": str(TFDS_DIR)}),
+      global_batch_size=G, neg_num=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_tables(small, tok):
+  return data.load_tables(small, tok)
+
+
+@pytest.fixture(scope="module")
+def big(data_dir):
+  """The shared jsonl/tsv data."""
+  return data.DataConfig(datasets=(
+      {"kind": "jsonl", "path": str(data_dir / "retrieval-zh/triplets.train.jsonl")},
+      {"kind": "tsv", "path": str(data_dir / "sts-b-en/sts-b-en.train.tsv")},
+      {"kind": "tsv", "path": str(data_dir / "sts-b-zh/sts-b-zh.train.tsv"), "repeat": 2}),
+      global_batch_size=32, query_prefix="query: ", passage_prefix="passage: ")
+
+
+@pytest.fixture(scope="module")
+def big_tables(big, tok):
+  return data.load_tables(big, tok)
+
+
+FIELDS = {"retrieval": {"query", "pos", "neg"}, "sts": {"text_a", "text_b"},
+          "cls": {"query", "pos", "neg"}}
+
+
+def _take(it, n):
+  out = [next(it) for _ in range(n)]
+  it.close()
+  return out
+
+
+def _same(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sources_read_every_format(small_tables, big_tables, data_dir):
+  got = {t.name: (t.task, len(t)) for t in small_tables + big_tables}
+  assert got == {
+      "cls.dataset": ("cls", 51), "retri.dataset": ("retrieval", 51),
+      "sts.dataset": ("sts", 51), "tfds:retrieval_zh_tiny/train": ("retrieval", 40),
+      str(data_dir / "retrieval-zh/triplets.train.jsonl"): ("retrieval", 2200),
+      str(data_dir / "sts-b-en/sts-b-en.train.tsv"): ("sts", 5749),
+      str(data_dir / "sts-b-zh/sts-b-zh.train.tsv"): ("sts", 5231)}
+  with pa.OSFile(str(data_dir / "piccolo_example/cls.dataset/data-00000-of-00001.arrow")) as f:
+    row = pa.ipc.open_stream(f).read_all().slice(7, 1).to_pylist()[0]
+  assert small_tables[0][7] == {"query": row["text"], "pos": [row["text_pos"]],
+                                "neg": row["text_neg"], "label": 0.0}
+  triplets = [json.loads(l) for l in open(data_dir / "retrieval-zh/triplets.train.jsonl")]
+  tfds_rows = {r["query"]: r for r in map(small_tables[3].__getitem__, range(40))}
+  assert tfds_rows.keys() == {r["query"] for r in triplets[:40]}  # TFDS shuffled them
+  assert tfds_rows[triplets[5]["query"]]["neg"] == triplets[5]["neg"][:3]
+  assert "tensorflow" not in sys.modules
+  assert big_tables[1][0] == {"query": "A plane is taking off.",
+                              "pos": ["An air plane is taking off."], "neg": [], "label": 5.0}
+
+
+def test_epoch_counts_homogeneity_and_fields(small, small_tables, tok):
+  n = data.steps_per_epoch(small, small_tables)
+  assert n == 6 + 2 * 6 + 6 + 5
+  decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+  own = {t.name: (t, {decode(tok(q, truncation=True, max_length=512)["input_ids"])
+                      for q in t.queries})
+         for t in small_tables}
+  counts = collections.Counter()
+  for step, b in enumerate(_take(data.make_iterator(small, tok, tables=small_tables), 2 * n)):
+    t, queries = own[b["dataset"]]
+    assert b["task"] == t.task and b["step"] == step
+    assert {k[:-4] for k in b if k.endswith("_ids")} == FIELDS[t.task]
+    first = b["query_ids" if "query_ids" in b else "text_a_ids"]
+    assert {decode(ids) for ids in first} <= queries  # every row from the named dataset
+    counts[step // n, b["dataset"]] += 1
+  for epoch in (0, 1):
+    assert {k: v for (e, k), v in counts.items() if e == epoch} == {
+        t.name: t.repeat * (len(t) // G) for t in small_tables}
+
+
+def test_epochs_reshuffle_rows_once_per_copy(small, small_tables, tok):
+  batcher = data.Batcher(small, tok, small_tables)
+  (ds0, rows0), (ds1, _) = batcher.plan(0), batcher.plan(1)
+  assert not np.array_equal(ds0, ds1)
+  for d, t in enumerate(small_tables):
+    batches = rows0[ds0 == d]
+    assert all(len(set(r)) == G for r in batches)
+    assert max(collections.Counter(batches.ravel()).values()) <= t.repeat
+
+
+def test_same_seed_same_batches(big, big_tables, tok):
+  a = _take(data.make_iterator(big, tok, tables=big_tables), 6)
+  b = _take(data.make_iterator(big, tok, tables=big_tables), 6)
+  for x, y in zip(a, b):
+    _same(x, y)
+  other = data.DataConfig(**{**big.__dict__, "seed": 1})
+  c = _take(data.make_iterator(other, tok, tables=big_tables), 6)
+  assert [x["dataset"] for x in a] != [x["dataset"] for x in c] or any(
+      not np.array_equal(x[k], y[k]) for x, y in zip(a, c) for k in x if k.endswith("_ids"))
+
+
+def test_two_processes_concatenate_to_global_batch(big, big_tables, small, small_tables, tok):
+  for cfg, tables in ((big, big_tables), (small, small_tables)):
+    whole, p0, p1 = (data.Batcher(cfg, tok, tables, i, n) for i, n in ((0, 1), (0, 2), (1, 2)))
+    tasks = set()
+    for step in range(0, 60, 3):
+      g, a, b = whole(step), p0(step), p1(step)
+      tasks.add(g["task"])
+      assert a["bucket"] == b["bucket"] == g["bucket"]
+      for k, v in g.items():
+        if isinstance(v, np.ndarray):
+          np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), v, err_msg=k)
+    assert len(tasks) >= 2
+
+
+def test_restore_from_state_continues_exactly(small, small_tables, tok):
+  n = data.steps_per_epoch(small, small_tables)
+  ref = _take(data.make_iterator(small, tok, tables=small_tables), n + 6)
+  it = data.make_iterator(small, tok, tables=small_tables)
+  for _ in range(n - 3):  # stop shortly before the epoch boundary
+    next(it)
+  state = it.get_state()
+  it.close()
+  resumed = data.make_iterator(small, tok, tables=small_tables)
+  resumed.set_state(state)
+  for x, y in zip(ref[n - 3:], _take(resumed, 9)):
+    _same(x, y)
+
+
+def test_restore_with_worker_processes(big, big_tables, tok):
+  cfg = data.DataConfig(**{**big.__dict__, "worker_count": 1})
+  ref = _take(data.make_iterator(big, tok, tables=big_tables), 8)
+  it = data.make_iterator(cfg, tok, tables=big_tables)
+  for x in ref[:4]:
+    _same(x, next(it))
+  state = it.get_state()
+  it.close()
+  it = data.make_iterator(cfg, tok, tables=big_tables)
+  it.set_state(state)
+  for x in ref[4:]:
+    _same(x, next(it))
+  it.close()
+
+
+def test_sampling_prefixes_and_lengths(big, big_tables, tok):
+  batcher = data.Batcher(big, tok, big_tables)
+  t = big_tables[0]
+  step = next(s for s in range(100) if batcher.select(s)[0] == 0)
+  _, sel = batcher.select(step)
+  for i, row in enumerate(sel["query"]):
+    assert t.passages[sel["pos"][i]] in t[row]["pos"]
+    assert t.passages[sel["neg"][i, 0]] in t[row]["neg"]
+  b = batcher(step)
+  width = {f: n for f, _, _, n in batcher.fields("retrieval", b["bucket"])}
+  assert width["query"] == 64 and width["pos"] == width["neg"] <= b["bucket"]
+  assert {f: b[f + "_ids"].shape for f in width} == {f: (32, n) for f, n in width.items()}
+  assert (b["query_mask"].sum(1) == t.q_len[sel["query"]]).all()  # the length index is exact
+  assert (b["neg_mask"].sum(1) == t.p_len[sel["neg"][:, 0]]).all()
+  prefix = tok("passage: ", add_special_tokens=False)["input_ids"]
+  assert list(b["pos_ids"][0, 1:1 + len(prefix)]) == prefix
+  assert b["pad_frac"] == pytest.approx(1 - sum(b[k].sum() for k in b if k.endswith("_mask"))
+                                        / sum(b[k].size for k in b if k.endswith("_mask")))
+  shapes = collections.defaultdict(set)
+  for s in range(0, 400, 4):
+    x = batcher(s)
+    shapes[x["task"]].add(tuple(x[k].shape for k in sorted(x) if k.endswith("_ids")))
+  assert all(len(v) <= len(big.buckets) for v in shapes.values())
+
+
+def test_negatives_fixed_k_and_cls_padding(small, small_tables, tok):
+  cfg = data.DataConfig(**{**small.__dict__, "neg_num": 3, "cls_neg_num": 130})
+  batcher = data.Batcher(cfg, tok, small_tables)
+  for step in range(batcher.steps_per_epoch):
+    b, (d, sel) = batcher(step), batcher.select(step)
+    t = small_tables[d]
+    if t.task == "retrieval":
+      assert b["neg_ids"].shape[0] == 3 * G
+    if t.name == "retri.dataset":  # 1 negative per row: cycled to K=3
+      assert (sel["neg"] == sel["neg"][:, :1]).all()
+    if t.name.startswith("tfds"):  # 3 negatives per row: all, without replacement
+      assert all(sorted(r) == sorted(t.neg_ids[t.neg_off[q]:t.neg_off[q + 1]])
+                 for q, r in zip(sel["query"], sel["neg"]))
+    if t.task == "cls":  # 118 label negatives each, without replacement, padded to 130
+      assert b["neg_valid"].shape == (G, 130) and b["neg_valid"].sum(1).tolist() == [118] * G
+      assert all(len(set(r[:118])) == 118 for r in sel["neg"])
+      assert (b["neg_mask"].reshape(G, 130, -1)[:, 118:].sum(-1) == 2).all()  # "" -> CLS SEP
+      assert b["neg_ids"].shape[1] <= 32 < b["query_ids"].shape[1]  # short label fields
+  (d0, s0), (d1, s1) = batcher.select(0), batcher.select(batcher.steps_per_epoch)
+  assert d0 != d1 or not np.array_equal(s0["query"], s1["query"])
+
+
+def test_to_global(big, big_tables, tok):
+  mesh = jax.make_mesh((8,), ("data",))
+  b = data.Batcher(big, tok, big_tables)(0)
+  g = data.to_global(b, mesh)
+  assert g["task"] == b["task"] and isinstance(g["pad_frac"], float)
+  for k, v in b.items():
+    if isinstance(v, np.ndarray):
+      assert g[k].shape == v.shape and len(g[k].sharding.device_set) == 8
+      np.testing.assert_array_equal(np.asarray(g[k]), v)
+
+
+def test_jsonl_pairs_and_label_triplets(tmp_path, tok):
+  cls = tmp_path / "cls.jsonl"
+  cls.write_text("".join(json.dumps({"text": f"t{i}", "label": ["a", "b", "c"][i % 3]}) + "\n"
+                         for i in range(12)))
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"sentence1": f"x{i}", "sentence2": f"y{i}",
+                                       "label": i % 2}) + "\n" for i in range(8)))
+  cfg = ml_collections.ConfigDict({"datasets": [{"kind": "jsonl", "path": str(cls)},
+                                                {"kind": "jsonl", "path": str(pairs)}],
+                                   "global_batch_size": 4})
+  t_cls, t_pairs = data.load_tables(cfg, tok)
+  assert (t_cls.task, t_pairs.task) == ("cls", "sts")
+  assert t_cls[4] == {"query": "t4", "pos": ["b"], "neg": ["a", "c"], "label": 0.0}
+  assert t_pairs[3]["label"] == 1.0
+  b = data.Batcher(cfg, tok, [t_cls])(0)
+  assert b["neg_valid"].shape == (4, 10) and b["neg_valid"].sum() == 8
+  assert len(sources.load_table({"kind": "jsonl", "path": str(cls), "limit": 5})) == 5
+
+
+def _save_to_disk(path, rows):
+  path.mkdir()
+  table = pa.Table.from_pylist(rows)
+  with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as f:
+    with pa.ipc.new_stream(f, table.schema) as writer:
+      writer.write_table(table)
+  (path / "state.json").write_text(json.dumps(
+      {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+  return {"kind": "piccolo", "path": str(path)}
+
+
+RETRI = {"text": "q", "text_pos": "p", "text_neg": ["n"], "type": "retri_contrast"}
+STS = {"text": "a", "text_pair": "b", "label": "high", "type": "cosent"}
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([RETRI] * 3 + [{**RETRI, "text_neg": None}],
+     "bad.dataset: row 3: field 'text_neg': expected a list of strings, got NoneType"),
+    ([RETRI] * 3 + [{**RETRI, "type": "contrast"}],
+     "bad.dataset: row 3: field 'type': unknown task type 'contrast'"),
+    ([RETRI] * 3 + [{**RETRI, "type": "cosent"}],
+     "bad.dataset: row 3: field 'type': 'cosent' differs"),
+    ([STS], "bad.dataset: row 0: field 'label': label is not a number: 'high'"),
+])
+def test_bad_piccolo_rows(tmp_path, rows, match):
+  with pytest.raises(data.DataError, match=match):
+    sources.load_table(_save_to_disk(tmp_path / "bad.dataset", rows))
+
+
+def test_bad_input_errors(tmp_path, tok):
+  def table(name, lines, **entry):
+    path = tmp_path / name
+    path.write_bytes(b"".join(l if isinstance(l, bytes) else json.dumps(l).encode() + b"\n"
+                              for l in lines))
+    return sources.load_table({"kind": name.split(".")[-1], "path": str(path), **entry})
+
+  entry = _save_to_disk(tmp_path / "nocol.dataset", [{"text": "q", "text_pos": "p",
+                                                      "type": "retri_contrast"}])
+  with pytest.raises(data.DataError, match="nocol.dataset: row 0: missing field 'text_neg'"):
+    sources.load_table(entry)
+  pair = {"sentence1": "a", "sentence2": "b", "score": 1}
+  with pytest.raises(data.DataError, match=r"p\.jsonl: line 2: missing field 'score'"):
+    table("p.jsonl", [pair, {"sentence1": "a", "sentence2": "b"}])
+  with pytest.raises(data.DataError, match="line 2: field 'score': label is not a number: 'x'"):
+    table("q.jsonl", [pair, {**pair, "score": "x"}])
+  with pytest.raises(data.DataError, match=r"r\.tsv: line 3: field 'score': .*'high'"):
+    table("r.tsv", [b"a\tb\t1\n", b"c\td\t2\n", b"e\tf\thigh\n"])
+  with pytest.raises(data.DataError, match=r"u\.jsonl: line 2: not valid UTF-8"):
+    table("u.jsonl", [pair, b'{"sentence1": "\xff\xfe", "sentence2": "b", "score": 1}\n'])
+  with pytest.raises(data.DataError, match="line 1: field 'neg': expected a list"):
+    table("n.jsonl", [{"query": "q", "pos": ["p"], "neg": "n"}])
+  with pytest.raises(data.DataError, match="field 'task': unknown task type 'qa'"):
+    table("t.jsonl", [pair], task="qa")
+
+
+def test_skipped_rows_counted_strict_and_too_small(tmp_path, tok, caplog):
+  path = tmp_path / "s.jsonl"
+  rows = ([{"query": f"q{i}", "pos": [f"p{i}"], "neg": ["n"]} for i in range(8)]
+          + [{"query": "  ", "pos": ["p"], "neg": ["n"]}, {"query": "q", "pos": [], "neg": []},
+             {"query": "q", "pos": ["\t"], "neg": ["n"]}, {"query": "q", "pos": None, "neg": ["n"]},
+             {"query": "q", "pos": "p", "neg": []}])
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cfg = data.DataConfig(datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=8)
+  with caplog.at_level("INFO", logger="piccolo_jax.data"):
+    (t,) = data.load_tables(cfg, tok)
+  assert len(t) == 8 and t.skipped == {"empty text": 1, "no positive": 3, "no negative": 1}
+  assert "s.jsonl: skipped rows {'empty text': 1, 'no positive': 3" in caplog.text
+  with pytest.raises(data.DataError, match=r"s\.jsonl: line 9: field 'query': empty text"):
+    data.load_tables(data.DataConfig(**{**cfg.__dict__, "strict": True}), tok)
+  with pytest.raises(data.DataError, match="8 usable rows, fewer than one global batch of 16"):
+    data.load_tables(data.DataConfig(**{**cfg.__dict__, "global_batch_size": 16}), tok)
