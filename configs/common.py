@@ -34,7 +34,7 @@ def base() -> ml_collections.ConfigDict:
       clip_norm=1.0, grad_accum=1, freeze=("embeddings/position",))
   c.train = dict(epochs=3, max_steps=0, log_every=10)
   c.mesh = dict(fsdp=1)
-  c.checkpoint = dict(every=1000, keep=3)
+  c.checkpoint = dict(every=1000, keep=3, dir="")  # dir: default WORKDIR/checkpoints; may be gs://
   c.eval = dict(tasks=(), every=0, dims=(), batch_size=64, best_metric="")
   c.export = dict(truncate_dim=0)
   return c

@@ -30,32 +30,57 @@ def tokenizer_files(src_dir) -> list[pathlib.Path]:
   return found
 
 
+def _sync(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir):
-  """Yields a temporary sibling of out_dir, renamed to out_dir only on success."""
+def atomic_dir(out_dir, collective=False):
+  """Yields a temporary sibling of out_dir, renamed to out_dir only on success.
+
+  collective=True: every process enters (e.g. around an Orbax save); process 0 creates and renames.
+  """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new output directory")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  owner = not collective or jax.process_index() == 0
+  if collective:
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    if owner:
+      shutil.rmtree(tmp, ignore_errors=True)
+      tmp.mkdir()
+    _sync(f"mkdir {tmp}")
+  else:
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
     yield tmp
-    if out_dir.exists():
-      out_dir.rmdir()
-    tmp.rename(out_dir)
+    if collective:
+      _sync(f"written {tmp}")
+    if owner:
+      if out_dir.exists():
+        out_dir.rmdir()
+      tmp.rename(out_dir)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if owner:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model_dir(out_dir, cfg: model_lib.Config, params, tokenizer_src):
-  """Writes a model directory atomically: config, Orbax params (pure dict), tokenizer."""
+  """Writes a model directory atomically: config, Orbax params (pure dict), tokenizer.
+
+  Collective under multi-process: every process calls it with the same (replicated) params.
+  """
   tok_files = tokenizer_files(tokenizer_src)
-  with atomic_dir(out_dir) as tmp:
-    cfg.save(tmp / CONFIG_FILE)
+  with atomic_dir(out_dir, collective=True) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save((tmp / PARAMS_DIR).absolute(), params)
-    for f in tok_files:
-      shutil.copy2(f, tmp / f.name)
+    if jax.process_index() == 0:
+      cfg.save(tmp / CONFIG_FILE)
+      for f in tok_files:
+        shutil.copy2(f, tmp / f.name)
 
 
 def load_config(model_dir) -> model_lib.Config:
@@ -88,26 +113,29 @@ def params_numpy(model: model_lib.Bert) -> dict:
 
 
 def train_manager(workdir, c) -> ocp.CheckpointManager:
-  """Async Orbax manager for workdir/checkpoints: every c.every steps, keeping c.keep."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, save_interval_steps=1,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(), options=options,
-                               item_names=("state", "data"))
+  """Async Orbax manager keeping the last c.keep checkpoints in c.dir (default workdir/checkpoints)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=True)
+  directory = c.get("dir") or (pathlib.Path(workdir) / "checkpoints").absolute()
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
 def save_args(state, data_iterator):
-  import grain
+  """Orbax args: the train state, and the data iterator's position as JSON.
+
+  The data position (grain state {'next_index': step}) is the same on every process, so a
+  checkpoint restores under a different process count (e.g. a 2-process run resumed by 1).
+  """
   return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=grain.checkpoint.CheckpointSave(data_iterator))
+                            data=ocp.args.JsonSave(data_iterator.get_state()))
 
 
 def restore_latest(mngr, state, shardings, data_iterator) -> tuple[dict, int]:
   """(state, step) from the latest checkpoint, restoring the data iterator in place; (state, 0) if none."""
-  import grain
   step = mngr.latest_step()
   if step is None:
     return state, 0
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                        data=ocp.args.JsonRestore()))
+  data_iterator.set_state(restored["data"])
   return restored["state"], step

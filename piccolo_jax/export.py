@@ -47,16 +47,21 @@ def _write_json(path, obj):
 
 def export(model_dir, out_dir, truncate_dim: int | None = None):
   """Writes a sentence-transformers directory that SentenceTransformer(out_dir) loads."""
-  from safetensors.numpy import save_file
   cfg = checkpoint.load_config(model_dir)
+  write_sentence_transformers(cfg, checkpoint.load_params(model_dir, cfg), model_dir, out_dir, truncate_dim)
+
+
+def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_dim=None):
+  """Writes params as a sentence-transformers directory (single process; no Orbax)."""
+  from safetensors.numpy import save_file
   if truncate_dim is not None and not 0 < truncate_dim <= cfg.embed_dim:
     raise ValueError(f"--truncate-dim {truncate_dim} out of range: embeddings have {cfg.embed_dim} dims")
-  weights = to_weights(cfg, checkpoint.load_params(model_dir, cfg))
+  weights = to_weights(cfg, params)
   dense = {k.removeprefix("2_Dense."): weights.pop(k) for k in list(weights) if k.startswith("2_Dense.")}
   # BertModel expects a pooler; sentence embeddings never use it. Zeros keep its load report clean.
   D = cfg.hidden_size
   weights |= {"pooler.dense.weight": np.zeros((D, D), np.float32), "pooler.dense.bias": np.zeros(D, np.float32)}
-  tok_files = checkpoint.tokenizer_files(model_dir)
+  tok_files = checkpoint.tokenizer_files(tokenizer_dir)
   with checkpoint.atomic_dir(out_dir) as tmp:
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     _write_json(tmp / "config.json", hf_config(cfg))

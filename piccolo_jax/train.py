@@ -165,13 +165,16 @@ def train(config, workdir) -> dict:
   return logger.last | final
 
 
-def export_final(workdir, mcfg, params, tok_dir, config, enabled):
-  """Writes workdir/model (piccolo_jax model dir) and workdir/export (sentence-transformers)."""
-  if not enabled or (workdir / "model").exists():
+def export_final(workdir, mcfg, params, tok_dir, config, is_main):
+  """Writes workdir/model (piccolo_jax model dir; collective) and workdir/export (sentence-transformers)."""
+  if (workdir / "model").exists():
     return
-  checkpoint.save_model_dir(workdir / "model", mcfg.replace(dtype="float32", remat=False), params, tok_dir)
-  export_lib.export(workdir / "model", workdir / "export", config.export.truncate_dim or None)
-  log.info("exported %s and %s", workdir / "model", workdir / "export")
+  mcfg = mcfg.replace(dtype="float32", remat=False)
+  checkpoint.save_model_dir(workdir / "model", mcfg, params, tok_dir)
+  if is_main:
+    export_lib.write_sentence_transformers(mcfg, params, tok_dir, workdir / "export",
+                                           config.export.truncate_dim or None)
+    log.info("exported %s and %s", workdir / "model", workdir / "export")
 
 
 def resolve_config_path(name: str) -> str:
@@ -194,11 +197,12 @@ def _resolve_argv(argv):
   return out
 
 
-def maybe_initialize_distributed():
-  """jax.distributed.initialize() when launched as one of several processes (TPU pod, SLURM, env)."""
-  if any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")):
-    if os.environ.get("SLURM_NTASKS", "2") != "1" or "JAX_COORDINATOR_ADDRESS" in os.environ:
-      jax.distributed.initialize()
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int):
+  """jax.distributed.initialize(): explicit flags, else auto-detected on TPU pods and SLURM."""
+  if coordinator:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
 
 
 def main():
@@ -206,13 +210,18 @@ def main():
   from ml_collections import config_flags
   config_flag = config_flags.DEFINE_config_file("config", None, "config name (configs/NAME.py) or path")
   flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, exported model")
+  flags.DEFINE_string("coordinator_address", "", "multi-process: host:port of process 0 "
+                      "(not needed on TPU pods and SLURM, where it is auto-detected)")
+  flags.DEFINE_integer("num_processes", 1, "multi-process: number of processes")
+  flags.DEFINE_integer("process_id", 0, "multi-process: this process's index")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(argv):
     del argv
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX INFO lines are noise here.
     logging.getLogger("piccolo_jax").setLevel(logging.INFO)
-    maybe_initialize_distributed()
+    f = flags.FLAGS
+    initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
       train(config_flag.value, flags.FLAGS.workdir)
     except (data_lib.DataError, NonFiniteError, ValueError, FileNotFoundError) as e:

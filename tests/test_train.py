@@ -55,12 +55,25 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   assert (tmp_path / "export" / "modules.json").is_file()
 
 
-def _run_cli(workdir, overrides, env_extra=None):
+RESUME_OVERRIDES = ["--config.checkpoint.every=2", "--config.train.epochs=2", "--config.data.buckets=(64,)"]
+
+
+def _run_cli(workdir, cache_dir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1",
-             **(env_extra or {}))
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen([sys.executable, "-m", "piccolo_jax.train", "--config=tests/tiny_config.py",
-                           f"--workdir={workdir}", *overrides], cwd=REPO, env=env,
+                           f"--workdir={workdir}", *RESUME_OVERRIDES], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """An uninterrupted CLI run; its compiled steps fill a cache the other runs reuse."""
+  root = tmp_path_factory.mktemp("resume")
+  proc = _run_cli(root / "straight", root / "jax_cache")
+  out = proc.communicate()[0]
+  assert proc.returncode == 0, out
+  return root
 
 
 def _wait_for_checkpoint(workdir, proc, timeout=600):
@@ -75,28 +88,24 @@ def _wait_for_checkpoint(workdir, proc, timeout=600):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_bit_identical(tmp_path, sig):
-  overrides = ["--config.checkpoint.every=2", "--config.train.epochs=2"]
-  straight = _run_cli(tmp_path / "straight", overrides)
-  out = straight.communicate()[0]
-  assert straight.returncode == 0, out
-  killed = _run_cli(tmp_path / "killed", overrides)
-  assert _wait_for_checkpoint(tmp_path / "killed", killed), killed.communicate()[0]
+def test_killed_run_resumes_bit_identical(straight_run, tmp_path, sig):
+  cache = straight_run / "jax_cache"
+  killed = _run_cli(tmp_path, cache)
+  assert _wait_for_checkpoint(tmp_path, killed), killed.communicate()[0]
   killed.send_signal(sig)
   out = killed.communicate()[0]
-  assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+  assert not (tmp_path / "model").exists(), "the run finished before it was killed"
   if sig == signal.SIGTERM:
     assert killed.returncode == 0 and "preempted: saved step" in out, out
-  resumed = _run_cli(tmp_path / "killed", overrides)
+  resumed = _run_cli(tmp_path, cache)
   out = resumed.communicate()[0]
   assert resumed.returncode == 0 and "resuming at step" in out, out
-  a = checkpoint.load_params(tmp_path / "straight" / "model", checkpoint.load_config(tmp_path / "straight" / "model"))
-  b = checkpoint.load_params(tmp_path / "killed" / "model", checkpoint.load_config(tmp_path / "killed" / "model"))
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-  first = [m for m in _metrics(tmp_path / "straight") if "task" in m]
-  second = {m["step"]: m for m in _metrics(tmp_path / "killed") if "task" in m}
-  for m in first:  # Same batches, same losses at every step.
-    assert second[m["step"]][f"loss/{m['task']}"] == m[f"loss/{m['task']}"]
+  load = lambda d: checkpoint.load_params(d / "model", checkpoint.load_config(d / "model"))
+  jax.tree.map(np.testing.assert_array_equal, load(straight_run / "straight"), load(tmp_path))
+  second = {m["step"]: m for m in _metrics(tmp_path) if "task" in m}
+  for m in _metrics(straight_run / "straight"):  # Same batches, same losses at every step.
+    if "task" in m:
+      assert second[m["step"]][f"loss/{m['task']}"] == m[f"loss/{m['task']}"]
 
 
 def test_non_finite_loss_stops_with_step_and_task(tmp_path):

@@ -1,0 +1,89 @@
+"""Multi-process training equals single-process training; launch scripts' dry runs."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from piccolo_jax import checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+OVERRIDES = ["--config.train.epochs=1", "--config.data.buckets=(64,)", "--config.checkpoint.every=2",
+             "--config.checkpoint.keep=10"]
+
+
+def _env(devices):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+
+
+def _train(workdir, devices, *extra):
+  return subprocess.run(["bash", "launch/local.sh", *extra, "tests/tiny_config.py", str(workdir), *OVERRIDES],
+                        cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=900)
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {m["step"]: m[f"loss/{m['task']}"] for m in rows if "task" in m}
+
+
+def _params(workdir):
+  return checkpoint.load_params(workdir / "model", checkpoint.load_config(workdir / "model"))
+
+
+def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
+  single = _train(tmp_path / "single", 4)
+  assert single.returncode == 0, single.stdout + single.stderr
+  multi = _train(tmp_path / "multi", 2, "--processes", "2", "--port", "12391")
+  assert multi.returncode == 0, multi.stdout + multi.stderr
+  assert "on 4 devices" in multi.stderr
+  a, b = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
+  assert sorted(a) == sorted(b) and len(a) == 6
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+  final = _params(tmp_path / "multi")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), final, _params(tmp_path / "single"))
+  # The 2-process checkpoint at step 2 resumes in one process (4 devices).
+  (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+  shutil.copytree(tmp_path / "multi" / "checkpoints" / "2", tmp_path / "resumed" / "checkpoints" / "2")
+  resumed = _train(tmp_path / "resumed", 4)
+  assert resumed.returncode == 0 and "resuming at step 2" in resumed.stderr, resumed.stderr
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _params(tmp_path / "resumed"), final)
+
+
+@pytest.mark.parametrize("script", ["local.sh", "slurm.sh", "tpu_pod.sh"])
+def test_launch_scripts_parse(script):
+  assert subprocess.run(["bash", "-n", REPO / "launch" / script]).returncode == 0
+  if shutil.which("shellcheck"):
+    check = subprocess.run(["shellcheck", REPO / "launch" / script], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+  usage = subprocess.run(["bash", REPO / "launch" / script], capture_output=True, text=True)
+  assert usage.returncode == 2 and "usage: launch/" in usage.stderr
+
+
+def _dry(script, *args):
+  out = subprocess.run(["bash", f"launch/{script}", "--dry-run", *args], cwd=REPO, capture_output=True,
+                       text=True, check=True)
+  return out.stdout.splitlines()
+
+
+def test_dry_runs_print_well_formed_commands():
+  lines = _dry("local.sh", "--processes", "2", "demo", "/tmp/w", "--config.optim.lr=2e-5")
+  assert lines == [f"CUDA_VISIBLE_DEVICES={i} python -m piccolo_jax.train --config=demo --workdir=/tmp/w "
+                   f"--coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id={i} "
+                   "--config.optim.lr=2e-5 " for i in (0, 1)]
+  sbatch = _dry("slurm.sh", "--nodes", "4", "--gpus-per-node", "8", "finetune", "/shared/run")
+  assert "#SBATCH --nodes=4" in sbatch and "#SBATCH --ntasks-per-node=8" in sbatch
+  assert any(l.startswith("srun python -m piccolo_jax.train --config=finetune --workdir=/shared/run")
+             for l in sbatch)
+  assert sbatch[-1] == "sbatch /shared/run/job.sbatch"
+  tpu = _dry("tpu_pod.sh", "--create", "--name", "pod", "--zone", "us-east5-a", "--repo", "https://h/r.git",
+             "finetune", "/tmp/run", "--config.checkpoint.dir=gs://b/run")
+  assert tpu[0] == ("gcloud compute tpus tpu-vm create pod --zone=us-east5-a --accelerator-type=v5p-32 "
+                    "--version=tpu-ubuntu2204-base ")
+  assert tpu[1].startswith("gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all")
+  assert "--config.checkpoint.dir=gs://b/run" in tpu[1] and "git clone -q https://h/r.git" in tpu[1]
