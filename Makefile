@@ -14,8 +14,9 @@ $(BIN)/.installed: pyproject.toml
 .PHONY: install demo test
 install: $(BIN)/.installed
 
+# convert all-MiniLM-L6-v2 -> train on bundled data (3 tasks) -> export -> eval before/after.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m piccolo_jax.demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m piccolo_jax.train --config=demo --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

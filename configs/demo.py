@@ -26,4 +26,5 @@ def get_config():
   c.checkpoint.every = 20
   c.eval.tasks = ("sts:data/sts-b-zh/sts-b-zh.valid.tsv",)
   c.eval.dims = (128, 384)
+  c.eval.best_metric = "sts-b-zh/spearman@384"
   return c

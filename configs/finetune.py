@@ -1,7 +1,7 @@
 """Piccolo2 fine-tuning of stella-mrl-large-zh-v3.5-1792d (BERT-large + Dense 1024->1792).
 
   python -m piccolo_jax.train --config=finetune --config.model.init=/path/to/stella \
-      --config.data.datasets='[{"kind":"piccolo","meta":"meta_lists/piccolo-ft.txt","roots":["data/"]}]'
+      --config.data.datasets='({"kind": "meta", "path": "meta_lists/piccolo-ft.txt", "root": "data/"},)'
 """
 from configs import common
 

@@ -30,7 +30,8 @@ def tokenizer_files(src_dir) -> list[pathlib.Path]:
   return found
 
 
-def _sync(name):
+def sync(name):
+  """Barrier across processes (no-op in a single process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
@@ -52,13 +53,13 @@ def atomic_dir(out_dir, collective=False):
     if owner:
       shutil.rmtree(tmp, ignore_errors=True)
       tmp.mkdir()
-    _sync(f"mkdir {tmp}")
+    sync(f"mkdir {tmp}")
   else:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
     yield tmp
     if collective:
-      _sync(f"written {tmp}")
+      sync(f"written {tmp}")
     if owner:
       if out_dir.exists():
         out_dir.rmdir()

@@ -4,10 +4,13 @@ NAME is a file in configs/ (finetune, demo, stsb) or a path to a config file; ov
 field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
 """
 import functools
+import json
+import math
 import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import sys
 
@@ -86,21 +89,42 @@ class NonFiniteError(RuntimeError):
   """Loss or gradient norm went NaN/Inf; the update was not applied."""
 
 
-def make_evaluator(ecfg, graphdef, rngs, tokenizer, mesh):
-  """params -> {metric: value} on the configured eval tasks ({} when none)."""
+def make_evaluator(ecfg, graphdef, rngs, tokenizer):
+  """host params -> {metric: value} on the configured eval tasks ({} when none)."""
   if not ecfg.tasks:
     return lambda params: {}
-  from piccolo_jax import encode, evaluate
+  from piccolo_jax import evaluate
   tasks = [evaluate.parse_task(t) for t in ecfg.tasks]
 
   def run(params):
-    model = nnx.merge(graphdef, state_lib.host_params(params, mesh), rngs)
+    model = nnx.merge(graphdef, params, rngs)
     model.eval()
-    embedder = encode.Embedder(model, tokenizer)
-    return evaluate.evaluate_tasks(embedder, tasks, dims=tuple(ecfg.dims) or None,
+    return evaluate.evaluate_tasks(encode.Embedder(model, tokenizer), tasks, dims=tuple(ecfg.dims) or None,
                                    batch_size=ecfg.batch_size)
 
   return run
+
+
+class BestTracker:
+  """Keeps workdir/best (a model dir) and best.json at the best value of eval.best_metric."""
+
+  def __init__(self, workdir, metric, mcfg, tok_dir):
+    from piccolo_jax import evaluate
+    self.dir, self.mcfg, self.tok_dir = workdir / "best", mcfg.replace(dtype="float32", remat=False), tok_dir
+    self.json = workdir / "best.json"
+    old = json.loads(self.json.read_text()) if self.json.is_file() else {}
+    self.best = evaluate.Best(metric, old.get("value", -math.inf), old.get("step", -1)) if metric else None
+
+  def update(self, step, metrics, params):
+    if not self.best or not self.best.update(step, metrics):
+      return
+    if jax.process_index() == 0:
+      shutil.rmtree(self.dir, ignore_errors=True)
+    checkpoint.sync("best: removed")
+    checkpoint.save_model_dir(self.dir, self.mcfg, params, self.tok_dir)
+    if jax.process_index() == 0:
+      self.json.write_text(json.dumps({"metric": self.best.metric, "value": self.best.value, "step": step}) + "\n")
+      log.info("new best %s = %.4f at step %d -> %s", self.best.metric, self.best.value, step, self.dir)
 
 
 def train(config, workdir) -> dict:
@@ -124,11 +148,21 @@ def train(config, workdir) -> dict:
   log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
            jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
   train_step = make_train_step(graphdef, tx, config.loss, config.seed)
-  evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer, mesh)
+  evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer)
+  best = BestTracker(workdir, config.eval.best_metric, mcfg, tok_dir)
   logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
                              schedule, config.train.log_every, enabled=is_main)
-  if not start:
-    logger.write(0, {f"eval/{k}": v for k, v in evaluator(state["params"]).items()})
+
+  evals = {}
+
+  def run_eval(step, params):
+    evals[step] = metrics = evaluator(params)
+    logger.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    best.update(step, metrics, params)
+    return metrics
+
+  if not start and config.eval.tasks:
+    run_eval(0, state_lib.host_params(state["params"], mesh))
   preempt, pending, step = Preemption(), None, start
 
   def finish(pending):  # Host side of a finished step: metrics, and the NaN/Inf stop.
@@ -151,18 +185,23 @@ def train(config, workdir) -> dict:
       pending = None
       mngr.save(step, args=checkpoint.save_args(state, data_it), force=True)
     if config.eval.every and step % config.eval.every == 0 and step < total:
-      logger.write(step, {f"eval/{k}": v for k, v in evaluator(state["params"]).items()})
+      run_eval(step, state_lib.host_params(state["params"], mesh))
   if pending:
     finish(pending)
   mngr.wait_until_finished()
   if preempt.requested:
     log.warning("preempted: saved step %d in %s; run the same command again to resume", step, workdir)
     return logger.last
-  final = {f"eval/{k}": v for k, v in evaluator(state["params"]).items()}
-  logger.write(step, final)
+  params = state_lib.host_params(state["params"], mesh)
+  final = run_eval(step, params) if config.eval.tasks else {}
   logger.close()
-  export_final(workdir, mcfg, state_lib.host_params(state["params"], mesh), tok_dir, config, is_main)
-  return logger.last | final
+  if is_main and len(evals) > 1:
+    first = min(evals)
+    print(f"\neval: step {first} -> step {step}")
+    for k, v in final.items():
+      print(f"  {k:40s} {evals[first][k]:8.2f} -> {v:8.2f}")
+  export_final(workdir, mcfg, params, tok_dir, config, is_main)
+  return logger.last | {f"eval/{k}": v for k, v in final.items()}
 
 
 def export_final(workdir, mcfg, params, tok_dir, config, is_main):
@@ -219,6 +258,8 @@ def main():
   def run(argv):
     del argv
     logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX INFO lines are noise here.
+    for handler in logging.getLogger().handlers:
+      handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logging.getLogger("piccolo_jax").setLevel(logging.INFO)
     f = flags.FLAGS
     initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
