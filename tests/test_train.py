@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tiny_config
-from piccolo_jax import checkpoint, state, train
+from piccolo_jax import checkpoint, sharding, state, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,15 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   monkeypatch.setattr(train, "make_train_step", spy)
   c = tiny_config.get_config()
   c.model.dropout, c.optim.lr, c.train.epochs = 0.0, 5e-3, 8
+  c.eval.update(tasks=(f"sts:{tiny_config.DATA}/sts-b-en/sts-b-en.dev.tsv",), every=24, dims=(16, 32),
+                best_metric="sts-b-en/spearman@32")
   train.train(c, tmp_path)
   rows = [m for m in _metrics(tmp_path) if "task" in m]
+  evals = {m["step"]: m for m in _metrics(tmp_path) if "eval/sts-b-en/spearman@32" in m}
+  assert sorted(evals) == [0, 24, 48] and "eval/sts-b-en/spearman@16" in evals[48]
+  best = json.loads((tmp_path / "best.json").read_text())
+  assert best["value"] == max(m["eval/sts-b-en/spearman@32"] for m in evals.values())
+  assert (tmp_path / "best" / "model_config.json").is_file()
   assert len(rows) == 8 * 6  # 8 epochs x (2 + 2 + 2) batches
   for m in rows:
     assert m["ok"] and np.isfinite(m[f"loss/{m['task']}"])
@@ -115,6 +122,25 @@ def test_non_finite_loss_stops_with_step_and_task(tmp_path):
   with pytest.raises(train.NonFiniteError, match=r"step 1 \(task sts, dataset .*sts-b-en.*the last checkpoint is intact"):
     train.train(c, tmp_path)
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_fsdp_shards_state_and_matches_data_parallel(tmp_path):
+  c = tiny_config.get_config()
+  c.train.max_steps, c.model.dropout = 3, 0.0
+  losses = {}
+  for fsdp in (1, 4):
+    c.mesh.fsdp = fsdp
+    train.train(c, tmp_path / f"fsdp{fsdp}")
+    losses[fsdp] = [m[f"loss/{m['task']}"] for m in _metrics(tmp_path / f"fsdp{fsdp}") if "task" in m]
+  np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+  mesh = sharding.make_mesh(fsdp=4)
+  cfg, params, _ = state.init_params(c)
+  tx, _ = state.make_optimizer(c.optim, params, 10)
+  st, _, _, _ = state.init_state(cfg, params, tx, mesh, 0)
+  word = st["params"]["embeddings"]["word"]["embedding"]
+  assert "fsdp" in word.sharding.spec and word.addressable_shards[0].data.size == word.size // 4
+  mu = jax.tree.leaves(st["opt"], is_leaf=lambda x: getattr(x, "shape", None) == word.shape)
+  assert any(getattr(x, "sharding", None) == word.sharding for x in mu)
 
 
 def test_config_by_name_and_overrides():
