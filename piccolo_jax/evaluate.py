@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from piccolo_jax import sources
+
 KINDS_HELP = """\
 task specs: [NAME=]KIND:PATH, NAME defaulting to the file name up to its first dot. Metrics are
 named NAME/METRIC@DIM; dim d scores the L2-normalised first d coordinates of the full embeddings.
@@ -35,8 +37,7 @@ KINDS = ("sts", "pair", "retrieval", "reranking", "classification", "clustering"
 RETRIEVAL_KS = (1, 10, 100)
 
 
-class EvalError(ValueError):
-  """A bad task spec or eval file; the message names the file and line."""
+EvalError = sources.DataError  # A bad task spec or eval file; the message names the file and line.
 
 
 @dataclasses.dataclass
@@ -51,44 +52,12 @@ class Task:
 
 # Readers: (where, row dict) per non-blank line.
 
-def _lines(path):
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise EvalError(f"{path}: {'a directory, expected a file' if path.is_dir() else 'no such file'}")
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8").rstrip("\r\n")
-      except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: line {n}: not valid UTF-8 (byte {e.start})") from None
-      if line.strip():
-        yield n, line
-
-
 def read_jsonl(path):
-  for n, line in _lines(path):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise EvalError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-      raise EvalError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-    yield f"{path}: line {n}", row
+  return ((f"{path}: line {n}", row) for n, row in sources.jsonl_rows(path))
 
 
 def read_tsv(path, columns):
-  """Tab-separated, no quoting; a first line naming all `columns` is a header, else len(columns) columns."""
-  header = None
-  for n, line in _lines(path):
-    cols = line.split("\t")
-    if header is None and n == 1 and set(columns) <= set(cols):
-      header = cols
-      continue
-    names = header or columns
-    if len(cols) != len(names):
-      raise EvalError(f"{path}: line {n}: expected {len(names)} tab-separated columns "
-                      f"({', '.join(names)}), got {len(cols)}")
-    yield f"{path}: line {n}", dict(zip(names, cols))
+  return ((f"{path}: line {n}", row) for n, row in sources.tsv_rows(path, columns))
 
 
 def read_rows(path, tsv_columns):

@@ -5,7 +5,6 @@ texts (`queries`), a de-duplicated pool of second texts (`passages`), the positi
 negative passage ids of each row as CSR arrays, and STS labels. A Table is a
 random-access source (`len`, `[]`) in grain's sense. Errors name dataset, row and field.
 """
-import csv
 import dataclasses
 import json
 import os
@@ -62,50 +61,57 @@ class Table:
             "neg": ids(self.neg_off, self.neg_ids), "label": float(self.labels[i])}
 
 
-def _lines(path):
-  """Yields (line_number, text) of a UTF-8 file; bad bytes are an error naming the line."""
+def lines(path):
+  """Yields (line number, text) of the non-blank lines of a UTF-8 file; errors name the line."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: {'a directory, expected a file' if path.is_dir() else 'no such file'}")
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
       try:
-        yield n, raw.decode("utf-8")
+        line = raw.decode("utf-8").rstrip("\r\n")
       except UnicodeDecodeError as e:
-        raise DataError(f"{path}: line {n}: not valid UTF-8 ({e.reason} at byte {e.start})")
+        raise DataError(f"{path}: line {n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+      if line.strip():
+        yield n, line
+
+
+def jsonl_rows(path):
+  """Yields (line number, JSON object) per non-blank line."""
+  for n, line in lines(path):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise DataError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+    yield n, row
+
+
+def tsv_rows(path, columns):
+  """Yields (line number, row dict): tab-separated, no quoting; a first line naming all `columns`
+  is a header, else every line has exactly len(columns) columns."""
+  header = None
+  for n, line in lines(path):
+    cols = line.split("\t")
+    if header is None and n == 1 and set(columns) <= set(cols):
+      header = cols
+      continue
+    names = header or columns
+    if len(cols) != len(names):
+      raise DataError(f"{path}: line {n}: expected {len(names)} tab-separated columns "
+                      f"({', '.join(names)}), got {len(cols)}")
+    yield n, dict(zip(names, cols))
 
 
 def _jsonl(entry):
-  path = entry["path"]
-
-  def rows():
-    for n, line in _lines(path):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise DataError(f"{path}: line {n}: expected a JSON object")
-      yield f"line {n}", row
-  return path, rows()
+  return entry["path"], ((f"line {n}", row) for n, row in jsonl_rows(entry["path"]))
 
 
 def _tsv(entry):
-  """Pairs: a header naming sentence1/sentence2/score, or exactly those three columns."""
-  path = entry["path"]
-
-  def rows():
-    reader = csv.reader((line for _, line in _lines(path)), delimiter="\t",
-                        quoting=csv.QUOTE_NONE)
-    header = None
-    for cols in reader:
-      n = reader.line_num
-      if n == 1 and "sentence1" in cols:
-        header = cols
-        continue
-      if header is None and len(cols) != 3:
-        raise DataError(f"{path}: line {n}: expected 3 columns sentence1, sentence2, score")
-      yield f"line {n}", dict(zip(header or ("sentence1", "sentence2", "score"), cols))
-  return path, rows()
+  """STS pairs: a header naming sentence1/sentence2/score, or exactly those three columns."""
+  rows = tsv_rows(entry["path"], ("sentence1", "sentence2", "score"))
+  return entry["path"], ((f"line {n}", row) for n, row in rows)
 
 
 def _piccolo(entry):
@@ -152,7 +158,7 @@ def read_meta_list(entry):
   """Expands {kind: meta, path: list file, root: dir}: lines `dataset_name repeat`."""
   rest = {k: v for k, v in entry.items() if k not in ("kind", "path", "root", "name")}
   out = []
-  for n, line in _lines(entry["path"]):
+  for n, line in lines(entry["path"]):
     parts = line.split()
     if not parts:
       continue
