@@ -94,7 +94,7 @@ def _wait_for_checkpoint(workdir, proc, timeout=600):
   raise TimeoutError(workdir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_run_resumes_bit_identical(straight_run, tmp_path, sig):
   cache = straight_run / "jax_cache"
   killed = _run_cli(tmp_path, cache)
