@@ -170,3 +170,39 @@ def test_conversion_errors_name_the_problem(stella_like, tmp_path, case, capsys)
     convert.convert(src, out)
   assert not out.exists()
   assert [p.name for p in tmp_path.iterdir()] == ["src"]  # No temporary leftovers either.
+
+
+def test_cosent_loss_and_gradients_match_sentence_transformers(minilm_path, data_dir):
+  """The training math end to end: our model + cosent vs sentence-transformers' CoSENTLoss."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+  from piccolo_jax import losses, model as model_lib
+  with open(data_dir / "sts-b-en" / "sts-b-en.train.tsv", encoding="utf-8") as f:
+    rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:17]
+  a, b = [r[6] for r in rows], [r[7] for r in rows]
+  score = np.array([float(r[5]) for r in rows], np.float32)
+  st = _st(minilm_path)
+  st.eval()
+  fa, fb = st.tokenize(a), st.tokenize(b)
+  loss_t = CoSENTLoss(st)([fa, fb], torch.tensor(score / 5))  # Scale 20 = 1 / temperature 0.05.
+  loss_t.backward()
+  cfg, weights = convert.read_source(minilm_path)
+  graphdef, _, rngs = nnx.split(model_lib.abstract_model(cfg), nnx.Param, ...)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, nnx.to_pure_dict(rngs))
+    model.eval()
+    emb = [model(jnp.asarray(f["input_ids"]), jnp.asarray(f["attention_mask"])) for f in (fa, fb)]
+    return losses.cosent(*emb, jnp.asarray(score), temperature=0.05, weight=1.0)
+
+  loss, grads = jax.value_and_grad(loss_fn)(convert.to_params(cfg, weights))
+  np.testing.assert_allclose(float(loss), loss_t.item(), rtol=1e-5)
+  bert = st[0].auto_model
+  layer0, layer3 = bert.encoder.layer[0], bert.encoder.layer[3]
+  for ours, theirs in [(grads["layers"][3]["ffn_in"]["kernel"].T, layer3.intermediate.dense.weight),
+                       (grads["layers"][0]["attn"]["query"]["kernel"].T, layer0.attention.self.query.weight),
+                       (grads["embeddings"]["word"]["embedding"], bert.embeddings.word_embeddings.weight)]:
+    ref = theirs.grad.numpy()
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-7
