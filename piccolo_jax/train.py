@@ -24,6 +24,7 @@ from piccolo_jax import checkpoint
 from piccolo_jax import data as data_lib
 from piccolo_jax import encode
 from piccolo_jax import export as export_lib
+from piccolo_jax import gradcache
 from piccolo_jax import logs
 from piccolo_jax import losses
 from piccolo_jax import sharding
@@ -48,10 +49,11 @@ def text_fields(batch) -> list[str]:
   return sorted(k.removesuffix("_ids") for k in batch if k.endswith("_ids"))
 
 
-def make_train_step(graphdef, tx, loss_cfg, seed):
+def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
   """The jitted step (state, batch, rngs, task) -> (state, metrics); non-finite updates are skipped.
 
-  Dropout keys depend only on (seed, step), so a resumed run replays the same masks.
+  Dropout keys depend only on (seed, step), so a resumed run replays the same masks. chunk_size > 0
+  gets the same gradient by gradient caching (piccolo_jax.gradcache), chunk_size texts at a time.
   """
 
   def train_step(state, batch, rngs, task):
@@ -61,7 +63,14 @@ def make_train_step(graphdef, tx, loss_cfg, seed):
       emb = {f: model(batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
       return task_loss(task, emb, batch, loss_cfg)
 
-    (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if chunk_size:
+      texts = {f: (batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
+      grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs),
+                                                lambda emb: task_loss(task, emb, batch, loss_cfg), chunk_size)
+      key = jax.random.fold_in(jax.random.key(seed), state["step"])
+      (loss, per_dim), grads = grad_fn(state["params"], texts, key)
+    else:
+      (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -147,7 +156,7 @@ def train(config, workdir) -> dict:
   state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
   log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
            jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
-  train_step = make_train_step(graphdef, tx, config.loss, config.seed)
+  train_step = make_train_step(graphdef, tx, config.loss, config.seed, config.train.chunk_size)
   evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer)
   best = BestTracker(workdir, config.eval.best_metric, mcfg, tok_dir)
   logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
