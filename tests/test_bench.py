@@ -1,0 +1,63 @@
+"""Smoke test of the benchmark CLI (python -m piccolo_jax.bench) at tiny sizes; the benchmarks are scripts."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from piccolo_jax import bench
+from piccolo_jax import checkpoint
+from piccolo_jax import model as model_lib
+from piccolo_jax import state
+from piccolo_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = model_lib.Config(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dense_out=48)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm_path):
+  out = tmp_path_factory.mktemp("bench") / "tiny"
+  checkpoint.save_model_dir(out, TINY, state.random_params(TINY, 0), minilm_path)
+  return out
+
+
+def run_cli(*args) -> dict:
+  """The CLI in a fresh process on the one real CPU device (no fake devices); its last line as JSON."""
+  env = dict(os.environ, XLA_FLAGS="", HF_HUB_OFFLINE="1")
+  r = subprocess.run([sys.executable, "-m", "piccolo_jax.bench", *args], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("task", ["retrieval", "sts", "cls"])
+def test_torch_losses_match_ours(task):
+  import torch
+  batch = bench.synthetic_batch(task, 4, 8, 8, 2, 2000)
+  rng = np.random.default_rng(0)
+  emb = {f: rng.normal(size=(len(batch[f + "_ids"]), 48)).astype(np.float32) for f in train.text_fields(batch)}
+  loss_cfg = ml_collections.ConfigDict(dict(mrl_dims=(16, 48), mrl_weights=None, **bench.LOSS))
+  ours, _ = train.task_loss(task, emb, batch, loss_cfg)
+  theirs = bench.torch_losses(task, {f: torch.from_numpy(e) for f, e in emb.items()},
+                              {k: torch.from_numpy(v) for k, v in batch.items()}, (16, 48))
+  np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
+
+
+def test_step_cli(tiny_dir, tmp_path):
+  md = tmp_path / "b.md"
+  out = run_cli("step", "--model", str(tiny_dir), "--task", "cls", "--neg", "2", "--batch", "2", "--seq", "8",
+                "--reps", "1", "--dropout", "0", "--memory", "--budget-gb", "2", "--append", str(md))
+  assert {"jax_step_s", "torch_step_s", "ratio", "jax_mfu_pct", "jax_max_batch", "torch_max_batch"} <= out.keys()
+  np.testing.assert_allclose(out["jax_loss0"], out["torch_loss0"], rtol=1e-4)  # Same weights, batch, loss math.
+  assert out["mrl_dims"] == [16, 32, 48] and "| jax |" in md.read_text()
+
+
+def test_encode(tiny_dir):
+  out = run_cli("encode", "--model", str(tiny_dir), "--batch", "2", "--limit", "6", "--reps", "1")
+  assert {"jax_s", "st_s", "ratio"} <= out.keys()
+  assert out["sentences"] == 6 and out["min_cosine"] > 0.999
