@@ -111,8 +111,8 @@ def test_dropout_is_replayed_per_chunk():
     emb = {}
     for i, f in enumerate(sorted(texts)):
       ids_KCL, mask_KCL = (gradcache.split(jnp.asarray(x), CHUNK) for x in texts[f])
-      emb[f] = gradcache.merge(jnp.stack([embed_fn(p, ids_KCL[c], mask_KCL[c], gradcache.chunk_key(key, i, c))
-                                          for c in range(ids_KCL.shape[0])]))
+      embed = lambda x, i=i: embed_fn(p, x[1], x[2], gradcache.chunk_key(key, i, x[0]))
+      emb[f] = gradcache.merge(jax.lax.map(embed, (jnp.arange(ids_KCL.shape[0]), ids_KCL, mask_KCL)))
     return _retrieval_loss(emb)
 
   cached = jax.jit(gradcache.cached_value_and_grad(embed_fn, _retrieval_loss, CHUNK))
