@@ -2,6 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Huge pages for glibc's large allocations: XLA:CPU's per-step temp buffer is otherwise page-faulted
+# in afresh every step (BENCHMARKS.md: 500k faults, ~8% of a MiniLM train step on 2 cores).
+CPU_ENV := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +19,7 @@ install: $(BIN)/.installed
 
 # convert all-MiniLM-L6-v2 -> train on bundled data (3 tasks) -> export -> eval before/after.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m piccolo_jax.train --config=demo --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(CPU_ENV) HF_HUB_OFFLINE=1 $(BIN)/python -m piccolo_jax.train --config=demo --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

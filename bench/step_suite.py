@@ -1,11 +1,13 @@
 """The train-step grid: `python -m piccolo_jax.bench step` per configuration, one table for BENCHMARKS.md.
 
-  HF_HUB_OFFLINE=1 .venv/bin/python bench/step_suite.py --group minilm [--append BENCHMARKS.md]
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/step_suite.py --group minilm \
+      [--append BENCHMARKS.md]
 
-Groups (each under ~10 minutes on a 2-core CPU): minilm (the acceptance shapes), minilm-more (hard
-negatives, cls), large (stella shape: BERT-large + Dense 1792 + MRL, fp32), large-flags (remat,
-bf16), gpu (the finetune recipe's shapes; needs a GPU). Each configuration runs in a fresh process
-(clean memory figures) that alternates JAX and PyTorch steps.
+Groups (each under ~10 minutes on a quiet 2-core CPU with --reps 3 for the large ones): minilm (the
+acceptance shapes), minilm-more (hard negatives, cls, bf16), large and large-retrieval (stella shape:
+BERT-large + Dense 1792 + MRL, fp32), large-remat, large-bf16 (bf16 + remat), gpu (the finetune
+recipe's shapes; needs a GPU). Each configuration runs in a fresh process (clean memory figures)
+that alternates JAX and PyTorch steps.
 """
 import argparse
 import datetime
@@ -16,16 +18,20 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from piccolo_jax import bench  # noqa: E402
+
 MINILM = "--model minilm --batch 32 --seq 64"
 LARGE = "--model stella-shape --batch 4 --seq 64"
 GPU = "--model stella-shape --task retrieval --batch 64 --seq 64 --pseq 512 --neg 1 --dtype bfloat16"
 GROUPS = {
     "minilm": [f"{MINILM} --task cosent", f"{MINILM} --task retrieval --pseq 128"],
-    "minilm-more": [f"{MINILM} --task retrieval --pseq 128 --neg 1", "--model minilm --task cls --batch 8 "
-                    "--seq 64 --neg 4"],
-    "large": [f"{LARGE} --task cosent", f"{LARGE} --task retrieval --pseq 128"],
-    "large-flags": [f"{LARGE} --task retrieval --pseq 128 --remat",
-                    f"{LARGE} --task retrieval --pseq 128 --dtype bfloat16 --remat"],
+    "minilm-more": [f"{MINILM} --task retrieval --pseq 128 --neg 1",
+                    "--model minilm --task cls --batch 8 --seq 64 --neg 4", f"{MINILM} --task cosent --dtype bfloat16"],
+    "large": [f"{LARGE} --task cosent"],
+    "large-retrieval": [f"{LARGE} --task retrieval --pseq 128"],
+    "large-remat": [f"{LARGE} --task retrieval --pseq 128 --remat"],
+    "large-bf16": [f"{LARGE} --task retrieval --pseq 128 --dtype bfloat16 --remat"],
     "gpu": [f"{GPU} --remat", GPU],
 }
 
@@ -76,7 +82,7 @@ def main():
     md = [f"\n### Train step, JAX vs PyTorch: group `{args.group}`\n",
           f"{datetime.date.today()}, {o['machine']} (at the first configuration); torch "
           f"{o.get('torch_threads')} threads, {o.get('torch_attn')} attention, fp32 unless stated. Command: "
-          f"`HF_HUB_OFFLINE=1 .venv/bin/python bench/step_suite.py --group {args.group} --reps {args.reps} "
+          f"`{bench.env_prefix()}.venv/bin/python bench/step_suite.py --group {args.group} --reps {args.reps} "
           f"--budget-gb {args.budget_gb}` (each row: `python -m piccolo_jax.bench step ARGS --reps {args.reps} "
           f"--memory --budget-gb {args.budget_gb}` in its own process, JAX and PyTorch steps alternating).\n"] + table
     md.append("\nStep times are medians; torch/JAX > 1 means the JAX step is faster. Load average at each row's "

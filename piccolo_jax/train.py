@@ -59,7 +59,7 @@ def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
   def train_step(state, batch, rngs, task):
     def loss_fn(params):
       model = nnx.merge(graphdef, params, rngs)
-      nnx.reseed(model, default=jax.random.fold_in(jax.random.key(seed), state["step"]))
+      nnx.reseed(model, default=state_lib.dropout_key(seed, state["step"]))
       emb = {f: model(batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
       return task_loss(task, emb, batch, loss_cfg)
 
@@ -67,8 +67,7 @@ def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
       texts = {f: (batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
       grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs),
                                                 lambda emb: task_loss(task, emb, batch, loss_cfg), chunk_size)
-      key = jax.random.fold_in(jax.random.key(seed), state["step"])
-      (loss, per_dim), grads = grad_fn(state["params"], texts, key)
+      (loss, per_dim), grads = grad_fn(state["params"], texts, state_lib.dropout_key(seed, state["step"]))
     else:
       (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)

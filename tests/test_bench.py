@@ -61,3 +61,15 @@ def test_encode(tiny_dir):
   out = run_cli("encode", "--model", str(tiny_dir), "--batch", "2", "--limit", "6", "--reps", "1")
   assert {"jax_s", "st_s", "ratio"} <= out.keys()
   assert out["sentences"] == 6 and out["min_cosine"] > 0.999
+
+
+def test_profile_script_ablations_keep_the_math(tiny_dir):
+  """bench/profile_step.py: the variants that only rewrite the model's math give the base's loss."""
+  env = dict(os.environ, XLA_FLAGS="", HF_HUB_OFFLINE="1")
+  r = subprocess.run([sys.executable, "bench/profile_step.py", "--model", str(tiny_dir), "--task", "retrieval",
+                      "--batch", "2", "--seq", "8", "--reps", "1", "--variants", "base,gelu_erfc,heads_last,dropout32"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  loss0 = json.loads(r.stdout.strip().splitlines()[-1])["loss0"]
+  np.testing.assert_allclose([loss0["gelu_erfc"], loss0["heads_last"]], loss0["base"], rtol=5e-5)  # f32 rounding.
+  assert loss0["dropout32"] != loss0["base"]  # Other dropout bits, other masks.

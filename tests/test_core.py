@@ -206,3 +206,28 @@ def test_cosent_loss_and_gradients_match_sentence_transformers(minilm_path, data
                        (grads["embeddings"]["word"]["embedding"], bert.embeddings.word_embeddings.weight)]:
     ref = theirs.grad.numpy()
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-7
+
+
+def test_dropout_rate_scale_and_sharding():
+  """model.Dropout: drops `rate` of the entries, keeps the mean, and its mask ignores the batch sharding."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from piccolo_jax import model as model_lib
+  drop = model_lib.Dropout(0.1, rngs=nnx.Rngs(dropout=0))
+  nnx.reseed(drop, dropout=jax.random.key(7))
+  x_BLD = jnp.ones((8, 128, 385))  # Odd last axis: the 16-bit halves must still cover it.
+  y = np.asarray(nnx.jit(lambda m, x: m(x))(drop, x_BLD))
+  kept = y != 0
+  assert abs(1 - kept.mean() - 0.1) < 0.003  # 394k draws: ~6 standard deviations.
+  np.testing.assert_allclose(y[kept], 65536 / (65536 - 6554), rtol=1e-6)  # Exact keep probability.
+  assert abs(y.mean() - 1) < 0.004
+  assert 0.097 < 1 - kept[..., 1::2].mean() < 0.103  # Odd columns take the high 16 bits.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x_sharded = jax.device_put(x_BLD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  nnx.reseed(drop, dropout=jax.random.key(7))
+  np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(drop, x_sharded)), y)
+  nnx.reseed(drop, dropout=jax.random.key(8))
+  assert (np.asarray(nnx.jit(lambda m, x: m(x))(drop, x_BLD)) != y).any()  # Another key, another mask.
+  drop.eval()
+  assert drop(x_BLD) is x_BLD
