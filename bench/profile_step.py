@@ -205,7 +205,7 @@ def main():
     with patched(**patch):
       runs[name], _ = bench.jax_step(vcfg, params, batch, task, dims, compiler_options=options)
     losses0[name] = runs[name]()
-  times, _ = bench.alternate(runs, args.reps)
+  times, *_ = bench.alternate(runs, args.reps)
   base = bench.median(times[names[0]])
   rows = [("variant", "step s (median)", f"vs {names[0]}", "first loss")]
   rows += [(k, f"{bench.median(times[k]):.3f}", f"{bench.median(times[k]) / base:.3f}", f"{losses0[k]:.5f}")

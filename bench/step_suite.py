@@ -48,12 +48,14 @@ def row(args, o):
   return [args, fmt(get("jax_compile_s"), ".0f"), fmt(get("jax_step_s"), ".3f"), fmt(get("torch_step_s"), ".3f"),
           f"**{fmt(get('ratio'))}**", fmt(tok("jax_step_s"), ".0f"), fmt(tok("torch_step_s"), ".0f"),
           f"{fmt(get('jax_mfu_pct'), '.0f')} / {fmt(get('torch_mfu_pct'), '.0f')}",
-          f"{fmt(get('jax_cores'))} / {fmt(get('torch_cores'))}", fmt(get("jax_xla_temp_mb"), ".0f"),
+          f"{fmt(get('jax_cores'))} / {fmt(get('torch_cores'))}",
+          f"{fmt(get('jax_switch_s'), '.3f')} / {fmt(get('torch_switch_s'), '.3f')}", fmt(get("jax_xla_temp_mb"), ".0f"),
           f"{mem('jax')} / {mem('torch')}", f"{get('jax_max_batch') or '-'} / {get('torch_max_batch') or '-'}"]
 
 
 HEADER = ["`bench step` args", "JAX compile s", "JAX step s", "torch step s", "torch/JAX", "JAX tokens/s",
-          "torch tokens/s", "MFU % JAX / torch", "cores busy JAX / torch", "XLA temp MB",
+          "torch tokens/s", "MFU % JAX / torch", "cores busy JAX / torch", "step s after a switch JAX / torch",
+          "XLA temp MB",
           "step memory MB JAX / torch", "max batch JAX / torch"]
 
 
@@ -85,7 +87,9 @@ def main():
           f"`{bench.env_prefix()}.venv/bin/python bench/step_suite.py --group {args.group} --reps {args.reps} "
           f"--budget-gb {args.budget_gb}` (each row: `python -m piccolo_jax.bench step ARGS --reps {args.reps} "
           f"--memory --budget-gb {args.budget_gb}` in its own process, JAX and PyTorch steps alternating).\n"] + table
-    md.append("\nStep times are medians; torch/JAX > 1 means the JAX step is faster. Load average at each row's "
+    md.append("\nStep times are medians of the timed steps; each framework's turn first runs one untimed step, "
+              "the one right after the other framework ran (its median is the 'after a switch' column). "
+              "torch/JAX > 1 means the JAX step is faster. Load average at each row's "
               "end: " + ", ".join(o["machine"].split("load avg ")[1].split(";")[0] for o in outs) + ".")
     with open(args.append, "a", encoding="utf-8") as f:
       f.write("\n".join(md) + "\n")

@@ -6,7 +6,9 @@
 
 `step` times the real training step (train.make_train_step on a synthetic batch) and the same step
 as the original runs it (HF BertModel, mean pooling, the same losses, AdamW), alternating in one
-process. Each command prints a table and, as its last line, one JSON object; --append FILE adds the
+process. Each turn first runs --settle untimed steps: the step right after the other framework ran
+pays for that framework's memory churn (page faults, huge-page compaction; reported apart), which a
+training run never sees. Each command prints a table and, as its last line, one JSON object; --append FILE adds the
 table to FILE as a markdown section.
 """
 import argparse
@@ -52,16 +54,24 @@ def median(xs):
   return float(np.median(xs))
 
 
-def alternate(runs, reps) -> tuple[dict, dict]:
-  """({name: wall s per rep}, {name: cores busy per rep}), calling each run in turn, reps times."""
-  times, cores = {k: [] for k in runs}, {k: [] for k in runs}
+def alternate(runs, reps, settle=0) -> tuple[dict, dict, dict]:
+  """({name: wall s per rep}, {name: cores busy per rep}, {name: wall s of the settle calls}).
+
+  Calls each run in turn, reps times; with settle > 0, each turn first makes `settle` untimed calls
+  (timed apart), so the timed call sees the run's own steady state, not the switch from another.
+  """
+  times, cores, settled = ({k: [] for k in runs} for _ in range(3))
   for _ in range(reps):  # Alternating: a change in machine load hits every run alike.
     for k, run in runs.items():
+      for _ in range(settle):
+        t = time.perf_counter()
+        run()
+        settled[k].append(time.perf_counter() - t)
       t, c = time.perf_counter(), time.process_time()
       run()
       times[k].append(time.perf_counter() - t)
       cores[k].append((time.process_time() - c) / times[k][-1])  # CPU s per wall s.
-  return times, cores
+  return times, cores, settled
 
 
 def rss_mb() -> float:
@@ -247,7 +257,7 @@ def matmul_gflops(n, dtype, torch_device=None, reps=5) -> dict:
     runs["torch"] = lambda: (x @ x, torch_device == "cuda" and torch.cuda.synchronize())
   for run in runs.values():
     run()
-  times, _ = alternate(runs, reps)
+  times, *_ = alternate(runs, reps)
   return {k: 2 * n**3 / min(v) / 1e9 for k, v in times.items()}
 
 
@@ -275,7 +285,7 @@ def cmd_step(args):
   for k, run in runs.items():  # Warm-up: first-call allocation, torch's optimizer state.
     t = time.perf_counter()
     first[k] = (run(), time.perf_counter() - t)
-  times, cores = alternate(runs, args.reps)
+  times, cores, settled = alternate(runs, args.reps, args.settle)
   mem = {k: peak_mb(run, k) for k, run in runs.items()} if args.memory else {}
   peak = matmul_gflops(8192 if gpu else 2048, "bfloat16" if gpu else "float32",
                        ("cuda" if gpu else "cpu") if "torch" in runs else None)
@@ -300,6 +310,11 @@ def cmd_step(args):
                  f"{m[0]:.0f} -> {m[1]:.0f}" if m else "-"))
   notes = [f"XLA flops/step {flops / 1e9:.1f} G (analytic model {out['model_flops'] / 1e9:.1f} G); peak matmul "
            f"GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}; {args.reps} alternating reps"]
+  if args.settle and len(runs) > 1:
+    out |= {f"{k}_switch_s": median(v) for k, v in settled.items()}
+    notes.append(f"each turn: {args.settle} untimed step(s) first, the first right after the other framework "
+                 f"ran (median " + ", ".join(f"{k} {median(v):.3f} s" for k, v in settled.items()) +
+                 "), then the timed step")
   if "torch" in runs:
     out["ratio"] = out["torch_step_s"] / out["jax_step_s"]
     notes.append(f"ratio torch/jax step time: {out['ratio']:.2f} (torch {out['torch_threads']} threads, "
@@ -351,7 +366,7 @@ def cmd_encode(args):
   t = time.perf_counter()
   emb_jax = runs["jax"]()  # Compiles one program per length bucket.
   warm, emb_st = time.perf_counter() - t, runs["sentence-transformers"]()
-  times, _ = alternate(runs, args.reps)
+  times, *_ = alternate(runs, args.reps)
   cos, pad = float(np.min(np.sum(emb_jax * emb_st, axis=1))), padded_tokens(embedder, texts, args.batch)
   rows = [("", "s per pass (median)", "sentences/s")]
   rows += [(k, f"{median(v):.2f}", f"{len(texts) / median(v):.0f}") for k, v in times.items()]
@@ -414,6 +429,8 @@ def main(argv=None):
   s.add_argument("--dropout", type=float, default=-1.0, help="hidden and attention dropout (-1: the model's)")
   s.add_argument("--compare", choices=("none", "torch"), default="torch")
   s.add_argument("--reps", type=int, default=5, help="timed steps per framework (after one warm-up step)")
+  s.add_argument("--settle", type=int, default=1, help="untimed steps per turn before the timed one: the "
+                 "first step after the other framework ran pays for its memory churn (BENCHMARKS.md)")
   s.add_argument("--memory", action="store_true", help="one more step each, recording its peak memory")
   s.add_argument("--budget-gb", type=float, default=0.0, help="with --memory: the largest batch under this")
   s.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores, as XLA uses)")
