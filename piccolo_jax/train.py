@@ -72,9 +72,14 @@ def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
       (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    new = {"params": optax.apply_updates(state["params"], updates), "opt": opt}
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {k: state[k] for k in new})
+
+    def update(_):
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      return {"params": optax.apply_updates(state["params"], updates), "opt": opt}
+
+    # A cond, not a select over every parameter and moment: XLA:CPU ran that as extra passes over the
+    # whole state (BENCHMARKS.md, stella shape).
+    new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
     new["step"] = state["step"] + ok.astype(state["step"].dtype)
     return new, {"loss": loss, "loss_per_dim": per_dim, "grad_norm": grad_norm, "ok": ok}
 
