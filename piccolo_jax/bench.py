@@ -8,8 +8,8 @@
 as the original runs it (HF BertModel, mean pooling, the same losses, AdamW), alternating in one
 process. Each turn first runs --settle untimed steps: the step right after the other framework ran
 pays for that framework's memory churn (page faults, huge-page compaction; reported apart), which a
-training run never sees. Each command prints a table and, as its last line, one JSON object; --append FILE adds the
-table to FILE as a markdown section.
+training run never sees. Each command prints a table and, as its last line, one JSON object;
+--append FILE adds the table to FILE as a markdown section.
 """
 import argparse
 import csv

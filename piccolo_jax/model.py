@@ -117,9 +117,9 @@ class Embeddings(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention, projecting straight to and from head-major [B, H, L, K].
 
-  Einsums against the [D, D] kernels viewed as [D, H, K] leave XLA no head transposes to copy
-  (0.85x the step time on CPU, bench/profile_step.py). Attention-probability dropout, as HF BERT
-  trains, is why this is written out rather than jax.nn.dot_product_attention.
+  Einsums against the [D, D] kernels viewed as [D, H, K] leave XLA fewer head transposes to copy
+  (the old [B, L, H, K] form took 1.15x the step on CPU: bench/profile_step.py). Attention-probability
+  dropout, as HF BERT trains, is why this is written out rather than jax.nn.dot_product_attention.
   """
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
