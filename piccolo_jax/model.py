@@ -90,6 +90,8 @@ class Dropout(nnx.Dropout):
   def __call__(self, x):
     if self.deterministic or self.rate == 0.0:
       return x
+    if self.rate == 1.0:  # As nnx.Dropout: no 0 / 0 in the scale below.
+      return jnp.zeros_like(x)
     n = x.shape[-1]
     bits = jax.random.bits(self.rngs(), (*x.shape[:-1], (n + 1) // 2), jnp.uint32)
     u16 = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :n]
