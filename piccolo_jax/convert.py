@@ -8,8 +8,10 @@ import logging
 import pathlib
 
 import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
 
-from piccolo_jax import checkpoint
+from piccolo_jax import modeldir
 from piccolo_jax import model as model_lib
 
 # Hugging Face BERT weights that sentence embeddings do not use: dropped with a log line.
@@ -55,7 +57,6 @@ def read_weights(directory) -> dict[str, np.ndarray]:
   """Tensors of model.safetensors (preferred) or pytorch_model.bin as float32 numpy."""
   directory = pathlib.Path(directory)
   if (directory / "model.safetensors").is_file():
-    from safetensors.numpy import load_file
     tensors = load_file(directory / "model.safetensors")
   elif (directory / "pytorch_model.bin").is_file():
     try:
@@ -170,7 +171,6 @@ def to_params(cfg: model_lib.Config, weights: dict, source="weights") -> dict:
 
 
 def _abstract_params(cfg):
-  from flax import nnx
   return nnx.to_pure_dict(nnx.state(model_lib.abstract_model(cfg), nnx.Param))
 
 
@@ -186,7 +186,7 @@ def convert(src_dir, out_dir) -> model_lib.Config:
   """Converts src_dir into a model directory at out_dir; nothing is written on error."""
   cfg, weights = read_source(src_dir)
   params = to_params(cfg, weights, source=src_dir)
-  checkpoint.save_model_dir(out_dir, cfg, params, tokenizer_src=src_dir)
+  modeldir.save_model_dir(out_dir, cfg, params, tokenizer_src=src_dir)
   return cfg
 
 

@@ -22,11 +22,11 @@ task, and each process picks them from the index alone while tokenising only its
 State. Batch s is a pure function of s, so the grain iterator's state is the next step;
 restoring it replays exactly the batches of an uninterrupted run.
 
-Batch (process-local numpy; `{f}_ids`/`{f}_mask` int32 [N, L], mask 1 = real token):
-  retrieval: query [B], pos [B], neg [B*K] (rows i*K..i*K+K-1 belong to query i);
-  sts: text_a [B], text_b [B], label float32 [B];
-  cls: query [B], pos [B], neg [B*K], neg_valid bool [B, K];
-  plus task, dataset (str), step, bucket (int) and pad_frac (float, padding share).
+Batch: (arrays, meta). arrays: process-local numpy, `{f}_ids`/`{f}_mask` int32 [N, L]
+(mask 1 = real token) for each text field f of the task (tasks.TASKS: retrieval query [B],
+pos [B], neg [B*K], rows i*K..i*K+K-1 belonging to query i; sts text_a, text_b), plus the
+task's extras (sts label float32 [B], cls neg_valid bool [B, K]). meta: task, dataset (str),
+step, bucket (int) and pad_frac (float, padding share).
 
 Unlike the original, rows with an empty text or no positive (and, when neg_num > 0,
 retrieval rows with no negative) are dropped and counted at start-up instead of being
@@ -38,63 +38,36 @@ import logging
 
 from absl import flags
 import grain
-import jax
 import numpy as np
 
 from piccolo_jax import sources
+from piccolo_jax import tasks as tasks_lib
 
 DataError = sources.DataError
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Pipeline settings.
-
-  `datasets`: mappings with `kind` (piccolo|meta|jsonl|tsv|tfds), `path` (tfds: `name`,
-  `data_dir`, `split`), optional `task`, `repeat`, `limit` (first n usable rows), `name`,
-  `query_prefix`, `passage_prefix`; meta: `path` of a `name repeat` list and its `root`.
-  """
-  datasets: tuple = ()
-  global_batch_size: int = 32
-  seed: int = 0
-  neg_num: int = 1
-  cls_neg_num: int = 10
-  query_prefix: str = ""
-  passage_prefix: str = ""
-  query_max_len: int = 64
-  passage_max_len: int = 512
-  cls_query_max_len: int = 512
-  sts_max_len: int = 64  # first text; the second uses sts_pair_max_len as the original
-  sts_pair_max_len: int = 512
-  buckets: tuple = (32, 64, 128, 256, 512)
-  strict: bool = False
-  num_epochs: int | None = None  # None: repeat forever
-  worker_count: int = 0  # grain worker processes (0: none)
-  worker_threads: int = 2  # grain read threads per process
-  prefetch: int = 4
+@dataclasses.dataclass
+class Indexed:
+  """A Table and its token-length index: q_len per query, p_len per passage (prefix included)."""
+  table: sources.Table
+  q_len: np.ndarray
+  p_len: np.ndarray
 
 
-def as_config(config):
-  """A DataConfig from a DataConfig, an ml_collections ConfigDict, a dict or an object."""
-  if isinstance(config, DataConfig):
-    return config
-  get = config.get if hasattr(config, "get") else lambda k, d: getattr(config, k, d)
-  return DataConfig(**{f.name: get(f.name, f.default) for f in dataclasses.fields(DataConfig)})
+def caps(c) -> dict:
+  """(task, slot) -> token cap; a task's neg field shares its pos cap (one passage length index)."""
+  out = {}
+  for task in tasks_lib.TASKS.values():
+    for f, cap in tasks_lib.fields(task, c):
+      if out.setdefault((task.name, f.slot), cap) != cap:
+        raise ValueError(f"task {task.name}: fields of slot {f.slot!r} have different caps")
+    if out.get((task.name, "neg"), out[task.name, "pos"]) != out[task.name, "pos"]:
+      raise ValueError(f"task {task.name}: neg and pos caps differ; they share one length index")
+  return out
 
 
-def _fields(c, task):
-  """(batch field, table slot, max length) per task; slot query|pos|neg."""
-  return {
-      "retrieval": [("query", "query", c.query_max_len), ("pos", "pos", c.passage_max_len)]
-                   + [("neg", "neg", c.passage_max_len)] * (c.neg_num > 0),
-      "sts": [("text_a", "query", c.sts_max_len), ("text_b", "pos", c.sts_pair_max_len)],
-      "cls": [("query", "query", c.cls_query_max_len), ("pos", "pos", c.passage_max_len),
-              ("neg", "neg", c.passage_max_len)],
-  }[task]
-
-
-class _Encoders:
+class Encoders:
   """Per-max-length copies of the fast tokenizer's backend: fixed settings, thread-safe."""
 
   def __init__(self, tokenizer, caps):
@@ -123,48 +96,30 @@ class _Encoders:
     return ids, mask
 
 
-def _caps(c):
-  """task -> slot -> max length (at most the largest bucket)."""
-  return {task: {slot: min(cap, max(c.buckets)) for _, slot, cap in _fields(c, task)}
-          for task in ("retrieval", "sts", "cls")}
-
-
-def _encoders(c, tokenizer):
-  return _Encoders(tokenizer, [cap for caps in _caps(c).values() for cap in caps.values()])
-
-
 def _bucket(buckets, n):
   return next((b for b in sorted(buckets) if b >= n), max(buckets))
 
 
-def load_tables(config, tokenizer):
-  """Reads and validates every dataset and builds its token-length index."""
-  c = as_config(config)
-  entries = [e for d in c.datasets
-             for e in (sources.read_meta_list(d) if d.get("kind") == "meta" else [d])]
-  caps, enc, tables = _caps(c), _encoders(c, tokenizer), []
-  for entry in entries:
-    t = sources.load_table(entry, strict=c.strict, need_neg=c.neg_num > 0)
+def load_tables(c, tokenizer) -> list[Indexed]:
+  """Reads and validates every dataset of data config c and builds its token-length index."""
+  cap, enc, out = caps(c), Encoders(tokenizer, caps(c).values()), []
+  for entry in sources.expand(c.datasets):
+    t = sources.load_table(entry, c)
     if len(t) < c.global_batch_size:
       raise DataError(f"{t.name}: {len(t)} usable rows, fewer than one global batch of "
                       f"{c.global_batch_size} (skipped: {t.skipped or 'none'})")
-    if t.task != "cls":  # the original puts no prefixes on cls texts
-      t.query_prefix = entry.get("query_prefix", c.query_prefix)
-      t.passage_prefix = entry.get("passage_prefix", c.passage_prefix)
-    t.q_len = enc.lengths([t.query_prefix + q for q in t.queries], caps[t.task]["query"])
-    t.p_len = enc.lengths([t.passage_prefix + p for p in t.passages], caps[t.task]["pos"])
+    out.append(Indexed(t, enc.lengths([t.query_prefix + q for q in t.queries], cap[t.task, "query"]),
+                       enc.lengths([t.passage_prefix + p for p in t.passages], cap[t.task, "pos"])))
     log.info("data: %s: task %s, %d rows, repeat %d, %d batches/epoch, skipped %s",
              t.name, t.task, len(t), t.repeat, t.repeat * (len(t) // c.global_batch_size),
              t.skipped or "none")
     if t.skipped:
       log.warning("data: %s: skipped rows %s", t.name, t.skipped)
-    tables.append(t)
-  return tables
+  return out
 
 
-def steps_per_epoch(config, tables):
-  g = as_config(config).global_batch_size
-  return sum(t.repeat * (len(t) // g) for t in tables)
+def steps_per_epoch(c, tables):
+  return sum(x.table.repeat * (len(x.table) // c.global_batch_size) for x in tables)
 
 
 def _pick(rng, off, rows, k):
@@ -181,42 +136,41 @@ def _pick(rng, off, rows, k):
 
 
 class Batcher:
-  """step -> this process's slice of global batch `step`; the map function of the pipeline."""
+  """step -> (arrays, meta) of this process's slice of global batch `step`; the pipeline's map."""
 
-  def __init__(self, config, tokenizer, tables, process_index=0, process_count=1):
-    self.c, self.tables = as_config(config), tables
-    g = self.c.global_batch_size
+  def __init__(self, c, tokenizer, tables, process_index=0, process_count=1):
+    self.c, self.tables = c.copy_and_resolve_references(), tables
+    g = c.global_batch_size
     if g % process_count:
       raise ValueError(f"global batch {g} is not divisible by {process_count} processes")
     self.local = g // process_count
     self.lo = process_index * self.local
-    self.steps_per_epoch = steps_per_epoch(self.c, tables)
-    self.caps = _caps(self.c)
+    self.steps_per_epoch = steps_per_epoch(c, tables)
+    self.caps = caps(c)
     longest = collections.defaultdict(int)
-    for t in tables:
-      longest[t.task, "query"] = max(longest[t.task, "query"], int(t.q_len.max()))
-      longest[t.task, "pos"] = longest[t.task, "neg"] = max(longest[t.task, "pos"],
-                                                            int(t.p_len.max()))
+    for x in tables:
+      task = x.table.task
+      longest[task, "query"] = max(longest[task, "query"], int(x.q_len.max()))
+      longest[task, "pos"] = longest[task, "neg"] = max(longest[task, "pos"], int(x.p_len.max()))
     self.ceil = {k: -(-n // 8) * 8 for k, n in longest.items()}  # longest, rounded up to 8s
-    self.enc = _encoders(self.c, tokenizer)
+    self.enc = Encoders(tokenizer, self.caps.values())
     self._plans = {}
 
   def fields(self, task, bucket):
     """[(batch field, slot, max length, padded length)] of a task's tokenised fields."""
-    caps = self.caps[task]
-    return [(f, slot, caps[slot], min(bucket, caps[slot], self.ceil[task, slot]))
-            for f, slot, _ in _fields(self.c, task)]
+    return [(f.name, f.slot, cap, min(bucket, cap, self.ceil[task, f.slot]))
+            for f, cap in tasks_lib.fields(tasks_lib.TASKS[task], self.c)]
 
   def plan(self, epoch):
     """(dataset ids [S], rows [S, G]) of an epoch, in training order."""
     plan = self._plans.get(epoch)
     if plan is None:
       g, ds, rows = self.c.global_batch_size, [], []
-      for d, t in enumerate(self.tables):
-        for r in range(t.repeat):
-          perm = np.random.default_rng([self.c.seed, epoch, d, r]).permutation(len(t))
-          rows.append(perm[:len(t) // g * g].reshape(-1, g))
-          ds.append(np.full(len(t) // g, d))
+      for d, x in enumerate(self.tables):
+        for r in range(x.table.repeat):
+          perm = np.random.default_rng([self.c.seed, epoch, d, r]).permutation(len(x.table))
+          rows.append(perm[:len(x.table) // g * g].reshape(-1, g))
+          ds.append(np.full(len(x.table) // g, d))
       order = np.random.default_rng([self.c.seed, epoch]).permutation(self.steps_per_epoch)
       plan = np.concatenate(ds)[order], np.concatenate(rows)[order]
       self._plans = {epoch: plan}  # one epoch cached; replaced whole, so thread-safe
@@ -226,23 +180,23 @@ class Batcher:
     """Dataset index and the global batch's ids: query rows, pos/neg passages, neg_valid."""
     ds, rows = self.plan(step // self.steps_per_epoch)
     d, rows = int(ds[step % self.steps_per_epoch]), rows[step % self.steps_per_epoch]
-    t, rng = self.tables[d], np.random.default_rng([self.c.seed, step])
+    t, rng = self.tables[d].table, np.random.default_rng([self.c.seed, step])
+    task = tasks_lib.TASKS[t.task]
     pos, _ = _pick(rng, t.pos_off, rows, 1)
     sel = {"query": rows, "pos": t.pos_ids[pos[:, 0]]}
-    k = {"retrieval": self.c.neg_num, "cls": self.c.cls_neg_num}.get(t.task, 0)
-    if k:
+    if k := tasks_lib.negatives(task, self.c):
       neg, cnt = _pick(rng, t.neg_off, rows, k)
-      if t.task == "retrieval":  # every row has a negative (else skipped): cycle them
+      if task.neg_fill == "cycle":  # every row has a negative (else skipped): cycle them
         neg = np.take_along_axis(neg, np.arange(k) % np.maximum(cnt, 1)[:, None], axis=1)
       sel["neg_valid"] = neg >= 0
       sel["neg"] = np.where(sel["neg_valid"], t.neg_ids[np.maximum(neg, 0)], -1)
     return d, sel
 
-  def lengths(self, t, sel):
+  def lengths(self, x, sel):
     """Token length of every selected text (0 for padding negatives), per slot."""
-    lens = {"query": t.q_len[sel["query"]], "pos": t.p_len[sel["pos"]]}
+    lens = {"query": x.q_len[sel["query"]], "pos": x.p_len[sel["pos"]]}
     if "neg" in sel:
-      lens["neg"] = np.where(sel["neg_valid"], t.p_len[np.maximum(sel["neg"], 0)], 0)
+      lens["neg"] = np.where(sel["neg_valid"], x.p_len[np.maximum(sel["neg"], 0)], 0)
     return lens
 
   def bucket(self, lens):
@@ -250,30 +204,27 @@ class Batcher:
 
   def __call__(self, step, _=None):
     d, sel = self.select(step)
-    t = self.tables[d]
-    bucket, lo, hi = self.bucket(self.lengths(t, sel)), self.lo, self.lo + self.local
-    batch, real, total = {}, 0, 0
+    x = self.tables[d]
+    t = x.table
+    bucket, lo, hi = self.bucket(self.lengths(x, sel)), self.lo, self.lo + self.local
+    arrays, real, total = {}, 0, 0
     for field, slot, cap, length in self.fields(t.task, bucket):
       ids = sel[slot][lo:hi].reshape(-1)  # neg: rows i*K .. i*K+K-1 belong to query i
       texts = ([t.query_prefix + t.queries[i] for i in ids] if slot == "query" else
                [t.passage_prefix + t.passages[i] if i >= 0 else "" for i in ids])
-      batch[f"{field}_ids"], batch[f"{field}_mask"] = self.enc(texts, cap, length)
-      real, total = real + batch[f"{field}_mask"].sum(), total + batch[f"{field}_mask"].size
-    if t.task == "sts":
-      batch["label"] = t.labels[sel["query"][lo:hi]]
-    if t.task == "cls":
-      batch["neg_valid"] = sel["neg_valid"][lo:hi]
-    batch.update(task=t.task, dataset=t.name, step=step, bucket=bucket,
-                 pad_frac=float(1 - real / total))
-    return batch
+      arrays[f"{field}_ids"], arrays[f"{field}_mask"] = self.enc(texts, cap, length)
+      real, total = real + arrays[f"{field}_mask"].sum(), total + arrays[f"{field}_mask"].size
+    extras = {"label": lambda: t.labels[sel["query"][lo:hi]], "neg_valid": lambda: sel["neg_valid"][lo:hi]}
+    arrays |= {k: extras[k]() for k in tasks_lib.TASKS[t.task].extras}
+    meta = dict(task=t.task, dataset=t.name, step=step, bucket=bucket, pad_frac=float(1 - real / total))
+    return arrays, meta
 
 
-def make_iterator(config, tokenizer, process_index=0, process_count=1, tables=None):
-  """A grain iterator (get_state/set_state) over this process's slices of the global batches."""
-  c = as_config(config)
+def make_iterator(c, tokenizer, process_index=0, process_count=1, tables=None):
+  """A grain iterator (get_state/set_state) of (arrays, meta): this process's slices, forever."""
   tables = load_tables(c, tokenizer) if tables is None else tables
   batcher = Batcher(c, tokenizer, tables, process_index, process_count)
-  ds = grain.MapDataset.range(batcher.steps_per_epoch).repeat(c.num_epochs)
+  ds = grain.MapDataset.range(batcher.steps_per_epoch).repeat(None)
   it = ds.map_with_index(batcher).to_iter_dataset(
       grain.ReadOptions(num_threads=c.worker_threads, prefetch_buffer_size=c.prefetch))
   if c.worker_count:
@@ -281,10 +232,3 @@ def make_iterator(config, tokenizer, process_index=0, process_count=1, tables=No
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count))
   return iter(it)
-
-
-def to_global(batch, mesh, data_axis="data"):
-  """Process-local numpy batch -> global jax.Arrays sharded on the leading axis."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          if isinstance(v, np.ndarray) else v for k, v in batch.items()}

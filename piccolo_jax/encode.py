@@ -4,15 +4,19 @@ Usage: python -m piccolo_jax.encode MODEL_DIR --input texts.txt --output emb.npy
 """
 import argparse
 import pathlib
+import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import AutoTokenizer
 
-from piccolo_jax import checkpoint
+from piccolo_jax import config
+from piccolo_jax import convert
 from piccolo_jax import model as model_lib
+from piccolo_jax import modeldir
 
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
+DEFAULT_BUCKETS = config.BUCKETS
 
 
 def bucket_length(n: int, buckets, max_length: int) -> int:
@@ -21,7 +25,6 @@ def bucket_length(n: int, buckets, max_length: int) -> int:
 
 
 def load_tokenizer(model_dir):
-  from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(str(model_dir))
 
 
@@ -40,7 +43,7 @@ class Embedder:
   @classmethod
   def load(cls, model_dir, *, dtype=None, buckets=DEFAULT_BUCKETS) -> "Embedder":
     overrides = {"dtype": dtype} if dtype else {}
-    return cls(checkpoint.load_model(model_dir, **overrides), load_tokenizer(model_dir), buckets)
+    return cls(modeldir.load_model(model_dir, **overrides), load_tokenizer(model_dir), buckets)
 
   @property
   def dim(self) -> int:
@@ -82,6 +85,19 @@ class Embedder:
     if not 0 < dim <= self.dim:
       raise ValueError(f"dim {dim} out of range: the model's embeddings have {self.dim} dims")
     return dim
+
+
+def load_embedder(model_dir, dtype=None) -> Embedder:
+  """Embedder of a piccolo_jax model dir, or of a sentence-transformers / HF dir converted on the fly."""
+  model_dir = pathlib.Path(model_dir)
+  if (model_dir / modeldir.CONFIG_FILE).is_file():
+    return Embedder.load(model_dir, dtype=dtype)
+  if not any((model_dir / f).is_file() for f in ("modules.json", "config.json")):
+    raise FileNotFoundError(f"{model_dir}: not a piccolo_jax model dir ({modeldir.CONFIG_FILE}) nor a "
+                            "sentence-transformers or Hugging Face dir (modules.json / config.json)")
+  with tempfile.TemporaryDirectory() as tmp:
+    convert.convert(model_dir, pathlib.Path(tmp) / "model")
+    return Embedder.load(pathlib.Path(tmp) / "model", dtype=dtype)
 
 
 def main(argv=None):

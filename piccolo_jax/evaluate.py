@@ -7,14 +7,15 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
+from sklearn import cluster, linear_model, metrics
 
+from piccolo_jax import encode
 from piccolo_jax import sources
 
 KINDS_HELP = """\
@@ -28,9 +29,9 @@ Scores are x100 and follow MTEB's definitions, on cosine similarity:
                   jsonl {query, pos[], neg[]} (corpus: all pos+neg; relevant: pos), or a BEIR dir
                   with corpus.jsonl, queries.jsonl and qrels.tsv (or qrels/test.tsv)
   reranking       map, mrr_at_10 over each query's pos+neg. jsonl {query, pos[], neg[]}
-  classification  accuracy, f1 (macro) of LogisticRegression(max_iter=100, seed 0) fit on the
+  classification  accuracy, f1 (macro) of linear_model.LogisticRegression(max_iter=100, seed 0) fit on the
                   train embeddings, one run. PATH = TRAIN,TEST: jsonl (or tsv) {text, label}
-  clustering      v_measure of MiniBatchKMeans(k = number of labels, batch 500, seed 0).
+  clustering      v_measure of cluster.MiniBatchKMeans(k = number of labels, batch 500, seed 0).
                   jsonl (or tsv) {text, label}
 Rows whose query has no pos (retrieval) or no pos or neg (reranking) are skipped, as MTEB does."""
 KINDS = ("sts", "pair", "retrieval", "reranking", "classification", "clustering")
@@ -69,38 +70,27 @@ def read_rows(path, tsv_columns):
   raise EvalError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .tsv")
 
 
-def _field(where, row, *names, check=None, expect=""):
-  """row[first of names present], or an error naming it; `check(value)` must hold if given."""
+def _field(where, row, *names):
+  """row[first of names present], or an error naming it."""
   name = next((n for n in names if n in row), None)
   if name is None:
     raise EvalError(f"{where}: missing field '{names[0]}'" + (f" (or {names[1:]})" if names[1:] else ""))
-  if check and not check(row[name]):
-    raise EvalError(f"{where}: field '{name}': expected {expect}, got {row[name]!r}")
   return row[name]
 
 
 def _text(where, row, name):
-  return _field(where, row, name, check=lambda v: isinstance(v, str), expect="a string")
+  return sources.text(where, name, _field(where, row, name))
 
 
 def _texts(where, row, name):
   """A list of strings (a lone string counts as one), blanks dropped; [] if absent."""
   value = row.get(name, [])
-  value = [value] if isinstance(value, str) else value
-  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-    raise EvalError(f"{where}: field '{name}': expected a list of strings")
-  return [v for v in value if v.strip()]
-
-
-def _is_number(value):
-  try:
-    return not isinstance(value, bool) and math.isfinite(float(value))
-  except (TypeError, ValueError):
-    return False
+  return sources.texts(where, name, [value] if isinstance(value, str) else value)
 
 
 def _number(where, row, *names):
-  return float(_field(where, row, *names, check=_is_number, expect="a number"))
+  name = next((n for n in names if n in row), names[0])
+  return sources.number(where, name, _field(where, row, *names))
 
 
 def _nonempty(path, rows, what="rows"):
@@ -216,15 +206,13 @@ def parse_task(spec: str) -> Task:
 # Scorers: (normalised embeddings of the task's texts, **task.data) -> {metric: value x100}.
 
 def score_sts(e_ND, a, b, label):
-  from scipy import stats
   cos_N = (e_ND[a] * e_ND[b]).sum(1)
   return {"spearman": 100 * stats.spearmanr(cos_N, label)[0],
           "pearson": 100 * stats.pearsonr(cos_N, label)[0]}
 
 
 def score_pair(e_ND, a, b, label):
-  from sklearn.metrics import average_precision_score
-  return {"ap": 100 * average_precision_score(label, (e_ND[a] * e_ND[b]).sum(1))}
+  return {"ap": 100 * metrics.average_precision_score(label, (e_ND[a] * e_ND[b]).sum(1))}
 
 
 @functools.partial(jax.jit, static_argnames="k")
@@ -245,11 +233,11 @@ def top_k(q_QD, c_CD, k, chunk=256) -> np.ndarray:
   return np.concatenate(out)
 
 
-def retrieval_metrics(top_QK, qrels, ks=RETRIEVAL_KS) -> dict:
+def retrieval_metrics(top_QT, qrels, ks=RETRIEVAL_KS) -> dict:
   """nDCG@10 (binary gains), MRR@10 and recall@k x100 from ranked corpus ids and relevant ids per query."""
-  width = max(top_QK.shape[1], 10, *ks)
-  hit_QW = np.zeros((len(top_QK), width), bool)
-  hit_QW[:, :top_QK.shape[1]] = [np.isin(t, r) for t, r in zip(top_QK, qrels)]
+  width = max(top_QT.shape[1], 10, *ks)
+  hit_QW = np.zeros((len(top_QT), width), bool)
+  hit_QW[:, :top_QT.shape[1]] = [np.isin(t, r) for t, r in zip(top_QT, qrels)]
   n_rel_Q = np.array([len(r) for r in qrels])
   disc_10 = 1 / np.log2(np.arange(2, 12))
   idcg_Q = np.cumsum(disc_10)[np.minimum(n_rel_Q, 10) - 1]
@@ -265,29 +253,24 @@ def score_retrieval(e_ND, q, c, qrels):
 
 
 def score_reranking(e_ND, q, cands, rels):
-  from sklearn.metrics import average_precision_score
   ap, rr = [], []
   for qi, cand, rel in zip(q, cands, rels):
     s_C = e_ND[cand] @ e_ND[qi]
-    ap.append(average_precision_score(rel, s_C))
+    ap.append(metrics.average_precision_score(rel, s_C))
     ranked = rel[np.argsort(-s_C, kind="stable")][:10]
     rr.append(1 / (ranked.argmax() + 1) if ranked.any() else 0.0)
   return {"map": 100 * np.mean(ap), "mrr_at_10": 100 * np.mean(rr)}
 
 
 def score_classification(e_ND, train, train_label, test, test_label, seed=0):
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.metrics import accuracy_score, f1_score
-  pred = LogisticRegression(max_iter=100, random_state=seed).fit(e_ND[train], train_label).predict(e_ND[test])
-  return {"accuracy": 100 * accuracy_score(test_label, pred),
-          "f1": 100 * f1_score(test_label, pred, average="macro")}
+  pred = linear_model.LogisticRegression(max_iter=100, random_state=seed).fit(e_ND[train], train_label).predict(e_ND[test])
+  return {"accuracy": 100 * metrics.accuracy_score(test_label, pred),
+          "f1": 100 * metrics.f1_score(test_label, pred, average="macro")}
 
 
 def score_clustering(e_ND, text, text_label, seed=0):
-  from sklearn.cluster import MiniBatchKMeans
-  from sklearn.metrics import v_measure_score
-  km = MiniBatchKMeans(n_clusters=len(set(text_label)), batch_size=500, n_init="auto", random_state=seed)
-  return {"v_measure": 100 * v_measure_score(text_label, km.fit_predict(e_ND[text]))}
+  km = cluster.MiniBatchKMeans(n_clusters=len(set(text_label)), batch_size=500, n_init="auto", random_state=seed)
+  return {"v_measure": 100 * metrics.v_measure_score(text_label, km.fit_predict(e_ND[text]))}
 
 
 SCORERS = {"sts": score_sts, "pair": score_pair, "retrieval": score_retrieval, "reranking": score_reranking,
@@ -329,37 +312,6 @@ def evaluate_tasks(encoder, tasks, dims=None, *, batch_size=64) -> dict[str, flo
   return out
 
 
-@dataclasses.dataclass
-class Best:
-  """Best value so far of one eval metric (all metrics here are higher-is-better)."""
-  metric: str
-  value: float = -math.inf
-  step: int = -1
-
-  def update(self, step, metrics) -> bool:
-    """Records metrics[self.metric] at step; True if it is a new best (the caller saves then)."""
-    if self.metric not in metrics:
-      raise KeyError(f"best metric {self.metric!r} is not among the eval metrics {sorted(metrics)}")
-    if metrics[self.metric] <= self.value:
-      return False
-    self.value, self.step = float(metrics[self.metric]), step
-    return True
-
-
-def load_embedder(model_dir, dtype=None):
-  """Embedder of a piccolo_jax model dir, or of a sentence-transformers / HF dir converted on the fly."""
-  from piccolo_jax import checkpoint, convert, encode
-  model_dir = pathlib.Path(model_dir)
-  if (model_dir / checkpoint.CONFIG_FILE).is_file():
-    return encode.Embedder.load(model_dir, dtype=dtype)
-  if not any((model_dir / f).is_file() for f in ("modules.json", "config.json")):
-    raise FileNotFoundError(f"{model_dir}: not a piccolo_jax model dir ({checkpoint.CONFIG_FILE}) nor a "
-                            "sentence-transformers or Hugging Face dir (modules.json / config.json)")
-  with tempfile.TemporaryDirectory() as tmp:
-    convert.convert(model_dir, pathlib.Path(tmp) / "model")
-    return encode.Embedder.load(pathlib.Path(tmp) / "model", dtype=dtype)
-
-
 def format_table(results: dict) -> str:
   """Rows NAME/METRIC, one column per dim."""
   rows, dims = {}, {}
@@ -394,7 +346,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   try:
     tasks = [parse_task(s) for s in args.task]  # Data errors surface before the model loads.
-    results = evaluate_tasks(load_embedder(args.model_dir, args.dtype), tasks, args.dims,
+    results = evaluate_tasks(encode.load_embedder(args.model_dir, args.dtype), tasks, args.dims,
                              batch_size=args.batch_size)
   except (OSError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")

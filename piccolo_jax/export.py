@@ -8,8 +8,10 @@ import pathlib
 import shutil
 
 import numpy as np
+from safetensors.numpy import save_file
+from transformers import BertConfig
 
-from piccolo_jax import checkpoint
+from piccolo_jax import modeldir
 from piccolo_jax import convert
 from piccolo_jax import model as model_lib
 
@@ -18,7 +20,6 @@ ST_ACTIVATIONS = {v: k for k, v in convert.DENSE_ACTIVATION_NAMES.items()}
 
 def hf_config(cfg: model_lib.Config) -> dict:
   """The Hugging Face BertConfig dict of cfg."""
-  from transformers import BertConfig
   return BertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
       num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -47,13 +48,12 @@ def _write_json(path, obj):
 
 def export(model_dir, out_dir, truncate_dim: int | None = None):
   """Writes a sentence-transformers directory that SentenceTransformer(out_dir) loads."""
-  cfg = checkpoint.load_config(model_dir)
-  write_sentence_transformers(cfg, checkpoint.load_params(model_dir, cfg), model_dir, out_dir, truncate_dim)
+  cfg = modeldir.load_config(model_dir)
+  write_sentence_transformers(cfg, modeldir.load_params(model_dir, cfg), model_dir, out_dir, truncate_dim)
 
 
 def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_dim=None):
   """Writes params as a sentence-transformers directory (single process; no Orbax)."""
-  from safetensors.numpy import save_file
   if truncate_dim is not None and not 0 < truncate_dim <= cfg.embed_dim:
     raise ValueError(f"--truncate-dim {truncate_dim} out of range: embeddings have {cfg.embed_dim} dims")
   weights = to_weights(cfg, params)
@@ -61,8 +61,8 @@ def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_di
   # BertModel expects a pooler; sentence embeddings never use it. Zeros keep its load report clean.
   D = cfg.hidden_size
   weights |= {"pooler.dense.weight": np.zeros((D, D), np.float32), "pooler.dense.bias": np.zeros(D, np.float32)}
-  tok_files = checkpoint.tokenizer_files(tokenizer_dir)
-  with checkpoint.atomic_dir(out_dir) as tmp:
+  tok_files = modeldir.tokenizer_files(tokenizer_dir)
+  with modeldir.atomic_dir(out_dir) as tmp:
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     _write_json(tmp / "config.json", hf_config(cfg))
     for f in tok_files:

@@ -36,16 +36,16 @@ def split(x_N, c):
   return jnp.swapaxes(x_N.reshape(c, x_N.shape[0] // c, *x_N.shape[1:]), 0, 1)
 
 
-def merge(x_KC):
+def merge(x_SR):
   """Inverse of split: [N/c, c, ...] -> [N, ...] in the original row order."""
-  return jnp.swapaxes(x_KC, 0, 1).reshape(-1, *x_KC.shape[2:])
+  return jnp.swapaxes(x_SR, 0, 1).reshape(-1, *x_SR.shape[2:])
 
 
 def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
   """Like jax.value_and_grad(has_aux=True) of loss_fn(embed every text), with gradient caching.
 
   Args:
-    embed_fn: (params, ids_CL, mask_CL, key) -> emb_CD, one chunk of texts. `key` is
+    embed_fn: (params, ids_RL, mask_RL, key) -> emb_RD, one chunk of texts. `key` is
       chunk_key(step key, index of the field in sorted order, chunk index), or None when no
       key is given; pass 1 and pass 3 call it with the same key, so dropout replays exactly.
       Anything it does per row must not depend on the other rows of the chunk.
@@ -68,26 +68,26 @@ def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
     rows = {f: _rows_per_chunk(f, texts[f][0].shape[0], chunk_size, num_devices) for f in fields}
     chunks = {f: [split(x, rows[f]) for x in texts[f]] for f in fields}
 
-    def embed(p, i, c, ids_CL, mask_CL):
-      return embed_fn(p, ids_CL, mask_CL, None if key is None else chunk_key(key, i, c))
+    def embed(p, i, c, ids_RL, mask_RL):
+      return embed_fn(p, ids_RL, mask_RL, None if key is None else chunk_key(key, i, c))
 
     embs = {}
     for i, f in enumerate(fields):  # Pass 1: embeddings only, no activations kept.
-      ids_KCL, mask_KCL = chunks[f]
-      xs = (jnp.arange(ids_KCL.shape[0]), ids_KCL, mask_KCL)
-      emb_KCD = jax.lax.map(lambda x, i=i: embed(params, i, *x), xs)
-      embs[f] = jax.lax.stop_gradient(merge(emb_KCD))
+      ids_SRL, mask_SRL = chunks[f]
+      xs = (jnp.arange(ids_SRL.shape[0]), ids_SRL, mask_SRL)
+      emb_SRD = jax.lax.map(lambda x, i=i: embed(params, i, *x), xs)
+      embs[f] = jax.lax.stop_gradient(merge(emb_SRD))
     (loss, aux), d_embs = jax.value_and_grad(loss_fn, has_aux=True)(embs)  # Pass 2: full batch.
 
     def replay(i, grads, x):  # Pass 3: one chunk's forward again, its cached cotangent back.
-      c, ids_CL, mask_CL, d_emb_CD = x
-      _, vjp = jax.vjp(lambda p: embed(p, i, c, ids_CL, mask_CL), params)
-      return jax.tree.map(jnp.add, grads, vjp(d_emb_CD)[0]), None
+      c, ids_RL, mask_RL, d_emb_RD = x
+      _, vjp = jax.vjp(lambda p: embed(p, i, c, ids_RL, mask_RL), params)
+      return jax.tree.map(jnp.add, grads, vjp(d_emb_RD)[0]), None
 
     grads = jax.tree.map(jnp.zeros_like, params)
     for i, f in enumerate(fields):
-      ids_KCL, mask_KCL = chunks[f]
-      xs = (jnp.arange(ids_KCL.shape[0]), ids_KCL, mask_KCL, split(d_embs[f], rows[f]))
+      ids_SRL, mask_SRL = chunks[f]
+      xs = (jnp.arange(ids_SRL.shape[0]), ids_SRL, mask_SRL, split(d_embs[f], rows[f]))
       grads, _ = jax.lax.scan(lambda g, x, i=i: replay(i, g, x), grads, xs)
     return (loss, aux), grads
 
@@ -97,10 +97,10 @@ def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
 def nnx_embed_fn(graphdef, rngs):
   """embed_fn of an NNX encoder split into (graphdef, params, rngs); dropout reseeded with the chunk key."""
 
-  def embed_fn(params, ids_CL, mask_CL, key):
+  def embed_fn(params, ids_RL, mask_RL, key):
     model = nnx.merge(graphdef, params, rngs)
     if key is not None:
       nnx.reseed(model, default=key)
-    return model(ids_CL, mask_CL)
+    return model(ids_RL, mask_RL)
 
   return embed_fn

@@ -1,14 +1,12 @@
 """Run logging: a progress bar with throughput, metrics to JSONL and TensorBoard (process 0)."""
 import json
-import logging
 import pathlib
 import time
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
-
-log = logging.getLogger("piccolo_jax.train")
 
 
 class MetricLogger:
@@ -21,22 +19,19 @@ class MetricLogger:
     self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=not enabled)
     self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a") if enabled else None
-    self.tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+    self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb")) if enabled else None
     self.tick, self.task_loss, self.last = time.perf_counter(), {}, {}
 
-  def step(self, step, task, metrics, batch) -> dict:
+  def step(self, step, task, metrics, arrays, meta) -> dict:
     """Host metrics of one finished step (blocks on its device values)."""
     m = jax.device_get(metrics)
     now = time.perf_counter()
     dt, self.tick = now - self.tick, now
-    tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask")) * jax.process_count()
+    tokens = sum(int(v.sum()) for k, v in arrays.items() if k.endswith("_mask")) * jax.process_count()
     self.task_loss[task] = float(m["loss"])
-    host = {"task": task, "dataset": batch.get("dataset", ""), "bucket": batch.get("bucket"), "ok": bool(m["ok"]),
+    host = {"task": task, "dataset": meta["dataset"], "bucket": meta["bucket"], "ok": bool(m["ok"]),
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-            "lr": float(self.schedule(step - 1)), "pad_frac": float(batch.get("pad_frac", 0.0)),
+            "lr": float(self.schedule(step - 1)), "pad_frac": meta["pad_frac"],
             "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt}
     host |= {f"loss/{task}/dim{d}": float(v) for d, v in zip(self.dims, np.ravel(m["loss_per_dim"]))}
     self.last = host

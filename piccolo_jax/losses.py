@@ -5,16 +5,17 @@ computed in float32 (bf16 inputs are upcast). Under `jit` with the batch sharded
 on a mesh axis, the jnp ops below act on the global arrays, so the retrieval
 in-batch negatives span all devices (XLA inserts the all-gather).
 
-Shape suffixes: B batch, D embedding dim, K negatives per query, M flat
-negatives, N candidates per query, L number of Matryoshka dims.
+Shape suffixes as in the package legend (piccolo_jax/__init__.py); here L counts
+Matryoshka dims.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from piccolo_jax import config
+
 EPS = 1e-8  # Norm floor, as torch.cosine_similarity: x / max(||x||, eps).
-MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
 
 
 def normalize(x):
@@ -93,10 +94,6 @@ def cls_contrast(q, p, n, *, temperature=0.05, weight=0.2, n_mask=None):
   return weight * _xent(pos_B, logits_BN)
 
 
-TASK_LOSSES = {"retrieval": retrieval_infonce, "sts": cosent,
-               "cls": cls_contrast}
-
-
 def _check_dims(dims, weights):
   dims = tuple(int(d) for d in dims)
   if not dims:
@@ -112,7 +109,7 @@ def _check_dims(dims, weights):
   return dims
 
 
-def matryoshka(loss_fn, dims=MRL_DIMS, weights=None, *, return_per_dim=False):
+def matryoshka(loss_fn, dims=config.MRL_DIMS, weights=None, *, return_per_dim=False):
   """Wraps loss_fn to average it over nested embedding prefixes.
 
   Contract: positional array arguments with ndim >= 2 are embeddings and get

@@ -12,6 +12,8 @@ import pathlib
 
 import numpy as np
 
+from piccolo_jax import encode
+
 
 def _texts(inputs) -> list[str]:
   """A list of strings (mteb 1.x) or an iterable of batches {"text": [...]} (mteb 2.x) -> texts."""
@@ -39,9 +41,8 @@ class MtebEncoder:
 
   @classmethod
   def load(cls, model_dir, *, dtype=None, **kwargs) -> "MtebEncoder":
-    from piccolo_jax import evaluate
     kwargs.setdefault("name", f"piccolo_jax/{pathlib.Path(model_dir).resolve().name}")
-    return cls(evaluate.load_embedder(model_dir, dtype), **kwargs)
+    return cls(encode.load_embedder(model_dir, dtype), **kwargs)
 
   def encode(self, inputs, *, prompt_type=None, batch_size=None, **unused) -> np.ndarray:
     """Embeds texts; prompt_type 'query'/'document' (or 'passage') selects the configured prefix."""

@@ -20,6 +20,13 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def put_batch(arrays: dict, mesh) -> dict:
+  """The one place host data becomes device arrays: each process's numpy rows -> global jax.Arrays
+  sharded on the leading axis over every device (process slices concatenate in process order)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -1,32 +1,23 @@
-"""Training-set readers: piccolo `save_to_disk` dirs, meta lists, jsonl, tsv and TFDS.
+"""Training-set formats: piccolo `save_to_disk` dirs, meta lists, jsonl, tsv and TFDS.
 
 Every dataset is read once, validated and normalised into a `Table`: row-aligned first
 texts (`queries`), a de-duplicated pool of second texts (`passages`), the positive and
 negative passage ids of each row as CSR arrays, and STS labels. A Table is a
 random-access source (`len`, `[]`) in grain's sense. Errors name dataset, row and field.
+Which columns a task reads is its `layouts` entry in `tasks.TASKS`; a new format is one
+reader in READERS: entry -> (dataset name, iterator of (location, row dict)).
 """
 import dataclasses
 import json
+import math
 import os
 import pathlib
 
 import numpy as np
 import pyarrow as pa
 
-TASKS = {"retrieval": "retrieval", "retri_contrast": "retrieval", "sts": "sts",
-         "cosent": "sts", "cls": "cls", "cls_contrast": "cls"}
-
-# Column layouts per task: canonical slot -> column. Piccolo's first, then the community's.
-# A cls layout without `pos` builds label triplets: pos = own label, neg = other labels.
-LAYOUTS = {
-    "retrieval": ({"query": "text", "pos": "text_pos", "neg": "text_neg"},
-                  {"query": "query", "pos": "pos", "neg": "neg"}),
-    "sts": ({"query": "text", "pos": "text_pair", "label": "label"},
-            {"query": "sentence1", "pos": "sentence2", "label": "label"},
-            {"query": "sentence1", "pos": "sentence2", "label": "score"}),
-    "cls": ({"query": "text", "pos": "text_pos", "neg": "text_neg"},
-            {"query": "text", "label": "label"}),
-}
+from piccolo_jax import config
+from piccolo_jax import tasks as tasks_lib
 
 
 class DataError(ValueError):
@@ -49,8 +40,6 @@ class Table:
   repeat: int = 1
   query_prefix: str = ""
   passage_prefix: str = ""
-  q_len: np.ndarray | None = None  # token lengths, filled in by data.load_tables
-  p_len: np.ndarray | None = None
 
   def __len__(self):
     return len(self.queries)
@@ -59,6 +48,33 @@ class Table:
     ids = lambda off, flat: [self.passages[j] for j in flat[off[i]:off[i + 1]]]
     return {"query": self.queries[i], "pos": ids(self.pos_off, self.pos_ids),
             "neg": ids(self.neg_off, self.neg_ids), "label": float(self.labels[i])}
+
+
+# Row validators, shared with evaluate: `where` names the file and row.
+
+def text(where, field, value):
+  """A string (None reads as empty)."""
+  if value is None or isinstance(value, str):
+    return value or ""
+  raise DataError(f"{where}: field '{field}': expected a string, got {type(value).__name__}")
+
+
+def texts(where, field, value):
+  """A list of strings, blanks dropped."""
+  if not isinstance(value, (list, tuple)):
+    raise DataError(f"{where}: field '{field}': expected a list of strings, "
+                    f"got {type(value).__name__}")
+  return [t for t in (text(where, field, v) for v in value) if t.strip()]
+
+
+def number(where, field, value):
+  """A finite number (bools, None, NaN and inf are errors)."""
+  try:
+    if isinstance(value, bool) or value is None or not math.isfinite(float(value)):
+      raise ValueError
+    return float(value)
+  except (TypeError, ValueError):
+    raise DataError(f"{where}: field '{field}': expected a finite number, got {value!r}") from None
 
 
 def lines(path):
@@ -144,11 +160,13 @@ def _decode(value):
 
 def _tfds(entry):
   """`tfds.data_source` over ArrayRecord files; no TensorFlow needed."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow to import)
   split = entry.get("split", "train")
   src = tfds.data_source(entry["name"], data_dir=entry.get("data_dir"), split=split)
   rows = ((f"row {i}", {k: _decode(v) for k, v in src[i].items()}) for i in range(len(src)))
   return f"tfds:{entry['name']}/{split}", rows
+
+
 
 
 READERS = {"jsonl": _jsonl, "tsv": _tsv, "piccolo": _piccolo, "tfds": _tfds}
@@ -160,8 +178,6 @@ def read_meta_list(entry):
   out = []
   for n, line in lines(entry["path"]):
     parts = line.split()
-    if not parts:
-      continue
     if len(parts) != 2 or not parts[1].isdigit():
       raise DataError(f"{entry['path']}: line {n}: expected 'dataset_name repeat'")
     out.append({**rest, "kind": "piccolo", "name": parts[0], "repeat": int(parts[1]),
@@ -169,78 +185,64 @@ def read_meta_list(entry):
   return out
 
 
-def _task(where, value, field):
-  if value not in TASKS:
+def expand(datasets):
+  """Dataset entries with meta lists expanded into their piccolo dirs."""
+  return [e for d in datasets for e in (read_meta_list(d) if d.get("kind") == "meta" else [d])]
+
+
+def _task(where, value, field) -> tasks_lib.Task:
+  if value not in tasks_lib.ALIASES:
     raise DataError(f"{where}: field '{field}': unknown task type {value!r}, "
-                    f"expected one of {sorted(TASKS)}")
-  return TASKS[value]
+                    f"expected one of {sorted(tasks_lib.ALIASES)}")
+  return tasks_lib.TASKS[tasks_lib.ALIASES[value]]
 
 
-def _infer_task(where, row):
+def _infer_task(where, row) -> tasks_lib.Task:
+  """The row's `type`, else the one task with the most columns matched by a complete layout."""
   if "type" in row:
     return _task(where, row["type"], "type")
-  if "query" in row:
-    return "retrieval"
-  if "sentence1" in row or "text_pair" in row:
-    return "sts"
-  if "text" in row and "label" in row and "text_pos" not in row:
-    return "cls"
-  raise DataError(f"{where}: no 'type' field and the columns {sorted(row)} do not tell "
-                  "the task; set `task` for this dataset in the config")
+  score = {name: max((all(c in row for c in lay.values()), sum(c in row for c in lay.values()))
+                     for lay in t.layouts) for name, t in tasks_lib.TASKS.items()}
+  best = max(score.values())
+  found = [name for name, s in score.items() if s == best]
+  if best[1] == 0 or len(found) > 1:
+    raise DataError(f"{where}: no 'type' field and the columns {sorted(row)} do not tell "
+                    "the task; set `task` for this dataset in the config")
+  return tasks_lib.TASKS[found[0]]
 
 
 def _layout(task, row):
-  return max(LAYOUTS[task], key=lambda lay: sum(c in row for c in lay.values()) / len(lay))
-
-
-def _text(where, field, value):
-  if value is None or isinstance(value, str):
-    return value or ""
-  raise DataError(f"{where}: field '{field}': expected a string, got {type(value).__name__}")
-
-
-def _texts(where, field, value):
-  if not isinstance(value, (list, tuple)):
-    raise DataError(f"{where}: field '{field}': expected a list of strings, "
-                    f"got {type(value).__name__}")
-  return [t for t in (_text(where, field, v) for v in value) if t.strip()]
-
-
-def _number(where, field, value):
-  try:
-    if isinstance(value, bool) or value is None:
-      raise ValueError
-    return float(value)
-  except (TypeError, ValueError):
-    raise DataError(f"{where}: field '{field}': label is not a number: {value!r}") from None
+  return max(task.layouts, key=lambda lay: sum(c in row for c in lay.values()) / len(lay))
 
 
 def _parse(where, task, layout, row, need_neg):
   """One row -> (query, positives, negatives, label, skip reason or None)."""
   col = lambda slot: row[layout[slot]]
-  q = _text(where, layout["query"], col("query"))
-  label = _number(where, layout["label"], col("label")) if task == "sts" else 0.0
-  if task == "sts":
-    p = [_text(where, layout["pos"], col("pos"))]
-  elif "pos" in layout and not isinstance(col("pos"), (list, tuple)):  # a string or null
-    p = [_text(where, layout["pos"], col("pos"))]
-  elif "pos" in layout:
-    p = _texts(where, layout["pos"], col("pos"))
-  else:
+  q = text(where, layout["query"], col("query"))
+  label = number(where, layout["label"], col("label")) if task.label == "score" else 0.0
+  if "pos" in layout:
+    v = col("pos")
+    p = texts(where, layout["pos"], v) if task.pos_list and isinstance(v, (list, tuple)) else \
+        [text(where, layout["pos"], v)]
+  else:  # the class name is the positive
     p = [] if col("label") is None else [str(col("label")).strip()]
-  n = _texts(where, layout["neg"], col("neg")) if "neg" in layout else []
+  n = texts(where, layout["neg"], col("neg")) if "neg" in layout else []
   p = [t for t in p if t.strip()]
   if not q.strip():
     return q, p, n, label, ("empty text", layout["query"])
   if not p:
     return q, p, n, label, ("no positive", layout.get("pos", layout.get("label")))
-  if task == "retrieval" and need_neg and not n:
+  if need_neg and not n:
     return q, p, n, label, ("no negative", layout["neg"])
   return q, p, n, label, None
 
 
-def load_table(entry, strict=False, need_neg=True):
-  """Reads, validates and normalises one dataset entry (a mapping) into a Table."""
+def load_table(entry, data_cfg=None):
+  """Reads, validates and normalises one dataset entry (a mapping) into a Table.
+
+  data_cfg (default: config.base().data) gives `strict`, the negative counts and the prefixes.
+  """
+  data_cfg = config.section("data") if data_cfg is None else data_cfg
   kind = entry.get("kind", "piccolo")
   if kind not in READERS:
     raise DataError(f"dataset {entry.get('name') or entry.get('path')}: unknown kind "
@@ -248,7 +250,7 @@ def load_table(entry, strict=False, need_neg=True):
   name, rows = READERS[kind](entry)
   task = _task(name, entry["task"], "task") if entry.get("task") else None
   limit = entry.get("limit") or float("inf")  # keep the first `limit` usable rows
-  layout, columns = None, ()
+  layout, columns, need_neg = None, (), False
   queries, pos, neg, labels, skipped = [], [], [], [], {}
   for loc, row in rows:
     where = f"{name}: {loc}"
@@ -256,14 +258,15 @@ def load_table(entry, strict=False, need_neg=True):
       typed, task = task is None and "type" in row, task or _infer_task(where, row)
       layout = _layout(task, row)
       columns = list(layout.values()) + ["type"] * typed
+      need_neg = task.neg_fill == "cycle" and tasks_lib.negatives(task, data_cfg) > 0
     for c in columns:
       if c not in row:
         raise DataError(f"{where}: missing field '{c}'")
     if "type" in columns and _task(where, row["type"], "type") != task:
       raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
-                      f"dataset's task {task!r} (set by its first row)")
+                      f"dataset's task {task.name!r} (set by its first row)")
     q, p, n, label, reason = _parse(where, task, layout, row, need_neg)
-    if reason and strict:
+    if reason and data_cfg.strict:
       raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
     if reason:
       skipped[reason[0]] = skipped.get(reason[0], 0) + 1
@@ -276,7 +279,7 @@ def load_table(entry, strict=False, need_neg=True):
       break
   if layout is None:
     raise DataError(f"{name}: no rows")
-  if task == "cls" and "pos" not in layout:  # label triplets: negatives = other labels
+  if task.label == "class" and "pos" not in layout:  # label triplets: negatives = other labels
     names = list(dict.fromkeys(p[0] for p in pos))
     neg = [[m for m in names if m != p[0]] for p in pos]
   pool = {}
@@ -284,7 +287,9 @@ def load_table(entry, strict=False, need_neg=True):
                        np.array([pool.setdefault(t, len(pool)) for x in lists for t in x],
                                 np.int32))
   (pos_off, pos_ids), (neg_off, neg_ids) = csr(pos), csr(neg)
-  return Table(name=name, task=task, queries=queries, passages=list(pool), pos_off=pos_off,
+  prefix = lambda k: entry.get(k, data_cfg[k]) if task.prefixes else ""
+  return Table(name=name, task=task.name, queries=queries, passages=list(pool), pos_off=pos_off,
                pos_ids=pos_ids, neg_off=neg_off, neg_ids=neg_ids,
                labels=np.array(labels, np.float32), skipped=skipped,
-               repeat=int(entry.get("repeat", 1)))
+               repeat=int(entry.get("repeat", 1)), query_prefix=prefix("query_prefix"),
+               passage_prefix=prefix("passage_prefix"))

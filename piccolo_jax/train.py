@@ -3,7 +3,7 @@
 NAME is a file in configs/ (finetune, demo, stsb) or a path to a config file; override any
 field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
 """
-import functools
+import importlib.util
 import json
 import math
 import logging
@@ -14,76 +14,24 @@ import shutil
 import signal
 import sys
 
+from absl import app
+from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
+from ml_collections import config_flags
 
 from piccolo_jax import checkpoint
 from piccolo_jax import data as data_lib
 from piccolo_jax import encode
+from piccolo_jax import evaluate
 from piccolo_jax import export as export_lib
-from piccolo_jax import gradcache
 from piccolo_jax import logs
-from piccolo_jax import losses
+from piccolo_jax import modeldir
 from piccolo_jax import sharding
 from piccolo_jax import state as state_lib
+from piccolo_jax import step as step_lib
 
 log = logging.getLogger("piccolo_jax.train")
-
-
-def task_loss(task, emb, batch, loss_cfg):
-  """(total loss, per-MRL-dim losses) of one task-homogeneous global batch."""
-  mrl = functools.partial(losses.matryoshka, dims=tuple(loss_cfg.mrl_dims),
-                          weights=loss_cfg.mrl_weights, return_per_dim=True)
-  kw = loss_cfg[task].to_dict() if hasattr(loss_cfg[task], "to_dict") else dict(loss_cfg[task])
-  if task == "retrieval":
-    return mrl(losses.retrieval_infonce)(emb["query"], emb["pos"], emb.get("neg"), **kw)
-  if task == "sts":
-    return mrl(losses.cosent)(emb["text_a"], emb["text_b"], batch["label"], **kw)
-  return mrl(losses.cls_contrast)(emb["query"], emb["pos"], emb["neg"], n_mask=batch["neg_valid"], **kw)
-
-
-def text_fields(batch) -> list[str]:
-  return sorted(k.removesuffix("_ids") for k in batch if k.endswith("_ids"))
-
-
-def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
-  """The jitted step (state, batch, rngs, task) -> (state, metrics); non-finite updates are skipped.
-
-  Dropout keys depend only on (seed, step), so a resumed run replays the same masks. chunk_size > 0
-  gets the same gradient by gradient caching (piccolo_jax.gradcache), chunk_size texts at a time.
-  """
-
-  def train_step(state, batch, rngs, task):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, rngs)
-      nnx.reseed(model, default=state_lib.dropout_key(seed, state["step"]))
-      emb = {f: model(batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
-      return task_loss(task, emb, batch, loss_cfg)
-
-    if chunk_size:
-      texts = {f: (batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
-      grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs),
-                                                lambda emb: task_loss(task, emb, batch, loss_cfg), chunk_size)
-      (loss, per_dim), grads = grad_fn(state["params"], texts, state_lib.dropout_key(seed, state["step"]))
-    else:
-      (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-      updates, opt = tx.update(grads, state["opt"], state["params"])
-      return {"params": optax.apply_updates(state["params"], updates), "opt": opt}
-
-    # A cond, not a select over every parameter and moment: XLA:CPU ran that as extra passes over the
-    # whole state (BENCHMARKS.md, stella shape).
-    new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
-    new["step"] = state["step"] + ok.astype(state["step"].dtype)
-    return new, {"loss": loss, "loss_per_dim": per_dim, "grad_norm": grad_norm, "ok": ok}
-
-  return jax.jit(train_step, static_argnames="task", donate_argnums=0)
 
 
 class Preemption:
@@ -106,7 +54,6 @@ def make_evaluator(ecfg, graphdef, rngs, tokenizer):
   """host params -> {metric: value} on the configured eval tasks ({} when none)."""
   if not ecfg.tasks:
     return lambda params: {}
-  from piccolo_jax import evaluate
   tasks = [evaluate.parse_task(t) for t in ecfg.tasks]
 
   def run(params):
@@ -118,26 +65,36 @@ def make_evaluator(ecfg, graphdef, rngs, tokenizer):
   return run
 
 
-class BestTracker:
-  """Keeps workdir/best (a model dir) and best.json at the best value of eval.best_metric."""
+class Best:
+  """Keeps workdir/best (a model dir) and best.json at the best value of eval metric `metric`
+  (every metric here is higher-is-better); no metric, no tracking."""
 
   def __init__(self, workdir, metric, mcfg, tok_dir):
-    from piccolo_jax import evaluate
     self.dir, self.mcfg, self.tok_dir = workdir / "best", mcfg.replace(dtype="float32", remat=False), tok_dir
-    self.json = workdir / "best.json"
+    self.json, self.metric = workdir / "best.json", metric
     old = json.loads(self.json.read_text()) if self.json.is_file() else {}
-    self.best = evaluate.Best(metric, old.get("value", -math.inf), old.get("step", -1)) if metric else None
+    self.value, self.step = old.get("value", -math.inf), old.get("step", -1)
+
+  def improved(self, step, metrics) -> bool:
+    """Records metrics[metric] at step; True if it is a new best."""
+    if self.metric not in metrics:
+      raise KeyError(f"best metric {self.metric!r} is not among the eval metrics {sorted(metrics)}")
+    if metrics[self.metric] <= self.value:
+      return False
+    self.value, self.step = float(metrics[self.metric]), step
+    return True
 
   def update(self, step, metrics, params):
-    if not self.best or not self.best.update(step, metrics):
+    """Saves params as the best model if metrics improve on the best so far."""
+    if not self.metric or not self.improved(step, metrics):
       return
     if jax.process_index() == 0:
       shutil.rmtree(self.dir, ignore_errors=True)
-    checkpoint.sync("best: removed")
-    checkpoint.save_model_dir(self.dir, self.mcfg, params, self.tok_dir)
+    modeldir.sync("best: removed")
+    modeldir.save_model_dir(self.dir, self.mcfg, params, self.tok_dir)
     if jax.process_index() == 0:
-      self.json.write_text(json.dumps({"metric": self.best.metric, "value": self.best.value, "step": step}) + "\n")
-      log.info("new best %s = %.4f at step %d -> %s", self.best.metric, self.best.value, step, self.dir)
+      self.json.write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}) + "\n")
+      log.info("new best %s = %.4f at step %d -> %s", self.metric, self.value, step, self.dir)
 
 
 def train(config, workdir) -> dict:
@@ -160,9 +117,9 @@ def train(config, workdir) -> dict:
   state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
   log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
            jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
-  train_step = make_train_step(graphdef, tx, config.loss, config.seed, config.train.chunk_size)
+  train_step = step_lib.make_train_step(graphdef, tx, config.loss, config.seed, config.train.chunk_size)
   evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer)
-  best = BestTracker(workdir, config.eval.best_metric, mcfg, tok_dir)
+  best = Best(workdir, config.eval.best_metric, mcfg, tok_dir)
   logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
                              schedule, config.train.log_every, enabled=is_main)
 
@@ -186,13 +143,11 @@ def train(config, workdir) -> dict:
                            "the update was skipped and the last checkpoint is intact")
 
   while step < total and not preempt.requested:
-    batch = next(data_it)
-    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
-    state, metrics = train_step(state, data_lib.to_global(arrays, mesh, sharding.BATCH_AXES), rngs,
-                                batch["task"])
+    arrays, meta = next(data_it)
+    state, metrics = train_step(state, sharding.put_batch(arrays, mesh), rngs, meta["task"])
     if pending:  # Fetching the previous step's metrics keeps one step in flight.
       finish(pending)
-    pending, step = (step + 1, batch["task"], metrics, batch), step + 1
+    pending, step = (step + 1, meta["task"], metrics, arrays, meta), step + 1
     if step % config.checkpoint.every == 0 or step == total or preempt.requested:
       finish(pending)
       pending = None
@@ -222,22 +177,28 @@ def export_final(workdir, mcfg, params, tok_dir, config, is_main):
   if (workdir / "model").exists():
     return
   mcfg = mcfg.replace(dtype="float32", remat=False)
-  checkpoint.save_model_dir(workdir / "model", mcfg, params, tok_dir)
+  modeldir.save_model_dir(workdir / "model", mcfg, params, tok_dir)
   if is_main:
     export_lib.write_sentence_transformers(mcfg, params, tok_dir, workdir / "export",
                                            config.export.truncate_dim or None)
     log.info("exported %s and %s", workdir / "model", workdir / "export")
 
 
+def config_dirs() -> list[pathlib.Path]:
+  """Where --config=NAME is looked up: ./configs, then the installed piccolo_jax.configs."""
+  spec = importlib.util.find_spec("piccolo_jax.configs")
+  return [pathlib.Path.cwd() / "configs"] + [pathlib.Path(p) for p in spec.submodule_search_locations]
+
+
 def resolve_config_path(name: str) -> str:
   """A config name (configs/NAME.py) or a path -> the path."""
   if os.path.isfile(name):
     return name
-  for root in (pathlib.Path.cwd(), pathlib.Path(__file__).resolve().parent.parent):
-    path = root / "configs" / f"{name}.py"
-    if path.is_file():
-      return str(path)
-  raise SystemExit(f"error: no config {name!r}: not a file, and no configs/{name}.py")
+  for root in config_dirs():
+    if (root / f"{name}.py").is_file():
+      return str(root / f"{name}.py")
+  raise SystemExit(f"error: no config {name!r}: not a file, and no {name}.py in "
+                   f"{', '.join(map(str, config_dirs()))}")
 
 
 def _resolve_argv(argv):
@@ -258,8 +219,6 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 
 
 def main():
-  from absl import app, flags
-  from ml_collections import config_flags
   config_flag = config_flags.DEFINE_config_file("config", None, "config name (configs/NAME.py) or path")
   flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, exported model")
   flags.DEFINE_string("coordinator_address", "", "multi-process: host:port of process 0 "

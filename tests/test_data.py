@@ -5,13 +5,17 @@ import pathlib
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from piccolo_jax import config
 from piccolo_jax import data
+from piccolo_jax import losses
+from piccolo_jax import sharding
 from piccolo_jax import sources
+from piccolo_jax import step
+from piccolo_jax import tasks
 
 TFDS_DIR = pathlib.Path(__file__).parent / "fixtures" / "tfds"
 G = 8  # global batch
@@ -28,8 +32,8 @@ def small(data_dir, tmp_path_factory):
   """Piccolo example (meta list, retrieval repeated twice) + the TFDS fixture."""
   meta = tmp_path_factory.mktemp("meta") / "piccolo-ft.txt"
   meta.write_text("cls.dataset 1\nretri.dataset 2\nsts.dataset 1\n")
-  return data.DataConfig(
-      datasets=({"kind": "meta", "path": str(meta), "root": str(data_dir / "piccolo_example")},
+  return config.section(
+      "data", datasets=({"kind": "meta", "path": str(meta), "root": str(data_dir / "piccolo_example")},
                 {"kind": "tfds", "name": "retrieval_zh_tiny", "data_dir": str(TFDS_DIR)}),
       global_batch_size=G, neg_num=2, seed=3)
 
@@ -42,7 +46,7 @@ def small_tables(small, tok):
 @pytest.fixture(scope="module")
 def big(data_dir):
   """The shared jsonl/tsv data."""
-  return data.DataConfig(datasets=(
+  return config.section("data", datasets=(
       {"kind": "jsonl", "path": str(data_dir / "retrieval-zh/triplets.train.jsonl")},
       {"kind": "tsv", "path": str(data_dir / "sts-b-en/sts-b-en.train.tsv")},
       {"kind": "tsv", "path": str(data_dir / "sts-b-zh/sts-b-zh.train.tsv"), "repeat": 2}),
@@ -59,9 +63,20 @@ FIELDS = {"retrieval": {"query", "pos", "neg"}, "sts": {"text_a", "text_b"},
 
 
 def _take(it, n):
-  out = [next(it) for _ in range(n)]
+  """n batches, arrays and meta merged into one dict each."""
+  out = [a | m for a, m in (next(it) for _ in range(n))]
   it.close()
   return out
+
+
+def _take_one(it):
+  arrays, meta = next(it)
+  return arrays | meta
+
+
+def _batch(batcher, step):
+  arrays, meta = batcher(step)
+  return arrays | meta
 
 
 def _same(a, b):
@@ -71,6 +86,7 @@ def _same(a, b):
 
 
 def test_sources_read_every_format(small_tables, big_tables, data_dir):
+  small_tables, big_tables = [x.table for x in small_tables], [x.table for x in big_tables]
   got = {t.name: (t.task, len(t)) for t in small_tables + big_tables}
   assert got == {
       "cls.dataset": ("cls", 51), "retri.dataset": ("retrieval", 51),
@@ -97,7 +113,7 @@ def test_epoch_counts_homogeneity_and_fields(small, small_tables, tok):
   decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
   own = {t.name: (t, {decode(tok(q, truncation=True, max_length=512)["input_ids"])
                       for q in t.queries})
-         for t in small_tables}
+         for t in (x.table for x in small_tables)}
   counts = collections.Counter()
   for step, b in enumerate(_take(data.make_iterator(small, tok, tables=small_tables), 2 * n)):
     t, queries = own[b["dataset"]]
@@ -108,17 +124,17 @@ def test_epoch_counts_homogeneity_and_fields(small, small_tables, tok):
     counts[step // n, b["dataset"]] += 1
   for epoch in (0, 1):
     assert {k: v for (e, k), v in counts.items() if e == epoch} == {
-        t.name: t.repeat * (len(t) // G) for t in small_tables}
+        x.table.name: x.table.repeat * (len(x.table) // G) for x in small_tables}
 
 
 def test_epochs_reshuffle_rows_once_per_copy(small, small_tables, tok):
   batcher = data.Batcher(small, tok, small_tables)
   (ds0, rows0), (ds1, _) = batcher.plan(0), batcher.plan(1)
   assert not np.array_equal(ds0, ds1)
-  for d, t in enumerate(small_tables):
+  for d, x in enumerate(small_tables):
     batches = rows0[ds0 == d]
     assert all(len(set(r)) == G for r in batches)
-    assert max(collections.Counter(batches.ravel()).values()) <= t.repeat
+    assert max(collections.Counter(batches.ravel()).values()) <= x.table.repeat
 
 
 def test_same_seed_same_batches(big, big_tables, tok):
@@ -126,7 +142,7 @@ def test_same_seed_same_batches(big, big_tables, tok):
   b = _take(data.make_iterator(big, tok, tables=big_tables), 6)
   for x, y in zip(a, b):
     _same(x, y)
-  other = data.DataConfig(**{**big.__dict__, "seed": 1})
+  other = config.replace(big, seed=1)
   c = _take(data.make_iterator(other, tok, tables=big_tables), 6)
   assert [x["dataset"] for x in a] != [x["dataset"] for x in c] or any(
       not np.array_equal(x[k], y[k]) for x, y in zip(a, c) for k in x if k.endswith("_ids"))
@@ -137,12 +153,12 @@ def test_two_processes_concatenate_to_global_batch(big, big_tables, small, small
     whole, p0, p1 = (data.Batcher(cfg, tok, tables, i, n) for i, n in ((0, 1), (0, 2), (1, 2)))
     tasks = set()
     for step in range(0, 60, 3):
-      g, a, b = whole(step), p0(step), p1(step)
-      tasks.add(g["task"])
-      assert a["bucket"] == b["bucket"] == g["bucket"]
+      (g, gm), (a, am), (b, bm) = whole(step), p0(step), p1(step)
+      tasks.add(gm["task"])
+      assert am["bucket"] == bm["bucket"] == gm["bucket"]
+      assert g.keys() == a.keys() == b.keys()
       for k, v in g.items():
-        if isinstance(v, np.ndarray):
-          np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), v, err_msg=k)
+        np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), v, err_msg=k)
     assert len(tasks) >= 2
 
 
@@ -161,51 +177,52 @@ def test_restore_from_state_continues_exactly(small, small_tables, tok):
 
 
 def test_restore_with_worker_processes(big, big_tables, tok):
-  cfg = data.DataConfig(**{**big.__dict__, "worker_count": 1})
+  cfg = config.replace(big, worker_count=1)
   ref = _take(data.make_iterator(big, tok, tables=big_tables), 8)
   it = data.make_iterator(cfg, tok, tables=big_tables)
   for x in ref[:4]:
-    _same(x, next(it))
+    _same(x, _take_one(it))
   state = it.get_state()
   it.close()
   it = data.make_iterator(cfg, tok, tables=big_tables)
   it.set_state(state)
   for x in ref[4:]:
-    _same(x, next(it))
+    _same(x, _take_one(it))
   it.close()
 
 
 def test_sampling_prefixes_and_lengths(big, big_tables, tok):
   batcher = data.Batcher(big, tok, big_tables)
-  t = big_tables[0]
+  x = big_tables[0]
+  t = x.table
   step = next(s for s in range(100) if batcher.select(s)[0] == 0)
   _, sel = batcher.select(step)
   for i, row in enumerate(sel["query"]):
     assert t.passages[sel["pos"][i]] in t[row]["pos"]
     assert t.passages[sel["neg"][i, 0]] in t[row]["neg"]
-  b = batcher(step)
+  b = _batch(batcher, step)
   width = {f: n for f, _, _, n in batcher.fields("retrieval", b["bucket"])}
   assert width["query"] == 64 and width["pos"] == width["neg"] <= b["bucket"]
   assert {f: b[f + "_ids"].shape for f in width} == {f: (32, n) for f, n in width.items()}
-  assert (b["query_mask"].sum(1) == t.q_len[sel["query"]]).all()  # the length index is exact
-  assert (b["neg_mask"].sum(1) == t.p_len[sel["neg"][:, 0]]).all()
+  assert (b["query_mask"].sum(1) == x.q_len[sel["query"]]).all()  # the length index is exact
+  assert (b["neg_mask"].sum(1) == x.p_len[sel["neg"][:, 0]]).all()
   prefix = tok("passage: ", add_special_tokens=False)["input_ids"]
   assert list(b["pos_ids"][0, 1:1 + len(prefix)]) == prefix
   assert b["pad_frac"] == pytest.approx(1 - sum(b[k].sum() for k in b if k.endswith("_mask"))
                                         / sum(b[k].size for k in b if k.endswith("_mask")))
   shapes = collections.defaultdict(set)
   for s in range(0, 400, 4):
-    x = batcher(s)
-    shapes[x["task"]].add(tuple(x[k].shape for k in sorted(x) if k.endswith("_ids")))
+    arrays, meta = batcher(s)
+    shapes[meta["task"]].add(tuple(arrays[k].shape for k in sorted(arrays) if k.endswith("_ids")))
   assert all(len(v) <= len(big.buckets) for v in shapes.values())
 
 
 def test_negatives_fixed_k_and_cls_padding(small, small_tables, tok):
-  cfg = data.DataConfig(**{**small.__dict__, "neg_num": 3, "cls_neg_num": 130})
+  cfg = config.replace(small, neg_num=3, cls_neg_num=130)
   batcher = data.Batcher(cfg, tok, small_tables)
   for step in range(batcher.steps_per_epoch):
-    b, (d, sel) = batcher(step), batcher.select(step)
-    t = small_tables[d]
+    b, (d, sel) = _batch(batcher, step), batcher.select(step)
+    t = small_tables[d].table
     if t.task == "retrieval":
       assert b["neg_ids"].shape[0] == 3 * G
     if t.name == "retri.dataset":  # 1 negative per row: cycled to K=3
@@ -222,15 +239,14 @@ def test_negatives_fixed_k_and_cls_padding(small, small_tables, tok):
   assert d0 != d1 or not np.array_equal(s0["query"], s1["query"])
 
 
-def test_to_global(big, big_tables, tok):
-  mesh = jax.make_mesh((8,), ("data",))
-  b = data.Batcher(big, tok, big_tables)(0)
-  g = data.to_global(b, mesh)
-  assert g["task"] == b["task"] and isinstance(g["pad_frac"], float)
+def test_put_batch(big, big_tables, tok):
+  mesh = sharding.make_mesh(2)
+  b, _ = data.Batcher(big, tok, big_tables)(0)
+  g = sharding.put_batch(b, mesh)
+  assert g.keys() == b.keys()
   for k, v in b.items():
-    if isinstance(v, np.ndarray):
-      assert g[k].shape == v.shape and len(g[k].sharding.device_set) == 8
-      np.testing.assert_array_equal(np.asarray(g[k]), v)
+    assert g[k].shape == v.shape and len(g[k].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(g[k]), v)
 
 
 def test_jsonl_pairs_and_label_triplets(tmp_path, tok):
@@ -240,14 +256,14 @@ def test_jsonl_pairs_and_label_triplets(tmp_path, tok):
   pairs = tmp_path / "pairs.jsonl"
   pairs.write_text("".join(json.dumps({"sentence1": f"x{i}", "sentence2": f"y{i}",
                                        "label": i % 2}) + "\n" for i in range(8)))
-  cfg = ml_collections.ConfigDict({"datasets": [{"kind": "jsonl", "path": str(cls)},
-                                                {"kind": "jsonl", "path": str(pairs)}],
-                                   "global_batch_size": 4})
-  t_cls, t_pairs = data.load_tables(cfg, tok)
+  cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(cls)},
+                                         {"kind": "jsonl", "path": str(pairs)}), global_batch_size=4)
+  x_cls, x_pairs = data.load_tables(cfg, tok)
+  t_cls, t_pairs = x_cls.table, x_pairs.table
   assert (t_cls.task, t_pairs.task) == ("cls", "sts")
   assert t_cls[4] == {"query": "t4", "pos": ["b"], "neg": ["a", "c"], "label": 0.0}
   assert t_pairs[3]["label"] == 1.0
-  b = data.Batcher(cfg, tok, [t_cls])(0)
+  b, _ = data.Batcher(cfg, tok, [x_cls])(0)
   assert b["neg_valid"].shape == (4, 10) and b["neg_valid"].sum() == 8
   assert len(sources.load_table({"kind": "jsonl", "path": str(cls), "limit": 5})) == 5
 
@@ -274,7 +290,8 @@ STS = {"text": "a", "text_pair": "b", "label": "high", "type": "cosent"}
      "bad.dataset: row 3: field 'type': unknown task type 'contrast'"),
     ([RETRI] * 3 + [{**RETRI, "type": "cosent"}],
      "bad.dataset: row 3: field 'type': 'cosent' differs"),
-    ([STS], "bad.dataset: row 0: field 'label': label is not a number: 'high'"),
+    ([STS], "bad.dataset: row 0: field 'label': expected a finite number, got 'high'"),
+    ([{**STS, "label": float("nan")}], "bad.dataset: row 0: field 'label': expected a finite number, got nan"),
 ])
 def test_bad_piccolo_rows(tmp_path, rows, match):
   with pytest.raises(data.DataError, match=match):
@@ -295,8 +312,10 @@ def test_bad_input_errors(tmp_path, tok):
   pair = {"sentence1": "a", "sentence2": "b", "score": 1}
   with pytest.raises(data.DataError, match=r"p\.jsonl: line 2: missing field 'score'"):
     table("p.jsonl", [pair, {"sentence1": "a", "sentence2": "b"}])
-  with pytest.raises(data.DataError, match="line 2: field 'score': label is not a number: 'x'"):
+  with pytest.raises(data.DataError, match="line 2: field 'score': expected a finite number, got 'x'"):
     table("q.jsonl", [pair, {**pair, "score": "x"}])
+  with pytest.raises(data.DataError, match="line 2: field 'score': expected a finite number, got 'inf'"):
+    table("i.tsv", [b"a\tb\t1\n", b"c\td\tinf\n"])
   with pytest.raises(data.DataError, match=r"r\.tsv: line 3: field 'score': .*'high'"):
     table("r.tsv", [b"a\tb\t1\n", b"c\td\t2\n", b"e\tf\thigh\n"])
   with pytest.raises(data.DataError, match=r"u\.jsonl: line 2: not valid UTF-8"):
@@ -314,12 +333,37 @@ def test_skipped_rows_counted_strict_and_too_small(tmp_path, tok, caplog):
              {"query": "q", "pos": ["\t"], "neg": ["n"]}, {"query": "q", "pos": None, "neg": ["n"]},
              {"query": "q", "pos": "p", "neg": []}])
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  cfg = data.DataConfig(datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=8)
+  cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=8)
   with caplog.at_level("INFO", logger="piccolo_jax.data"):
-    (t,) = data.load_tables(cfg, tok)
+    (x,) = data.load_tables(cfg, tok)
+  t = x.table
   assert len(t) == 8 and t.skipped == {"empty text": 1, "no positive": 3, "no negative": 1}
   assert "s.jsonl: skipped rows {'empty text': 1, 'no positive': 3" in caplog.text
   with pytest.raises(data.DataError, match=r"s\.jsonl: line 9: field 'query': empty text"):
-    data.load_tables(data.DataConfig(**{**cfg.__dict__, "strict": True}), tok)
+    data.load_tables(config.replace(cfg, strict=True), tok)
   with pytest.raises(data.DataError, match="8 usable rows, fewer than one global batch of 16"):
-    data.load_tables(data.DataConfig(**{**cfg.__dict__, "global_batch_size": 16}), tok)
+    data.load_tables(config.replace(cfg, global_batch_size=16), tok)
+
+
+def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
+  """A question/answer task with in-batch negatives only: one Task, read, batched and scored."""
+  qa = tasks.Task("qa", aliases=("question_answer",), layouts=({"query": "question", "pos": "answer"},),
+                  fields=(tasks.Field("query", "query", "query_max_len"),
+                          tasks.Field("pos", "pos", "passage_max_len")),
+                  loss=losses.retrieval_infonce, loss_args=lambda e, b: ((e["query"], e["pos"]), {}))
+  monkeypatch.setitem(tasks.TASKS, "qa", qa)
+  monkeypatch.setitem(tasks.ALIASES, "question_answer", "qa")
+  path = tmp_path / "qa.jsonl"
+  path.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) + "\n" for i in range(8)))
+  cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=4)
+  loss_cfg = config.section("loss", mrl_dims=(8, 16), qa=dict(temperature=0.05))
+  (x,) = data.load_tables(cfg, tok)
+  assert x.table.task == "qa" and x.table[3] == {"query": "q3?", "pos": ["a3"], "neg": [], "label": 0.0}
+  arrays, meta = data.Batcher(cfg, tok, [x])(0)
+  assert set(arrays) == {"query_ids", "query_mask", "pos_ids", "pos_mask"} and meta["task"] == "qa"
+  emb = {f: np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32) for f in ("query", "pos")}
+  loss, per_dim = step.task_loss("qa", emb, arrays, loss_cfg)
+  want = np.mean([losses.retrieval_infonce(emb["query"][:, :d], emb["pos"][:, :d], temperature=0.05)
+                  for d in (8, 16)])
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert per_dim.shape == (2,)

@@ -10,9 +10,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import tiny_config
-from configs import common
-from piccolo_jax import data as data_lib
+from piccolo_jax import config
 from piccolo_jax import gradcache, losses, sharding, train
+from piccolo_jax import step as step_lib
 from piccolo_jax import model as model_lib
 from piccolo_jax import state as state_lib
 
@@ -26,7 +26,7 @@ def _cfg(dropout=0.0):
 
 
 def _loss_cfg():
-  c = common.base().loss
+  c = config.base().loss
   c.mrl_dims = (16, 32)
   return c
 
@@ -68,15 +68,15 @@ def _split_model(cfg):
 def test_cached_step_equals_plain_step(task):
   assert jax.device_count() == 8
   mesh = sharding.make_mesh(fsdp=2)
-  cfg, optim = _cfg(), common.base().optim
+  cfg, optim = _cfg(), config.base().optim
   optim.update(lr=1e-3, warmup_steps=0)
   params = state_lib.random_params(cfg, 0)
   tx, _ = state_lib.make_optimizer(optim, params, 10)
-  batch = data_lib.to_global(_batch(task, np.random.default_rng(1)), mesh, sharding.BATCH_AXES)
+  batch = sharding.put_batch(_batch(task, np.random.default_rng(1)), mesh)
   out, hlo = {}, {}
   for chunk in (0, CHUNK):
     st, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0)
-    compiled = train.make_train_step(graphdef, tx, _loss_cfg(), 0, chunk).lower(st, batch, rngs, task=task).compile()
+    compiled = step_lib.make_train_step(graphdef, tx, _loss_cfg(), 0, chunk).lower(st, batch, rngs, task=task).compile()
     out[chunk], hlo[chunk] = compiled(st, batch, rngs), compiled.as_text()
   (new, m), (new_c, m_c) = out[0], out[CHUNK]
   assert m["ok"] and m_c["ok"] and int(new_c["step"]) == 1

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from piccolo_jax import checkpoint
+from piccolo_jax import modeldir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 OVERRIDES = ["--config.train.epochs=1", "--config.data.buckets=(64,)", "--config.checkpoint.every=2",
@@ -33,7 +33,7 @@ def _losses(workdir):
 
 
 def _params(workdir):
-  return checkpoint.load_params(workdir / "model", checkpoint.load_config(workdir / "model"))
+  return modeldir.load_params(workdir / "model", modeldir.load_config(workdir / "model"))
 
 
 def test_two_processes_train_like_one_and_resume_in_one(tmp_path):

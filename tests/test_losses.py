@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from piccolo_jax import config
 from piccolo_jax import losses as L
+from piccolo_jax import tasks
 
 EPS = 1e-8
 
@@ -394,9 +396,9 @@ def test_matryoshka_is_mean_over_prefixes():
 def test_matryoshka_defaults_and_validation():
   rng = np.random.default_rng(15)
   q, p = rand(rng, 2, 1792), rand(rng, 2, 1792)
-  assert L.MRL_DIMS == (256, 512, 768, 1024, 1280, 1536, 1792)
+  assert config.MRL_DIMS == (256, 512, 768, 1024, 1280, 1536, 1792)
   got = L.matryoshka(L.retrieval_infonce)(q, p)
-  want = np.mean([ref_retrieval(q[:, :d], p[:, :d]) for d in L.MRL_DIMS])
+  want = np.mean([ref_retrieval(q[:, :d], p[:, :d]) for d in config.MRL_DIMS])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="dim 1280 exceeds the embedding size "
                      "1024"):
@@ -484,5 +486,5 @@ def test_normalize_and_task_table():
   x = np.array([[3.0, 4.0], [0.0, 0.0]])
   np.testing.assert_allclose(L.normalize(x), [[0.6, 0.8], [0.0, 0.0]],
                              rtol=1e-6)
-  assert L.TASK_LOSSES == {"retrieval": L.retrieval_infonce, "sts": L.cosent,
-                           "cls": L.cls_contrast}
+  assert {n: t.loss for n, t in tasks.TASKS.items()} == {
+      "retrieval": L.retrieval_infonce, "sts": L.cosent, "cls": L.cls_contrast}

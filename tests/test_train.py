@@ -1,4 +1,5 @@
 """Training on 8 fake devices: learning, compile counts, frozen params, resume, NaN stop, configs."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 import tiny_config
-from piccolo_jax import checkpoint, sharding, state, train
+from piccolo_jax.configs import finetune
+from piccolo_jax import model as model_lib
+from piccolo_jax import modeldir, sharding, state, step as step_lib, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,13 +28,13 @@ def _metrics(workdir):
 def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch):
   assert jax.device_count() == 8
   steps = []
-  make = train.make_train_step
+  make = step_lib.make_train_step
 
   def spy(*args):
     steps.append(make(*args))
     return steps[-1]
 
-  monkeypatch.setattr(train, "make_train_step", spy)
+  monkeypatch.setattr(step_lib, "make_train_step", spy)
   c = tiny_config.get_config()
   c.model.dropout, c.optim.lr, c.train.epochs = 0.0, 5e-3, 8
   c.eval.update(tasks=(f"sts:{tiny_config.DATA}/sts-b-en/sts-b-en.dev.tsv",), every=24, dims=(16, 32),
@@ -54,8 +57,8 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   assert steps[0]._cache_size() <= 3 * len(c.data.buckets)
   # Frozen position embeddings are bit-identical; word embeddings moved.
   init = state.random_params(state.init_params(c)[0], c.seed)
-  cfg = checkpoint.load_config(tmp_path / "model")
-  final = checkpoint.load_params(tmp_path / "model", cfg)
+  cfg = modeldir.load_config(tmp_path / "model")
+  final = modeldir.load_params(tmp_path / "model", cfg)
   np.testing.assert_array_equal(final["embeddings"]["position"]["embedding"],
                                 init["embeddings"]["position"]["embedding"])
   assert np.abs(final["embeddings"]["word"]["embedding"] - init["embeddings"]["word"]["embedding"]).max() > 1e-4
@@ -107,7 +110,7 @@ def test_killed_run_resumes_bit_identical(straight_run, tmp_path, sig):
   resumed = _run_cli(tmp_path, cache)
   out = resumed.communicate()[0]
   assert resumed.returncode == 0 and "resuming at step" in out, out
-  load = lambda d: checkpoint.load_params(d / "model", checkpoint.load_config(d / "model"))
+  load = lambda d: modeldir.load_params(d / "model", modeldir.load_config(d / "model"))
   jax.tree.map(np.testing.assert_array_equal, load(straight_run / "straight"), load(tmp_path))
   second = {m["step"]: m for m in _metrics(tmp_path) if "task" in m}
   for m in _metrics(straight_run / "straight"):  # Same batches, same losses at every step.
@@ -149,10 +152,31 @@ def test_config_by_name_and_overrides():
       f"--config={REPO / 'configs/demo.py'}", "--config.optim.lr=2e-5"]
   with pytest.raises(SystemExit, match="no config 'nope'"):
     train.resolve_config_path("nope")
-  from configs import finetune
   c = finetune.get_config()
   assert c.model.dense_out == 1792 and c.loss.mrl_dims[-1] == 1792 and c.model.dtype == "bfloat16"
   assert c.optim.lr == 1e-5 and c.train.epochs == 3 and "embeddings/position" in c.optim.freeze
+
+
+def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # No ./configs here: the installed piccolo_jax.configs serve.
+  assert train.resolve_config_path("finetune") == str(REPO / "configs" / "finetune.py")
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "finetune.py").write_text("")  # A user's own configs/ comes first.
+  assert train.resolve_config_path("finetune") == str(tmp_path / "configs" / "finetune.py")
+  (tmp_path / "configs" / "finetune.py").unlink()
+  spec = importlib.util.spec_from_file_location("stsb", train.resolve_config_path("stsb"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # As config_flags loads it: by path, outside the repository.
+  assert module.get_config().loss.sts.weight == 1.0
+
+
+def test_best_tracker(tmp_path):
+  best = train.Best(tmp_path, "sts/spearman@384", model_lib.Config(), "")
+  assert best.improved(100, {"sts/spearman@384": 80.0})
+  assert not best.improved(200, {"sts/spearman@384": 79.0})
+  assert best.improved(300, {"sts/spearman@384": 81.0}) and (best.step, best.value) == (300, 81.0)
+  with pytest.raises(KeyError, match="not among the eval metrics"):
+    best.improved(400, {"other@1": 1.0})
 
 
 def test_position_extension():

@@ -1,14 +1,14 @@
 """A 2-layer, 32-wide random BERT on small slices of the bundled data, all three tasks."""
 import pathlib
 
-from configs import common
+from piccolo_jax import config
 from piccolo_jax import state
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 
 
 def get_config():
-  c = common.base()
+  c = config.base()
   c.model.init = ""
   c.model.tokenizer = state.resolve_init("minilm")
   c.model.arch = dict(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)

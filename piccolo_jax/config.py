@@ -1,0 +1,76 @@
+"""The training config schema: every field, its default and its meaning, in one place.
+
+A config file (configs/NAME.py, or any path) defines `get_config()` that edits `base()`;
+`--config.SECTION.FIELD=VALUE` overrides a field from the command line. Sections are
+ConfigDicts read by attribute (`c.data.global_batch_size`); modules take their section.
+"""
+import ml_collections
+
+MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)  # stella-v3.5's Matryoshka dims.
+BUCKETS = (32, 64, 128, 256, 512)  # Padded text lengths: one compiled program per (task, bucket).
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Initialisation, dropout and data order (data.seed follows it).
+  c.model = dict(
+      init="",  # sentence-transformers/HF BERT dir, piccolo_jax model dir or "minilm" ("" = random init).
+      tokenizer="",  # tokenizer dir for random init (default: the init dir).
+      arch=ml_collections.ConfigDict(dict(  # Random init only.
+          vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)),
+      dtype="float32",  # Compute dtype; parameters and optimizer state stay float32.
+      remat=False,
+      dropout=-1.0,  # -1 keeps the checkpoint's; 0 turns dropout off.
+      dense_out=0,  # Scaling layer output dim; 0 keeps the checkpoint's (new ones start random).
+      max_position=0,  # > checkpoint's 512 extends position embeddings.
+      position_extension="tile",  # tile | hierarchical
+  )
+  c.data = dict(
+      # Mappings with `kind` (piccolo|meta|jsonl|tsv|tfds), `path` (tfds: `name`, `data_dir`,
+      # `split`), optional `task`, `repeat`, `limit` (first n usable rows), `name`,
+      # `query_prefix`, `passage_prefix`; meta: `path` of a `name repeat` list and its `root`.
+      datasets=(),
+      global_batch_size=32,
+      neg_num=1,  # Retrieval hard negatives per query (cycled when a row has fewer).
+      cls_neg_num=10,  # Cls label negatives per query (padded and masked when fewer).
+      query_prefix="", passage_prefix="",  # Retrieval and STS only; per-dataset entries override.
+      query_max_len=64, passage_max_len=512, cls_query_max_len=512,  # Token caps per field.
+      sts_max_len=64, sts_pair_max_len=512,  # STS first / second text, as the original.
+      buckets=BUCKETS,
+      strict=False,  # True: empty texts and rows without a positive are errors, not counted skips.
+      worker_count=0,  # grain worker processes (0: none).
+      worker_threads=2,  # grain read threads per process.
+      prefetch=4,
+      seed=c.get_ref("seed"))
+  c.loss = dict(
+      mrl_dims=MRL_DIMS, mrl_weights=None,  # None: the plain mean over dims, as the original.
+      retrieval=dict(temperature=0.01, weight=1.0),
+      sts=dict(temperature=0.05, weight=0.04),
+      cls=dict(temperature=0.05, weight=0.2))
+  c.optim = dict(
+      lr=1e-5, warmup_ratio=0.0, warmup_steps=-1,  # warmup_steps >= 0 overrides the ratio.
+      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      clip_norm=1.0,  # Global-norm clip; 0 turns it off.
+      grad_accum=1,
+      freeze=("embeddings/position",))  # Regexps on parameter paths.
+  c.train = dict(epochs=3, max_steps=0, log_every=10,
+                 chunk_size=0)  # chunk_size > 0: gradient caching, chunk_size texts at a time.
+  c.mesh = dict(fsdp=1)  # Devices that shard parameters and optimizer state (ZeRO-style).
+  c.checkpoint = dict(every=1000, keep=3, dir="")  # dir: default WORKDIR/checkpoints; may be gs://
+  c.eval = dict(tasks=(), every=0, dims=(), batch_size=64, best_metric="")
+  c.export = dict(truncate_dim=0)
+  return c
+
+
+def section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """base()'s section `name`, references resolved, with fields replaced (tests, benchmarks)."""
+  c = base()[name].copy_and_resolve_references()
+  c.update(overrides)
+  return c
+
+
+def replace(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """A copy of c with fields replaced."""
+  c = c.copy_and_resolve_references()
+  c.update(overrides)
+  return c

@@ -1,0 +1,65 @@
+"""The jitted train step: embed a task-homogeneous global batch, take its task's loss, update."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from piccolo_jax import gradcache
+from piccolo_jax import losses
+from piccolo_jax import tasks as tasks_lib
+
+
+def dropout_key(seed, step):
+  """The dropout key of a training step: a function of (seed, step) only, so resumes replay it."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def task_loss(task, emb, batch, loss_cfg):
+  """(total loss, per-MRL-dim losses) of one task-homogeneous global batch."""
+  t = tasks_lib.TASKS[task]
+  mrl = losses.matryoshka(t.loss, dims=tuple(loss_cfg.mrl_dims), weights=loss_cfg.mrl_weights,
+                          return_per_dim=True)
+  args, kwargs = t.loss_args(emb, batch)
+  return mrl(*args, **kwargs, **dict(loss_cfg[task]))
+
+
+def text_fields(batch) -> list[str]:
+  return sorted(k.removesuffix("_ids") for k in batch if k.endswith("_ids"))
+
+
+def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
+  """The jitted step (state, batch, rngs, task) -> (state, metrics); non-finite updates are skipped.
+
+  Dropout keys depend only on (seed, step), so a resumed run replays the same masks. chunk_size > 0
+  gets the same gradient by gradient caching (piccolo_jax.gradcache), chunk_size texts at a time.
+  """
+
+  def train_step(state, batch, rngs, task):
+    key = dropout_key(seed, state["step"])
+    loss_of = functools.partial(task_loss, task, batch=batch, loss_cfg=loss_cfg)
+    if chunk_size:
+      texts = {f: (batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
+      grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs), loss_of, chunk_size)
+      (loss, per_dim), grads = grad_fn(state["params"], texts, key)
+    else:
+      def loss_fn(params):
+        model = nnx.merge(graphdef, params, rngs)
+        nnx.reseed(model, default=key)
+        return loss_of({f: model(batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)})
+      (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(_):
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      return {"params": optax.apply_updates(state["params"], updates), "opt": opt}
+
+    # A cond, not a select over every parameter and moment: XLA:CPU ran that as extra passes over the
+    # whole state (BENCHMARKS.md, stella shape).
+    new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
+    new["step"] = state["step"] + ok.astype(state["step"].dtype)
+    return new, {"loss": loss, "loss_per_dim": per_dim, "grad_norm": grad_norm, "ok": ok}
+
+  return jax.jit(train_step, static_argnames="task", donate_argnums=0)

@@ -1,0 +1,81 @@
+"""The task registry: everything task-specific about reading, batching and the loss, one entry each.
+
+Adding a task is one `Task(...)` in TASKS plus its loss in `losses`:
+- `layouts`: column layouts it reads (canonical slot -> column); the best-matching one is used.
+  Slots: `query` (first text), `pos` (str or list), `neg` (list), `label` (STS score as a number,
+  or for cls the class name, which becomes the positive with the other classes as negatives).
+- `fields`: the batch's text fields, each from a slot, with the data-config key of its token cap.
+  A `neg` field holds K texts per row (rows i*K .. i*K+K-1 belong to row i).
+- `neg_num`: the data-config key of K; `neg_fill` how a row with fewer candidates fills its K:
+  `cycle` repeats them (rows without any are skipped) or `pad` pads with "" masked by `neg_valid`.
+- `extras`: non-text batch arrays (`label` float32 [B], `neg_valid` bool [B, K]).
+- `loss` and `loss_args(emb, batch)` -> (positional embeddings/labels, keyword arrays).
+"""
+import dataclasses
+from typing import Callable
+
+from piccolo_jax import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  name: str  # batch field: {name}_ids / {name}_mask
+  slot: str  # query | pos | neg
+  cap: str  # data config key of its max length
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  aliases: tuple
+  layouts: tuple
+  fields: tuple
+  loss: Callable
+  loss_args: Callable
+  neg_num: str = ""
+  neg_fill: str = "cycle"
+  extras: tuple = ()
+  label: str = ""  # "score": the label slot is a number; "class": a class name (see above)
+  pos_list: bool = True  # the pos slot may hold a list of positives (else exactly one string)
+  prefixes: bool = True  # query_prefix / passage_prefix apply (the original puts none on cls texts)
+
+
+PICCOLO_TRIPLET = {"query": "text", "pos": "text_pos", "neg": "text_neg"}
+
+TASKS = {t.name: t for t in (
+    Task("retrieval", aliases=("retri_contrast",),
+         layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
+         fields=(Field("query", "query", "query_max_len"), Field("pos", "pos", "passage_max_len"),
+                 Field("neg", "neg", "passage_max_len")),
+         neg_num="neg_num", neg_fill="cycle",
+         loss=losses.retrieval_infonce,
+         loss_args=lambda e, b: ((e["query"], e["pos"], e.get("neg")), {})),
+    Task("sts", aliases=("cosent",),
+         layouts=({"query": "text", "pos": "text_pair", "label": "label"},
+                  {"query": "sentence1", "pos": "sentence2", "label": "label"},
+                  {"query": "sentence1", "pos": "sentence2", "label": "score"}),
+         fields=(Field("text_a", "query", "sts_max_len"), Field("text_b", "pos", "sts_pair_max_len")),
+         extras=("label",), label="score", pos_list=False,
+         loss=losses.cosent,
+         loss_args=lambda e, b: ((e["text_a"], e["text_b"], b["label"]), {})),
+    Task("cls", aliases=("cls_contrast",),
+         layouts=(PICCOLO_TRIPLET, {"query": "text", "label": "label"}),
+         fields=(Field("query", "query", "cls_query_max_len"), Field("pos", "pos", "passage_max_len"),
+                 Field("neg", "neg", "passage_max_len")),
+         neg_num="cls_neg_num", neg_fill="pad", extras=("neg_valid",), label="class",
+         prefixes=False,
+         loss=losses.cls_contrast,
+         loss_args=lambda e, b: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]})),
+)}
+ALIASES = {a: t.name for t in TASKS.values() for a in (t.name, *t.aliases)}
+
+
+def negatives(task: Task, data_cfg) -> int:
+  """K: negatives per row under the data config (0: the task has no `neg` field)."""
+  return int(data_cfg[task.neg_num]) if task.neg_num else 0
+
+
+def fields(task: Task, data_cfg) -> list[tuple[Field, int]]:
+  """[(field, token cap)] of the task's text fields under the data config (capped at the largest bucket)."""
+  k = negatives(task, data_cfg)
+  return [(f, min(int(data_cfg[f.cap]), max(data_cfg.buckets))) for f in task.fields if f.slot != "neg" or k]
