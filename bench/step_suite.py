@@ -1,30 +1,13 @@
-"""The train-step grid: `python -m piccolo_jax.bench step` per configuration, one table for BENCHMARKS.md.
-
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/step_suite.py --group minilm \
-      [--append BENCHMARKS.md]
-
-Groups (each under ~10 minutes on a quiet 2-core CPU with --reps 3 for the large ones): minilm (the
-acceptance shapes), minilm-more (hard negatives, cls, bf16), large and large-retrieval (stella shape:
-BERT-large + Dense 1792 + MRL, fp32), large-remat, large-bf16 (bf16 + remat), gpu (the finetune
-recipe's shapes; needs a GPU). Each configuration runs in a fresh process (clean memory figures)
-that alternates JAX and PyTorch steps.
-"""
-import argparse
+"""The train-step grid: `python -m bench.step` per configuration (GROUPS), each in a fresh process, one table."""
 import datetime
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from piccolo_jax import bench  # noqa: E402
+from bench import harness
 
 MINILM = "--model minilm --batch 32 --seq 64"
 LARGE = "--model stella-shape --batch 4 --seq 64"
 GPU = "--model stella-shape --task retrieval --batch 64 --seq 64 --pseq 512 --neg 1 --dtype bfloat16"
-GROUPS = {
+GROUPS = {  # Each under ~10 minutes on a quiet 2-core CPU (--reps 3 for the large ones); gpu: the finetune recipe.
     "minilm": [f"{MINILM} --task cosent", f"{MINILM} --task retrieval --pseq 128"],
     "minilm-more": [f"{MINILM} --task retrieval --pseq 128 --neg 1",
                     "--model minilm --task cls --batch 8 --seq 64 --neg 4", f"{MINILM} --task cosent --dtype bfloat16"],
@@ -32,67 +15,46 @@ GROUPS = {
     "large-retrieval": [f"{LARGE} --task retrieval --pseq 128"],
     "large-remat": [f"{LARGE} --task retrieval --pseq 128 --remat"],
     "large-bf16": [f"{LARGE} --task retrieval --pseq 128 --dtype bfloat16 --remat"],
-    "gpu": [f"{GPU} --remat", GPU],
-}
-
-
-def fmt(x, spec=".2f"):
-  return "-" if x is None else format(x, spec)
+    "gpu": [f"{GPU} --remat", GPU]}
+HEADER = ["`bench.step` args", "JAX compile s", "JAX step s", "torch step s", "torch/JAX", "JAX tokens/s",
+          "torch tokens/s", "MFU % JAX / torch", "cores busy JAX / torch", "step s after a switch JAX / torch",
+          "XLA temp MB", "step memory MB JAX / torch", "max batch JAX / torch"]
 
 
 def row(args, o):
-  """One markdown table row from a bench step JSON line."""
-  get = lambda k: o.get(k)
-  tok = lambda k: o["tokens"] / o[k] if o.get(k) else None
-  mem = lambda k: f"{get(f'{k}_mem_peak_mb') - get(f'{k}_mem_rest_mb'):.0f}" if get(f"{k}_mem_peak_mb") else "-"
-  return [args, fmt(get("jax_compile_s"), ".0f"), fmt(get("jax_step_s"), ".3f"), fmt(get("torch_step_s"), ".3f"),
-          f"**{fmt(get('ratio'))}**", fmt(tok("jax_step_s"), ".0f"), fmt(tok("torch_step_s"), ".0f"),
-          f"{fmt(get('jax_mfu_pct'), '.0f')} / {fmt(get('torch_mfu_pct'), '.0f')}",
-          f"{fmt(get('jax_cores'))} / {fmt(get('torch_cores'))}",
-          f"{fmt(get('jax_switch_s'), '.3f')} / {fmt(get('torch_switch_s'), '.3f')}", fmt(get("jax_xla_temp_mb"), ".0f"),
-          f"{mem('jax')} / {mem('torch')}", f"{get('jax_max_batch') or '-'} / {get('torch_max_batch') or '-'}"]
-
-
-HEADER = ["`bench step` args", "JAX compile s", "JAX step s", "torch step s", "torch/JAX", "JAX tokens/s",
-          "torch tokens/s", "MFU % JAX / torch", "cores busy JAX / torch", "step s after a switch JAX / torch",
-          "XLA temp MB",
-          "step memory MB JAX / torch", "max batch JAX / torch"]
+  """One markdown table row from a bench.step JSON line."""
+  fmt = lambda k, spec=".2f": "-" if o.get(k) is None else format(o[k], spec)
+  tok = lambda k: f"{o['tokens'] / o[k]:.0f}" if o.get(k) else "-"
+  mem = lambda k: f"{o[f'{k}_mem_peak_mb'] - o[f'{k}_mem_rest_mb']:.0f}" if o.get(f"{k}_mem_peak_mb") else "-"
+  both = lambda k, spec=".2f": f"{fmt(f'jax_{k}', spec)} / {fmt(f'torch_{k}', spec)}"
+  return [args, fmt("jax_compile_s", ".0f"), fmt("jax_step_s", ".3f"), fmt("torch_step_s", ".3f"),
+          f"**{fmt('ratio')}**", tok("jax_step_s"), tok("torch_step_s"), both("mfu_pct", ".0f"), both("cores"),
+          both("switch_s", ".3f"), fmt("jax_xla_temp_mb", ".0f"), f"{mem('jax')} / {mem('torch')}",
+          f"{o.get('jax_max_batch') or '-'} / {o.get('torch_max_batch') or '-'}"]
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = harness.parser(__doc__, reps=5, append=True)
   p.add_argument("--group", choices=sorted(GROUPS), default="minilm")
-  p.add_argument("--reps", type=int, default=5, help="timed steps per framework")
   p.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest-batch estimate")
-  p.add_argument("--append", default=None, metavar="FILE")
   args = p.parse_args()
-  env = dict(os.environ, HF_HUB_OFFLINE="1")
-  rows, outs = [], []
+  step_args = f"--reps {args.reps} --memory --budget-gb {args.budget_gb}"
+  rows, outs = [HEADER], []
   for cfg in GROUPS[args.group]:
-    cmd = [sys.executable, "-m", "piccolo_jax.bench", "step", *cfg.split(), "--reps", str(args.reps), "--memory",
-           "--budget-gb", str(args.budget_gb)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    print(r.stdout, flush=True)
-    if r.returncode:
-      sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    outs.append(harness.run_json(["-m", "bench.step", *cfg.split(), *step_args.split()]))
+    if "error" in outs[-1]:
+      sys.exit(f"failed: bench.step {cfg} {step_args}\n{outs[-1]['stderr']}")
     rows.append(row(cfg, outs[-1]))
-  table = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)] + ["| " + " | ".join(r) + " |" for r in rows]
-  print("\n".join(table))
-  if args.append:
-    o = outs[0]
-    md = [f"\n### Train step, JAX vs PyTorch: group `{args.group}`\n",
-          f"{datetime.date.today()}, {o['machine']} (at the first configuration); torch "
-          f"{o.get('torch_threads')} threads, {o.get('torch_attn')} attention, fp32 unless stated. Command: "
-          f"`{bench.env_prefix()}.venv/bin/python bench/step_suite.py --group {args.group} --reps {args.reps} "
-          f"--budget-gb {args.budget_gb}` (each row: `python -m piccolo_jax.bench step ARGS --reps {args.reps} "
-          f"--memory --budget-gb {args.budget_gb}` in its own process, JAX and PyTorch steps alternating).\n"] + table
-    md.append("\nStep times are medians of the timed steps; each framework's turn first runs one untimed step, "
-              "the one right after the other framework ran (its median is the 'after a switch' column). "
-              "torch/JAX > 1 means the JAX step is faster. Load average at each row's "
-              "end: " + ", ".join(o["machine"].split("load avg ")[1].split(";")[0] for o in outs) + ".")
-    with open(args.append, "a", encoding="utf-8") as f:
-      f.write("\n".join(md) + "\n")
+  o, loads = outs[0], ", ".join(x["machine"].split("load avg ")[1].split(";")[0] for x in outs)
+  harness.emit([
+      f"\n### Train step, JAX vs PyTorch: group `{args.group}`\n",
+      f"{datetime.date.today()}, {o['machine']} (at the first configuration); torch {o.get('torch_threads')} "
+      f"threads, {o.get('torch_attn')} attention, fp32 unless stated. Command: `{harness.command()}` (each row: "
+      f"`python -m bench.step ARGS {step_args}` in its own process, JAX and PyTorch steps alternating).\n",
+      *harness.table_md(rows),
+      "\nStep times are medians of the timed steps; each framework's turn first runs one untimed step, the one "
+      "right after the other framework ran (its median is the 'after a switch' column). torch/JAX > 1 means the "
+      f"JAX step is faster. Load average at each row's end: {loads}."], args.append)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class Attention(nnx.Module):
   """Multi-head self-attention, projecting straight to and from head-major [B, H, L, E].
 
   Einsums against the [D, D] kernels viewed as [D, H, E] leave XLA fewer head transposes to copy
-  (the old [B, L, H, E] form took 1.15x the step on CPU: bench/profile_step.py). Attention-probability
+  (the old [B, L, H, E] form took 1.15x the step on CPU: python -m bench.profile_step). Attention-probability
   dropout, as HF BERT trains, is why this is written out rather than jax.nn.dot_product_attention.
   """
 
@@ -130,21 +130,23 @@ class Attention(nnx.Module):
     self.query, self.key, self.value, self.out = (_linear(cfg, D, D, rngs) for _ in range(4))
     self.attn_dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 
+  # Einsum letter k is the head dim E: renaming letters reorders XLA's dot dimensions and changes the
+  # float results (1.6e-7 in embeddings), so they stay as the measured, released ones.
   def _heads(self, lin, x_BLD):
     D, H = x_BLD.shape[-1], self.num_heads
     w_DHE = lin.kernel[...].reshape(D, H, D // H).astype(self.dtype)
-    return jnp.einsum("bld,dhe->bhle", x_BLD, w_DHE) + lin.bias[...].reshape(H, 1, D // H).astype(self.dtype)
+    return jnp.einsum("bld,dhk->bhlk", x_BLD, w_DHE) + lin.bias[...].reshape(H, 1, D // H).astype(self.dtype)
 
   def __call__(self, x_BLD, mask_BL):
     D, H = x_BLD.shape[-1], self.num_heads
     x_BLD = x_BLD.astype(self.dtype)
     q_BHLE, k_BHLE, v_BHLE = (self._heads(lin, x_BLD) for lin in (self.query, self.key, self.value))
-    logits_BHLL = jnp.einsum("bhqe,bhse->bhqs", q_BHLE * (D // H) ** -0.5, k_BHLE)
+    logits_BHLL = jnp.einsum("bhqk,bhsk->bhqs", q_BHLE * (D // H) ** -0.5, k_BHLE)
     logits_BHLL = jnp.where(mask_BL[:, None, None, :].astype(bool), logits_BHLL, jnp.finfo(self.dtype).min)
     probs_BHLL = self.attn_dropout(jax.nn.softmax(logits_BHLL.astype(jnp.float32), axis=-1))
-    o_BHLE = jnp.einsum("bhqs,bhse->bhqe", probs_BHLL.astype(self.dtype), v_BHLE)
+    o_BHLE = jnp.einsum("bhqs,bhsk->bhqk", probs_BHLL.astype(self.dtype), v_BHLE)
     w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
-    return jnp.einsum("bhle,hed->bld", o_BHLE, w_HED) + self.out.bias[...].astype(self.dtype)
+    return jnp.einsum("bhlk,hkd->bld", o_BHLE, w_HED) + self.out.bias[...].astype(self.dtype)
 
 
 class Layer(nnx.Module):

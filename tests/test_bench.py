@@ -1,19 +1,19 @@
-"""Smoke test of the benchmark CLI (python -m piccolo_jax.bench) at tiny sizes; the benchmarks are scripts."""
+"""Smoke tests of the benchmarks (python -m bench.NAME from the repository root) at tiny sizes."""
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
-from piccolo_jax import bench
-from piccolo_jax import checkpoint
+from bench import step as bench_step
+from piccolo_jax import config
 from piccolo_jax import model as model_lib
+from piccolo_jax import modeldir
 from piccolo_jax import state
-from piccolo_jax import train
+from piccolo_jax import step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = model_lib.Config(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dense_out=48)
@@ -22,14 +22,14 @@ TINY = model_lib.Config(hidden_size=32, num_layers=2, num_heads=4, intermediate_
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, minilm_path):
   out = tmp_path_factory.mktemp("bench") / "tiny"
-  checkpoint.save_model_dir(out, TINY, state.random_params(TINY, 0), minilm_path)
+  modeldir.save_model_dir(out, TINY, state.random_params(TINY, 0), minilm_path)
   return out
 
 
-def run_cli(*args) -> dict:
-  """The CLI in a fresh process on the one real CPU device (no fake devices); its last line as JSON."""
+def run_cli(module, *args) -> dict:
+  """python -m bench.MODULE in a fresh process on the one real CPU device (no fake devices); its last line as JSON."""
   env = dict(os.environ, XLA_FLAGS="", HF_HUB_OFFLINE="1")
-  r = subprocess.run([sys.executable, "-m", "piccolo_jax.bench", *args], cwd=ROOT, env=env, capture_output=True,
+  r = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
@@ -38,13 +38,14 @@ def run_cli(*args) -> dict:
 @pytest.mark.parametrize("task", ["retrieval", "sts", "cls"])
 def test_torch_losses_match_ours(task):
   import torch
-  batch = bench.synthetic_batch(task, 4, 8, 8, 2, 2000)
+  from bench import torch_ref
+  batch = bench_step.synthetic_batch(task, 4, 8, 8, 2, 2000)
   rng = np.random.default_rng(0)
-  emb = {f: rng.normal(size=(len(batch[f + "_ids"]), 48)).astype(np.float32) for f in train.text_fields(batch)}
-  loss_cfg = ml_collections.ConfigDict(dict(mrl_dims=(16, 48), mrl_weights=None, **bench.LOSS))
-  ours, _ = train.task_loss(task, emb, batch, loss_cfg)
-  theirs = bench.torch_losses(task, {f: torch.from_numpy(e) for f, e in emb.items()},
-                              {k: torch.from_numpy(v) for k, v in batch.items()}, (16, 48))
+  emb = {f: rng.normal(size=(len(batch[f + "_ids"]), 48)).astype(np.float32) for f in step.text_fields(batch)}
+  loss_cfg = config.section("loss", mrl_dims=(16, 48))
+  ours, _ = step.task_loss(task, emb, batch, loss_cfg)
+  theirs = torch_ref.torch_losses(task, {f: torch.from_numpy(e) for f, e in emb.items()},
+                                  {k: torch.from_numpy(v) for k, v in batch.items()}, loss_cfg)
   np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
 
 
@@ -64,12 +65,8 @@ def test_encode(tiny_dir):
 
 
 def test_profile_script_ablations_keep_the_math(tiny_dir):
-  """bench/profile_step.py: the variants that only rewrite the model's math give the base's loss."""
-  env = dict(os.environ, XLA_FLAGS="", HF_HUB_OFFLINE="1")
-  r = subprocess.run([sys.executable, "bench/profile_step.py", "--model", str(tiny_dir), "--task", "retrieval",
-                      "--batch", "2", "--seq", "8", "--reps", "1", "--variants", "base,gelu_erfc,heads_last,dropout32"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  loss0 = json.loads(r.stdout.strip().splitlines()[-1])["loss0"]
+  """bench.profile_step: the variants that only rewrite the model's math give the base's loss."""
+  loss0 = run_cli("profile_step", "--model", str(tiny_dir), "--task", "retrieval", "--batch", "2", "--seq", "8",
+                  "--reps", "1", "--variants", "base,gelu_erfc,heads_last,dropout32")["loss0"]
   np.testing.assert_allclose([loss0["gelu_erfc"], loss0["heads_last"]], loss0["base"], rtol=5e-5)  # f32 rounding.
   assert loss0["dropout32"] != loss0["base"]  # Other dropout bits, other masks.

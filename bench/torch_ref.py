@@ -1,0 +1,69 @@
+"""The PyTorch reference: the Piccolo2 losses in torch and the train step as the original runs it."""
+import torch
+import torch.nn.functional as F
+import transformers
+
+from piccolo_jax import config, export, losses, step as step_lib
+
+
+def torch_losses(task, emb, batch, loss_cfg):
+  """The Piccolo2 losses in torch (the math of the original's piccolo/criteria.py), averaged over MRL dims."""
+  norm = lambda x: F.normalize(x.float(), dim=-1, eps=losses.EPS)
+  c = loss_cfg[task]
+
+  def one(d):
+    e = {f: x[..., :d] for f, x in emb.items()}
+    if task == "sts":
+      s, y = (norm(e["text_a"]) * norm(e["text_b"])).sum(-1) / c.temperature, batch["label"]
+      diff = (s[:, None] - s[None, :])[y[None, :] > y[:, None]]  # s_i - s_j where label_j > label_i.
+      return c.weight * torch.logsumexp(torch.cat([diff, diff.new_zeros(1)]), 0)
+    q, p = norm(e["query"]), norm(e["pos"])
+    if task == "retrieval":  # Every query against all positives and all hard negatives.
+      logits = q @ (torch.cat([p, norm(e["neg"])]) if "neg" in e else p).T / c.temperature
+      return c.weight * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    n = norm(e["neg"]).reshape(len(q), -1, q.shape[-1])  # cls: each query against its own negatives.
+    logits = torch.cat([(q * p).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", q, n)], 1) / c.temperature
+    keep = torch.cat([torch.ones_like(batch["neg_valid"][:, :1]), batch["neg_valid"]], 1)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    return c.weight * F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+  return sum(one(d) for d in loss_cfg.mrl_dims) / len(loss_cfg.mrl_dims)
+
+
+def torch_step(cfg, params, batch, task, dims, device="cpu", amp=None, remat=False, threads=0, seed=0):
+  """(run() -> loss, info): HF BertModel + mean pooling (+ Dense) + the losses + AdamW, as the original."""
+  torch.set_num_threads(threads or torch.get_num_threads())
+  torch.manual_seed(seed)
+  enc = transformers.BertModel(transformers.BertConfig.from_dict(export.hf_config(cfg)), add_pooling_layer=False)
+  w = {k: torch.tensor(v) for k, v in export.to_weights(cfg, params).items()}
+  dense = torch.nn.Linear(cfg.hidden_size, cfg.dense_out, bias=cfg.dense_bias) if cfg.dense_out else None
+  if dense:
+    dense.load_state_dict({k.removeprefix("2_Dense.linear."): w.pop(k) for k in list(w) if k.startswith("2_Dense.")})
+  enc.load_state_dict(w, strict=True)
+  if remat:
+    enc.gradient_checkpointing_enable({"use_reentrant": False})
+  enc.embeddings.position_embeddings.weight.requires_grad = False  # Frozen, as in the original.
+  mods = torch.nn.ModuleList([enc] + ([dense] if dense else [])).to(device).train()
+  trainable, o = [p for p in mods.parameters() if p.requires_grad], config.section("optim")
+  opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+  tb, loss_cfg = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}, config.section("loss", mrl_dims=dims)
+  dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp)
+
+  def embed(f):
+    h = enc(input_ids=tb[f + "_ids"].long(), attention_mask=tb[f + "_mask"]).last_hidden_state
+    m = tb[f + "_mask"][..., None].to(h.dtype)
+    e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return (dense(e) if dense else e).float()
+
+  def run():
+    with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
+      emb = {f: embed(f) for f in step_lib.text_fields(batch)}
+    loss = torch_losses(task, emb, tb, loss_cfg)  # Outside autocast: in float32.
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, o.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()  # Waits for the step (CUDA too).
+
+  return run, {"threads": torch.get_num_threads(), "attn": enc.config._attn_implementation,
+               "state_mb": 16 * sum(p.numel() for p in trainable) / 2**20}  # f32 params, grads, 2 moments.
