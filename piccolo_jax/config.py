@@ -54,7 +54,8 @@ def base() -> ml_collections.ConfigDict:
       grad_accum=1,
       freeze=("embeddings/position",))  # Regexps on parameter paths.
   c.train = dict(epochs=3, max_steps=0, log_every=10,
-                 chunk_size=0)  # chunk_size > 0: gradient caching, chunk_size texts at a time.
+                 chunk_size=0,  # > 0: gradient caching, chunk_size texts at a time.
+                 max_nonfinite_steps=5)  # NaN/Inf steps in a row that are skipped before the run stops.
   c.mesh = dict(fsdp=1)  # Devices that shard parameters and optimizer state (ZeRO-style).
   c.checkpoint = dict(every=1000, keep=3, dir="")  # dir: default WORKDIR/checkpoints; may be gs://
   c.eval = dict(tasks=(), every=0, dims=(), batch_size=64, best_metric="")

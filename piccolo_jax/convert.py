@@ -57,7 +57,10 @@ def read_weights(directory) -> dict[str, np.ndarray]:
   """Tensors of model.safetensors (preferred) or pytorch_model.bin as float32 numpy."""
   directory = pathlib.Path(directory)
   if (directory / "model.safetensors").is_file():
-    tensors = load_file(directory / "model.safetensors")
+    try:
+      tensors = load_file(directory / "model.safetensors")
+    except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error type)
+      raise ValueError(f"{directory / 'model.safetensors'}: not a readable safetensors file ({e})") from None
   elif (directory / "pytorch_model.bin").is_file():
     try:
       import torch

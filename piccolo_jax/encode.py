@@ -113,11 +113,13 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     texts = pathlib.Path(args.input).read_text(encoding="utf-8").splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    parser.exit(2, f"error: {args.input}: {e}\n")
-  emb = Embedder.load(args.model_dir, dtype=args.dtype).encode(
-      texts, batch_size=args.batch_size, max_length=args.max_length,
-      normalize=not args.no_normalize, dim=args.dim)
+    if not texts:
+      raise ValueError(f"{args.input}: no texts (an empty file)")
+    emb = Embedder.load(args.model_dir, dtype=args.dtype).encode(
+        texts, batch_size=args.batch_size, max_length=args.max_length,
+        normalize=not args.no_normalize, dim=args.dim)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
   np.save(args.output, emb)
   print(f"wrote {args.output}: {emb.shape[0]} x {emb.shape[1]} float32")
 

@@ -16,11 +16,18 @@ class MetricLogger:
                enabled=True):
     self.enabled, self.every, self.dims = enabled, every, tuple(mrl_dims)
     self.global_batch, self.schedule = global_batch, schedule
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if enabled and path.is_file():  # A resumed run rewrites what came after its checkpoint.
+      rows = [l for l in path.read_text().splitlines(keepends=True) if json.loads(l)["step"] <= start_step]
+      path.with_suffix(".tmp").write_text("".join(rows))
+      path.with_suffix(".tmp").replace(path)
     self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=not enabled)
-    self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a") if enabled else None
-    self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb")) if enabled else None
-    self.tick, self.task_loss, self.last = time.perf_counter(), {}, {}
+    self.jsonl = open(path, "a") if enabled else None
+    # purge_step: TensorBoard drops the earlier run's events from start_step + 1 on.
+    self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1 if start_step else None) \
+        if enabled else None
+    self.tick, self.task_loss, self.last, self.skipped = time.perf_counter(), {}, {}, 0
 
   def step(self, step, task, metrics, arrays, meta) -> dict:
     """Host metrics of one finished step (blocks on its device values)."""
@@ -29,10 +36,12 @@ class MetricLogger:
     dt, self.tick = now - self.tick, now
     tokens = sum(int(v.sum()) for k, v in arrays.items() if k.endswith("_mask")) * jax.process_count()
     self.task_loss[task] = float(m["loss"])
+    self.skipped += not bool(m["ok"])
     host = {"task": task, "dataset": meta["dataset"], "bucket": meta["bucket"], "ok": bool(m["ok"]),
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
             "lr": float(self.schedule(step - 1)), "pad_frac": meta["pad_frac"],
-            "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt}
+            "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt,
+            "nonfinite_skipped": self.skipped}
     host |= {f"loss/{task}/dim{d}": float(v) for d, v in zip(self.dims, np.ravel(m["loss_per_dim"]))}
     self.last = host
     self.bar.update(1)

@@ -8,6 +8,7 @@ Which columns a task reads is its `layouts` entry in `tasks.TASKS`; a new format
 reader in READERS: entry -> (dataset name, iterator of (location, row dict)).
 """
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -185,8 +186,31 @@ def read_meta_list(entry):
   return out
 
 
+ENTRY_KEYS = {"kind", "path", "task", "repeat", "limit", "name", "query_prefix", "passage_prefix"}
+KIND_KEYS = {"tfds": {"data_dir", "split"}, "meta": {"root"}}  # beyond ENTRY_KEYS
+REQUIRED = {"tfds": ("name",), "meta": ("path", "root")}  # every other kind: path
+
+
+def check_entry(entry):
+  """Raises a DataError naming the first unknown or missing key of a dataset entry."""
+  kind, where = entry.get("kind", "piccolo"), f"dataset entry {dict(entry)}"
+  if kind not in READERS and kind != "meta":
+    raise DataError(f"{where}: unknown kind {kind!r}, expected one of {sorted([*READERS, 'meta'])}")
+  allowed = ENTRY_KEYS | KIND_KEYS.get(kind, set())
+  for key in entry:
+    if key not in allowed:
+      close = difflib.get_close_matches(key, sorted(allowed), 1)
+      raise DataError(f"{where}: unknown key {key!r}; " +
+                      (f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(allowed))}"))
+  for key in REQUIRED.get(kind, ("path",)):
+    if key not in entry:
+      raise DataError(f"{where}: missing {key!r}")
+
+
 def expand(datasets):
-  """Dataset entries with meta lists expanded into their piccolo dirs."""
+  """Checked dataset entries with meta lists expanded into their piccolo dirs."""
+  for d in datasets:
+    check_entry(d)
   return [e for d in datasets for e in (read_meta_list(d) if d.get("kind") == "meta" else [d])]
 
 

@@ -59,7 +59,7 @@ def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
     # A cond, not a select over every parameter and moment: XLA:CPU ran that as extra passes over the
     # whole state (BENCHMARKS.md, stella shape).
     new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
-    new["step"] = state["step"] + ok.astype(state["step"].dtype)
+    new["step"] = state["step"] + 1  # A skipped update still consumes its batch and step.
     return new, {"loss": loss, "loss_per_dim": per_dim, "grad_norm": grad_norm, "ok": ok}
 
   return jax.jit(train_step, static_argnames="task", donate_argnums=0)

@@ -3,6 +3,7 @@
 NAME is a file in configs/ (finetune, demo, stsb) or a path to a config file; override any
 field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
 """
+import difflib
 import importlib.util
 import json
 import math
@@ -18,15 +19,16 @@ from absl import app
 from absl import flags
 import jax
 from flax import nnx
+import ml_collections
 from ml_collections import config_flags
 
 from piccolo_jax import checkpoint
 from piccolo_jax import data as data_lib
 from piccolo_jax import encode
 from piccolo_jax import evaluate
-from piccolo_jax import export as export_lib
 from piccolo_jax import logs
 from piccolo_jax import modeldir
+from piccolo_jax import rundir
 from piccolo_jax import sharding
 from piccolo_jax import state as state_lib
 from piccolo_jax import step as step_lib
@@ -35,19 +37,23 @@ log = logging.getLogger("piccolo_jax.train")
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop checks between steps."""
 
   def __init__(self):
     self.requested = False
     signal.signal(signal.SIGTERM, self._handle)
+    signal.signal(signal.SIGINT, self._handle)
 
-  def _handle(self, *_):
-    log.warning("SIGTERM: saving a checkpoint and stopping after this step")
+  def _handle(self, signum, _):
+    log.warning("%s: saving a checkpoint and stopping after this step%s", signal.Signals(signum).name,
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
     self.requested = True
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class NonFiniteError(RuntimeError):
-  """Loss or gradient norm went NaN/Inf; the update was not applied."""
+  """Too many consecutive NaN/Inf losses or gradients; their updates were not applied."""
 
 
 def make_evaluator(ecfg, graphdef, rngs, tokenizer):
@@ -100,88 +106,89 @@ class Best:
 def train(config, workdir) -> dict:
   """Runs (or resumes) training into workdir; returns the last step's and final eval metrics."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  rundir.check_config(workdir, config)
   mesh = sharding.make_mesh(config.mesh.fsdp)
   mcfg, params, tok_dir = state_lib.init_params(config)
   tokenizer = encode.load_tokenizer(tok_dir)
   tables = data_lib.load_tables(config.data, tokenizer)
+  workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
+  rundir.write_config(workdir, config)
   total = config.train.max_steps or data_lib.steps_per_epoch(config.data, tables) * config.train.epochs
   tx, schedule = state_lib.make_optimizer(config.optim, params, total)
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
   data_it = data_lib.make_iterator(config.data, tokenizer, jax.process_index(), jax.process_count(),
                                    tables=tables)
-  mngr = checkpoint.train_manager(workdir, config.checkpoint)
-  state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
-  log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
-           jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
-  train_step = step_lib.make_train_step(graphdef, tx, config.loss, config.seed, config.train.chunk_size)
-  evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer)
-  best = Best(workdir, config.eval.best_metric, mcfg, tok_dir)
-  logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
-                             schedule, config.train.log_every, enabled=is_main)
+  with checkpoint.manager(workdir, config.checkpoint) as mngr:  # Every exit waits for the save in flight.
+    is_main = jax.process_index() == 0
+    state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
+    log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
+             jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
+    train_step = step_lib.make_train_step(graphdef, tx, config.loss, config.seed, config.train.chunk_size)
+    evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer)
+    best = Best(workdir, config.eval.best_metric, mcfg, tok_dir)
+    logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
+                               schedule, config.train.log_every, enabled=is_main)
+    if not start:  # Start-up facts: the rows each dataset dropped, by reason.
+      logger.write(0, {f"data/{x.table.name}/skipped/{why}": n for x in tables
+                       for why, n in x.table.skipped.items()}, echo=False)
+    evals = {}
 
-  evals = {}
+    def run_eval(step, params):
+      evals[step] = metrics = evaluator(params)
+      logger.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+      best.update(step, metrics, params)
+      return metrics
 
-  def run_eval(step, params):
-    evals[step] = metrics = evaluator(params)
-    logger.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    best.update(step, metrics, params)
-    return metrics
+    if not start and config.eval.tasks:
+      run_eval(0, state_lib.host_params(state["params"], mesh))
+    preempt, pending, step, bad = Preemption(), None, start, 0
 
-  if not start and config.eval.tasks:
-    run_eval(0, state_lib.host_params(state["params"], mesh))
-  preempt, pending, step = Preemption(), None, start
+    def finish(pending):  # Host side of a finished step: metrics, and the non-finite policy.
+      nonlocal bad
+      host = logger.step(*pending)
+      bad = 0 if host["ok"] else bad + 1
+      if not bad:
+        return
+      n, task = pending[:2]
+      what = (f"step {n} (task {task}, dataset {host['dataset']}): loss {host[f'loss/{task}']}, "
+              f"grad norm {host['grad_norm']}")
+      if bad <= config.train.max_nonfinite_steps:
+        log.warning("%s: update skipped (%d in a row; train.max_nonfinite_steps=%d)", what, bad,
+                    config.train.max_nonfinite_steps)
+        return
+      mngr.wait_until_finished()
+      raise NonFiniteError(f"{what}; {bad} non-finite steps in a row (train.max_nonfinite_steps="
+                           f"{config.train.max_nonfinite_steps}), none of them applied; a rerun resumes from "
+                           f"checkpoint step {mngr.latest_step() or 0}")
 
-  def finish(pending):  # Host side of a finished step: metrics, and the NaN/Inf stop.
-    host = logger.step(*pending)
-    if not host["ok"]:
-      raise NonFiniteError(f"step {pending[0]} (task {pending[1]}, dataset {host['dataset']}): "
-                           f"loss {host[f'loss/{pending[1]}']}, grad norm {host['grad_norm']}; "
-                           "the update was skipped and the last checkpoint is intact")
-
-  while step < total and not preempt.requested:
-    arrays, meta = next(data_it)
-    state, metrics = train_step(state, sharding.put_batch(arrays, mesh), rngs, meta["task"])
-    if pending:  # Fetching the previous step's metrics keeps one step in flight.
+    while step < total and not preempt.requested:
+      arrays, meta = next(data_it)
+      state, metrics = train_step(state, sharding.put_batch(arrays, mesh), rngs, meta["task"])
+      if pending:  # Fetching the previous step's metrics keeps one step in flight.
+        finish(pending)
+      pending, step = (step + 1, meta["task"], metrics, arrays, meta), step + 1
+      if step % config.checkpoint.every == 0 or step == total or preempt.requested:
+        finish(pending)
+        pending = None
+        mngr.save(step, args=checkpoint.save_args(state, data_it), force=True)
+      if config.eval.every and step % config.eval.every == 0 and step < total:
+        run_eval(step, state_lib.host_params(state["params"], mesh))
+    if pending:
       finish(pending)
-    pending, step = (step + 1, meta["task"], metrics, arrays, meta), step + 1
-    if step % config.checkpoint.every == 0 or step == total or preempt.requested:
-      finish(pending)
-      pending = None
-      mngr.save(step, args=checkpoint.save_args(state, data_it), force=True)
-    if config.eval.every and step % config.eval.every == 0 and step < total:
-      run_eval(step, state_lib.host_params(state["params"], mesh))
-  if pending:
-    finish(pending)
-  mngr.wait_until_finished()
-  if preempt.requested:
-    log.warning("preempted: saved step %d in %s; run the same command again to resume", step, workdir)
-    return logger.last
-  params = state_lib.host_params(state["params"], mesh)
-  final = run_eval(step, params) if config.eval.tasks else {}
-  logger.close()
-  if is_main and len(evals) > 1:
-    first = min(evals)
-    print(f"\neval: step {first} -> step {step}")
-    for k, v in final.items():
-      print(f"  {k:40s} {evals[first][k]:8.2f} -> {v:8.2f}")
-  export_final(workdir, mcfg, params, tok_dir, config, is_main)
-  return logger.last | {f"eval/{k}": v for k, v in final.items()}
-
-
-def export_final(workdir, mcfg, params, tok_dir, config, is_main):
-  """Writes workdir/model (piccolo_jax model dir; collective) and workdir/export (sentence-transformers)."""
-  if (workdir / "model").exists():
-    return
-  mcfg = mcfg.replace(dtype="float32", remat=False)
-  modeldir.save_model_dir(workdir / "model", mcfg, params, tok_dir)
-  if is_main:
-    export_lib.write_sentence_transformers(mcfg, params, tok_dir, workdir / "export",
-                                           config.export.truncate_dim or None)
-    log.info("exported %s and %s", workdir / "model", workdir / "export")
+    mngr.wait_until_finished()
+    if preempt.requested:
+      log.warning("preempted: saved step %d in %s; run the same command again to resume", step, workdir)
+      return logger.last
+    params = state_lib.host_params(state["params"], mesh)
+    final = run_eval(step, params) if config.eval.tasks else {}
+    logger.close()
+    if is_main and len(evals) > 1:
+      first = min(evals)
+      print(f"\neval: step {first} -> step {step}")
+      for k, v in final.items():
+        print(f"  {k:40s} {evals[first][k]:8.2f} -> {v:8.2f}")
+    rundir.export_final(workdir, step, mcfg, params, tok_dir, config.export.truncate_dim)
+    return logger.last | {f"eval/{k}": v for k, v in final.items()}
 
 
 def config_dirs() -> list[pathlib.Path]:
@@ -210,6 +217,27 @@ def _resolve_argv(argv):
   return out
 
 
+def check_overrides(argv):
+  """Exits with one line naming a --config.FIELD override that names no field, and the closest one."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  fields = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if not path or not fields:
+    return
+  spec = importlib.util.spec_from_file_location("_piccolo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for field in fields:
+    node, keys = c, field.split(".")
+    for i, key in enumerate(keys):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        here = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(key, here, 1)
+        hint = f"; did you mean '{'.'.join(keys[:i] + close)}'?" if close else ""
+        raise SystemExit(f"error: --config.{field}: the config has no field '{'.'.join(keys[:i + 1])}'{hint}")
+      node = node[key]
+
+
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int):
   """jax.distributed.initialize(): explicit flags, else auto-detected on TPU pods and SLURM."""
   if coordinator:
@@ -225,6 +253,7 @@ def main():
                       "(not needed on TPU pods and SLURM, where it is auto-detected)")
   flags.DEFINE_integer("num_processes", 1, "multi-process: number of processes")
   flags.DEFINE_integer("process_id", 0, "multi-process: this process's index")
+  flags.DEFINE_bool("verbose", False, "show tracebacks for errors in the input (data, config, files)")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(argv):
@@ -237,10 +266,13 @@ def main():
     initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
       train(config_flag.value, flags.FLAGS.workdir)
-    except (data_lib.DataError, NonFiniteError, ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, NonFiniteError, checkpoint.CheckpointError) as e:  # DataError is a ValueError.
+      if f.verbose:
+        raise
       sys.exit(f"error: {e}")
 
   sys.argv = _resolve_argv(sys.argv)
+  check_overrides(sys.argv)
   app.run(run)
 
 
