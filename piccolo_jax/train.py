@@ -37,12 +37,16 @@ log = logging.getLogger("piccolo_jax.train")
 
 
 class Preemption:
-  """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop checks between steps."""
+  """Within the block, SIGTERM and the first Ctrl-C (SIGINT) set a flag the loop checks between steps."""
 
-  def __init__(self):
+  def __enter__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
-    signal.signal(signal.SIGINT, self._handle)
+    self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def __exit__(self, *_):
+    for s, handler in self.old.items():
+      signal.signal(s, handler)
 
   def _handle(self, signum, _):
     log.warning("%s: saving a checkpoint and stopping after this step%s", signal.Signals(signum).name,
@@ -118,7 +122,8 @@ def train(config, workdir) -> dict:
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
   data_it = data_lib.make_iterator(config.data, tokenizer, jax.process_index(), jax.process_count(),
                                    tables=tables)
-  with checkpoint.manager(workdir, config.checkpoint) as mngr:  # Every exit waits for the save in flight.
+  # Every exit waits for the save in flight; signals are handled only while training.
+  with Preemption() as preempt, checkpoint.manager(workdir, config.checkpoint) as mngr:
     is_main = jax.process_index() == 0
     state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
     log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
@@ -141,7 +146,7 @@ def train(config, workdir) -> dict:
 
     if not start and config.eval.tasks:
       run_eval(0, state_lib.host_params(state["params"], mesh))
-    preempt, pending, step, bad = Preemption(), None, start, 0
+    pending, step, bad = None, start, 0
 
     def finish(pending):  # Host side of a finished step: metrics, and the non-finite policy.
       nonlocal bad

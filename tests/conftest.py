@@ -1,6 +1,8 @@
 """Test set-up: offline hub, 8 fake CPU devices (set before jax is imported)."""
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -9,7 +11,31 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+# The tiny CLI run that resume and fault tests repeat (12 steps, checkpoints every 2).
+TINY_RUN = ["--config=tests/tiny_config.py", "--config.checkpoint.every=2", "--config.train.epochs=2",
+            "--config.data.buckets=(64,)"]
+
+
+def run_tiny(workdir, cache_dir, *extra, module="piccolo_jax.train", args=None):
+  """Starts `python -m module` (default: the tiny run into workdir) on 8 CPU devices, sharing a
+  persistent compilation cache so that only the first run compiles."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1",
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  args = [*TINY_RUN, f"--workdir={workdir}", *extra] if args is None else args
+  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory):
+  """An uninterrupted tiny CLI run (root/straight); its compiled steps fill root/jax_cache."""
+  root = tmp_path_factory.mktemp("resume")
+  proc = run_tiny(root / "straight", root / "jax_cache")
+  out = proc.communicate()[0]
+  assert proc.returncode == 0, out
+  return root
 
 
 @pytest.fixture(scope="session")

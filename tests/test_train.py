@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 import tiny_config
 from piccolo_jax.configs import finetune
 from piccolo_jax import model as model_lib
@@ -65,25 +66,8 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   assert (tmp_path / "export" / "modules.json").is_file()
 
 
-RESUME_OVERRIDES = ["--config.checkpoint.every=2", "--config.train.epochs=2", "--config.data.buckets=(64,)"]
-
-
 def _run_cli(workdir, cache_dir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return subprocess.Popen([sys.executable, "-m", "piccolo_jax.train", "--config=tests/tiny_config.py",
-                           f"--workdir={workdir}", *RESUME_OVERRIDES], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-  """An uninterrupted CLI run; its compiled steps fill a cache the other runs reuse."""
-  root = tmp_path_factory.mktemp("resume")
-  proc = _run_cli(root / "straight", root / "jax_cache")
-  out = proc.communicate()[0]
-  assert proc.returncode == 0, out
-  return root
+  return conftest.run_tiny(workdir, cache_dir)
 
 
 def _wait_for_checkpoint(workdir, proc, timeout=600):
@@ -97,7 +81,7 @@ def _wait_for_checkpoint(workdir, proc, timeout=600):
   raise TimeoutError(workdir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])  # kill -9: test_faults.py
 def test_killed_run_resumes_bit_identical(straight_run, tmp_path, sig):
   cache = straight_run / "jax_cache"
   killed = _run_cli(tmp_path, cache)
