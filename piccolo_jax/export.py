@@ -4,7 +4,6 @@ Usage: python -m piccolo_jax.export MODEL_DIR OUT_DIR [--truncate-dim N]
 """
 import argparse
 import json
-import pathlib
 import shutil
 
 import numpy as np

@@ -4,7 +4,6 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -14,7 +13,7 @@ from piccolo_jax import data
 from piccolo_jax import losses
 from piccolo_jax import sharding
 from piccolo_jax import sources
-from piccolo_jax import step
+from piccolo_jax import step as step_lib
 from piccolo_jax import tasks
 
 TFDS_DIR = pathlib.Path(__file__).parent / "fixtures" / "tfds"
@@ -362,7 +361,7 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   arrays, meta = data.Batcher(cfg, tok, [x])(0)
   assert set(arrays) == {"query_ids", "query_mask", "pos_ids", "pos_mask"} and meta["task"] == "qa"
   emb = {f: np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32) for f in ("query", "pos")}
-  loss, per_dim = step.task_loss("qa", emb, arrays, loss_cfg)
+  loss, per_dim = step_lib.task_loss("qa", emb, arrays, loss_cfg)
   want = np.mean([losses.retrieval_infonce(emb["query"][:, :d], emb["pos"][:, :d], temperature=0.05)
                   for d in (8, 16)])
   np.testing.assert_allclose(loss, want, rtol=1e-6)

@@ -1,11 +1,8 @@
 """Training on 8 fake devices: learning, compile counts, frozen params, resume, NaN stop, configs."""
 import importlib.util
 import json
-import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import jax
