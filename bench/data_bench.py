@@ -25,13 +25,13 @@ def rate(batches, n, warmup=0, step=lambda b: b):
   return n / s
 
 
-def padding(c, tables, tok, epochs):
+def padding(c, tables, epochs):
   """Padding share: (length buckets, longest per field per batch) over `epochs` epochs."""
-  batcher, real, bucketed, longest = data.Batcher(c, tok, tables), 0, 0, 0
+  batcher, real, bucketed, longest = data.Batcher(c, tables), 0, 0, 0
   for step in range(epochs * batcher.steps_per_epoch):
     d, sel = batcher.select(step)
     lens = batcher.lengths(tables[d], sel)
-    for _, slot, _, length in batcher.fields(tables[d].table.task, batcher.bucket(lens)):
+    for _, slot, _, length in batcher.fields(tables[d].task, batcher.bucket(lens)):
       valid = sel["neg_valid"] if slot == "neg" else np.ones(lens[slot].shape, bool)
       real += lens[slot][valid].sum()
       bucketed += lens[slot].size * length
@@ -49,10 +49,10 @@ def main():
   os.chdir(harness.ROOT)  # The data configs' paths are relative.
   c = demo.get_config().data
   tables, startup = harness.timed(lambda: data.load_tables(c, tok))
-  batcher = data.Batcher(c, tok, tables)
+  batcher = data.Batcher(c, tables)
   rows = [("pipeline: direct calls, 1 thread", rate(map(batcher, range(10**9)), args.batches, 10))]
   for threads, workers in ((2, 0), (1, 2), (2, 2)):
-    it = data.make_iterator(config.replace(c, worker_threads=threads, worker_count=workers), tok, tables=tables)
+    it = data.make_iterator(config.replace(c, worker_threads=threads, worker_count=workers), tables)
     rows.append((f"pipeline: grain, {threads} read thread(s), {workers} worker processes", rate(it, args.batches, 10)))
   epoch = [batcher(s) for s in range(batcher.steps_per_epoch)]
   cfg = model_lib.Config()
@@ -68,18 +68,18 @@ def main():
   rows.append((f"train step alone: MiniLM-L6 fwd+bwd+adamw, jit ({len(shapes)} shapes compiled first in "
                f"{compile_s:.0f} s)", rate(epoch, n, step=train_step)))
   rows.append(("train step fed by the pipeline (grain, 2 threads)",
-               rate(data.make_iterator(c, tok, tables=tables), n, step=train_step)))
+               rate(data.make_iterator(c, tables), n, step=train_step)))
   pads = [("data", "buckets (32..512)", f"buckets {FINE}", "pad to longest per field per batch (original)")]
   for name, ds, epochs in PADDING_DATA:
     pc = config.section("data", datasets=ds, global_batch_size=32)
     ts = data.load_tables(pc, tok)
-    (bucketed, longest), (fine, _) = (padding(x, ts, tok, epochs) for x in (pc, config.replace(pc, buckets=FINE)))
+    (bucketed, longest), (fine, _) = (padding(x, ts, epochs) for x in (pc, config.replace(pc, buckets=FINE)))
     pads.append((name, f"{bucketed:.1%}", f"{fine:.1%}", f"{longest:.1%}"))
   harness.emit([
       "## Input pipeline (python -m bench.data_bench)", "",
       f"Command: `{harness.command()}` on {harness.machine()}. configs/demo.py data: MiniLM tokenizer, "
       f"global batch {c.global_batch_size}, buckets {c.buckets}, {len(tables)} datasets, "
-      f"{batcher.steps_per_epoch} steps/epoch. Start-up (read, validate, token-length index): {startup:.1f} s.", "",
+      f"{batcher.steps_per_epoch} steps/epoch. Start-up (open the prepared datasets, preparing them if missing): {startup:.1f} s.", "",
       *harness.table_md([("what", "batches/s")] + [(w, f"{r:.1f}" if w.startswith("pipeline") else f"{r:.2f}")
                                                    for w, r in rows]),
       "", "Padding share (padding tokens / all tokens; cls padding negatives count as padding), one global batch "

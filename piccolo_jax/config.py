@@ -4,6 +4,13 @@ A config file (configs/NAME.py, or any path) defines `get_config()` that edits `
 `--config.SECTION.FIELD=VALUE` overrides a field from the command line. Sections are
 ConfigDicts read by attribute (`c.data.global_batch_size`); modules take their section.
 """
+import difflib
+import logging
+import importlib.util
+import os
+import pathlib
+import re
+
 import ml_collections
 
 MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)  # stella-v3.5's Matryoshka dims.
@@ -37,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
       query_max_len=64, passage_max_len=512, cls_query_max_len=512,  # Token caps per field.
       sts_max_len=64, sts_pair_max_len=512,  # STS first / second text, as the original.
       buckets=BUCKETS,
+      prepared_dir="",  # Tokenised datasets (prepare.py); "" = $PICCOLO_JAX_CACHE or ~/.cache/piccolo_jax/prepared.
       strict=False,  # True: empty texts and rows without a positive are errors, not counted skips.
       worker_count=0,  # grain worker processes (0: none).
       worker_threads=2,  # grain read threads per process.
@@ -75,3 +83,60 @@ def replace(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigD
   c = c.copy_and_resolve_references()
   c.update(overrides)
   return c
+
+
+# --config=NAME on the command line (train, prepare).
+
+def config_dirs() -> list[pathlib.Path]:
+  """Where --config=NAME is looked up: ./configs, then the installed piccolo_jax.configs."""
+  spec = importlib.util.find_spec("piccolo_jax.configs")
+  return [pathlib.Path.cwd() / "configs"] + [pathlib.Path(p) for p in spec.submodule_search_locations]
+
+
+def resolve_config_path(name: str) -> str:
+  """A config name (configs/NAME.py) or a path -> the path."""
+  if os.path.isfile(name):
+    return name
+  for root in config_dirs():
+    if (root / f"{name}.py").is_file():
+      return str(root / f"{name}.py")
+  raise SystemExit(f"error: no config {name!r}: not a file, and no {name}.py in "
+                   f"{', '.join(map(str, config_dirs()))}")
+
+
+def resolve_argv(argv):
+  """Rewrites --config=NAME into --config=configs/NAME.py for config_flags."""
+  out = []
+  for arg in argv:
+    m = re.fullmatch(r"--config=([^.]+?)(\.py)?", arg) if not arg.startswith("--config.") else None
+    out.append(f"--config={resolve_config_path(arg.split('=', 1)[1])}" if m else arg)
+  return out
+
+
+def check_overrides(argv):
+  """Exits with one line naming a --config.FIELD override that names no field, and the closest one."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  fields = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if not path or not fields:
+    return
+  spec = importlib.util.spec_from_file_location("_piccolo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for field in fields:
+    node, keys = c, field.split(".")
+    for i, key in enumerate(keys):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        here = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(key, here, 1)
+        hint = f"; did you mean '{'.'.join(keys[:i] + close)}'?" if close else ""
+        raise SystemExit(f"error: --config.{field}: the config has no field '{'.'.join(keys[:i + 1])}'{hint}")
+      node = node[key]
+
+
+def cli_logging():
+  """piccolo_jax INFO lines as 'HH:MM:SS message'; other libraries' at WARNING (Orbax, JAX: noise)."""
+  logging.getLogger().setLevel(logging.WARNING)
+  for handler in logging.getLogger().handlers:
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  logging.getLogger("piccolo_jax").setLevel(logging.INFO)

@@ -11,8 +11,9 @@ a numpy generator seeded with (seed, s) over the rows of the whole global batch 
 ids only, no text). Retrieval takes neg_num negatives without replacement and cycles them
 when a row has fewer; cls takes up to cls_neg_num and pads with "" masked by neg_valid.
 
-Buckets. At start-up the fast tokenizer measures every text once in batch mode (with its
-prefix, truncated at its field's max length) into a per-dataset length index. A global
+Prepared data. Every dataset is tokenised once (`prepare`: prefix included, truncated at its
+field's max length) into memory-mapped token arrays; start-up maps them and batches copy token
+ids straight from them, so per-process memory does not grow with the dataset. A global
 batch's bucket is the smallest bucket >= its longest selected text; each field is padded
 to min(bucket, field max, field ceiling), the ceiling being the field's longest text over
 all datasets of the task rounded up to a multiple of 8 (keeps cls label fields short next
@@ -33,13 +34,13 @@ retrieval rows with no negative) are dropped and counted at start-up instead of 
 replaced by a random row at batch time; n_d counts the rows kept.
 """
 import collections
-import dataclasses
 import logging
 
 from absl import flags
 import grain
 import numpy as np
 
+from piccolo_jax import prepare
 from piccolo_jax import sources
 from piccolo_jax import tasks as tasks_lib
 
@@ -47,69 +48,13 @@ DataError = sources.DataError
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Indexed:
-  """A Table and its token-length index: q_len per query, p_len per passage (prefix included)."""
-  table: sources.Table
-  q_len: np.ndarray
-  p_len: np.ndarray
-
-
-def caps(c) -> dict:
-  """(task, slot) -> token cap; a task's neg field shares its pos cap (one passage length index)."""
-  out = {}
-  for task in tasks_lib.TASKS.values():
-    for f, cap in tasks_lib.fields(task, c):
-      if out.setdefault((task.name, f.slot), cap) != cap:
-        raise ValueError(f"task {task.name}: fields of slot {f.slot!r} have different caps")
-    if out.get((task.name, "neg"), out[task.name, "pos"]) != out[task.name, "pos"]:
-      raise ValueError(f"task {task.name}: neg and pos caps differ; they share one length index")
-  return out
-
-
-class Encoders:
-  """Per-max-length copies of the fast tokenizer's backend: fixed settings, thread-safe."""
-
-  def __init__(self, tokenizer, caps):
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-      raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer")
-    self.pad_id = tokenizer.pad_token_id or 0
-    self.enc = {}
-    for cap in set(caps):
-      self.enc[cap] = type(backend).from_str(backend.to_str())
-      self.enc[cap].no_padding()
-      self.enc[cap].enable_truncation(cap)
-
-  def lengths(self, texts, cap, chunk=8192):
-    """int32 token counts (special tokens included, truncated at cap)."""
-    return np.array([len(e.ids) for i in range(0, len(texts), chunk)
-                     for e in self.enc[cap].encode_batch(texts[i:i + chunk])], np.int32)
-
-  def __call__(self, texts, cap, length):
-    """ids, mask: int32 [len(texts), length], right-padded."""
-    ids = np.full((len(texts), length), self.pad_id, np.int32)
-    mask = np.zeros((len(texts), length), np.int32)
-    for i, e in enumerate(self.enc[cap].encode_batch(texts)):
-      ids[i, :len(e.ids)] = e.ids
-      mask[i, :len(e.ids)] = 1
-    return ids, mask
-
-
-def _bucket(buckets, n):
-  return next((b for b in sorted(buckets) if b >= n), max(buckets))
-
-
-def load_tables(c, tokenizer) -> list[Indexed]:
-  """Reads and validates every dataset of data config c and builds its token-length index."""
-  cap, enc, out = caps(c), Encoders(tokenizer, caps(c).values()), []
-  for entry in sources.expand(c.datasets):
-    t = sources.load_table(entry, c)
+def load_tables(c, tokenizer) -> list[prepare.Prepared]:
+  """Every dataset of data config c, prepared where needed (validated, tokenised) and memory-mapped."""
+  out = prepare.open_all(c, tokenizer)
+  for t in out:
     if len(t) < c.global_batch_size:
       raise DataError(f"{t.name}: {len(t)} usable rows, fewer than one global batch of "
                       f"{c.global_batch_size} (skipped: {t.skipped or 'none'})")
-    out.append(Indexed(t, enc.lengths([t.query_prefix + q for q in t.queries], cap[t.task, "query"]),
-                       enc.lengths([t.passage_prefix + p for p in t.passages], cap[t.task, "pos"])))
     log.info("data: %s: task %s, %d rows, repeat %d, %d batches/epoch, skipped %s",
              t.name, t.task, len(t), t.repeat, t.repeat * (len(t) // c.global_batch_size),
              t.skipped or "none")
@@ -118,8 +63,12 @@ def load_tables(c, tokenizer) -> list[Indexed]:
   return out
 
 
+def _bucket(buckets, n):
+  return next((b for b in sorted(buckets) if b >= n), max(buckets))
+
+
 def steps_per_epoch(c, tables):
-  return sum(x.table.repeat * (len(x.table) // c.global_batch_size) for x in tables)
+  return sum(t.repeat * (len(t) // c.global_batch_size) for t in tables)
 
 
 def _pick(rng, off, rows, k):
@@ -138,7 +87,7 @@ def _pick(rng, off, rows, k):
 class Batcher:
   """step -> (arrays, meta) of this process's slice of global batch `step`; the pipeline's map."""
 
-  def __init__(self, c, tokenizer, tables, process_index=0, process_count=1):
+  def __init__(self, c, tables, process_index=0, process_count=1):
     self.c, self.tables = c.copy_and_resolve_references(), tables
     g = c.global_batch_size
     if g % process_count:
@@ -146,14 +95,11 @@ class Batcher:
     self.local = g // process_count
     self.lo = process_index * self.local
     self.steps_per_epoch = steps_per_epoch(c, tables)
-    self.caps = caps(c)
     longest = collections.defaultdict(int)
-    for x in tables:
-      task = x.table.task
-      longest[task, "query"] = max(longest[task, "query"], int(x.q_len.max()))
-      longest[task, "pos"] = longest[task, "neg"] = max(longest[task, "pos"], int(x.p_len.max()))
+    for t in tables:
+      longest[t.task, "query"] = max(longest[t.task, "query"], t.longest_query)
+      longest[t.task, "pos"] = longest[t.task, "neg"] = max(longest[t.task, "pos"], t.longest_passage)
     self.ceil = {k: -(-n // 8) * 8 for k, n in longest.items()}  # longest, rounded up to 8s
-    self.enc = Encoders(tokenizer, self.caps.values())
     self._plans = {}
 
   def fields(self, task, bucket):
@@ -166,11 +112,11 @@ class Batcher:
     plan = self._plans.get(epoch)
     if plan is None:
       g, ds, rows = self.c.global_batch_size, [], []
-      for d, x in enumerate(self.tables):
-        for r in range(x.table.repeat):
-          perm = np.random.default_rng([self.c.seed, epoch, d, r]).permutation(len(x.table))
-          rows.append(perm[:len(x.table) // g * g].reshape(-1, g))
-          ds.append(np.full(len(x.table) // g, d))
+      for d, t in enumerate(self.tables):
+        for r in range(t.repeat):
+          perm = np.random.default_rng([self.c.seed, epoch, d, r]).permutation(len(t))
+          rows.append(perm[:len(t) // g * g].reshape(-1, g).astype(np.int32))  # rows < 2**31
+          ds.append(np.full(len(t) // g, d, np.int32))
       order = np.random.default_rng([self.c.seed, epoch]).permutation(self.steps_per_epoch)
       plan = np.concatenate(ds)[order], np.concatenate(rows)[order]
       self._plans = {epoch: plan}  # one epoch cached; replaced whole, so thread-safe
@@ -180,7 +126,7 @@ class Batcher:
     """Dataset index and the global batch's ids: query rows, pos/neg passages, neg_valid."""
     ds, rows = self.plan(step // self.steps_per_epoch)
     d, rows = int(ds[step % self.steps_per_epoch]), rows[step % self.steps_per_epoch]
-    t, rng = self.tables[d].table, np.random.default_rng([self.c.seed, step])
+    t, rng = self.tables[d], np.random.default_rng([self.c.seed, step])
     task = tasks_lib.TASKS[t.task]
     pos, _ = _pick(rng, t.pos_off, rows, 1)
     sel = {"query": rows, "pos": t.pos_ids[pos[:, 0]]}
@@ -192,11 +138,11 @@ class Batcher:
       sel["neg"] = np.where(sel["neg_valid"], t.neg_ids[np.maximum(neg, 0)], -1)
     return d, sel
 
-  def lengths(self, x, sel):
+  def lengths(self, t, sel):
     """Token length of every selected text (0 for padding negatives), per slot."""
-    lens = {"query": x.q_len[sel["query"]], "pos": x.p_len[sel["pos"]]}
+    lens = {"query": t.q_len(sel["query"]), "pos": t.p_len(sel["pos"])}
     if "neg" in sel:
-      lens["neg"] = np.where(sel["neg_valid"], x.p_len[np.maximum(sel["neg"], 0)], 0)
+      lens["neg"] = np.where(sel["neg_valid"], t.p_len(np.maximum(sel["neg"], 0)), 0)
     return lens
 
   def bucket(self, lens):
@@ -204,26 +150,26 @@ class Batcher:
 
   def __call__(self, step, _=None):
     d, sel = self.select(step)
-    x = self.tables[d]
-    t = x.table
-    bucket, lo, hi = self.bucket(self.lengths(x, sel)), self.lo, self.lo + self.local
+    t = self.tables[d]
+    bucket, lo, hi = self.bucket(self.lengths(t, sel)), self.lo, self.lo + self.local
     arrays, real, total = {}, 0, 0
-    for field, slot, cap, length in self.fields(t.task, bucket):
+    for field, slot, _, length in self.fields(t.task, bucket):
       ids = sel[slot][lo:hi].reshape(-1)  # neg: rows i*K .. i*K+K-1 belong to query i
-      texts = ([t.query_prefix + t.queries[i] for i in ids] if slot == "query" else
-               [t.passage_prefix + t.passages[i] if i >= 0 else "" for i in ids])
-      arrays[f"{field}_ids"], arrays[f"{field}_mask"] = self.enc(texts, cap, length)
+      ids_NL, mask_NL = np.full((len(ids), length), t.pad_id, np.int32), np.zeros((len(ids), length), np.int32)
+      for r, i in enumerate(ids):
+        tok = t.tokens(slot, i)
+        ids_NL[r, :len(tok)], mask_NL[r, :len(tok)] = tok, 1
+      arrays[f"{field}_ids"], arrays[f"{field}_mask"] = ids_NL, mask_NL
       real, total = real + arrays[f"{field}_mask"].sum(), total + arrays[f"{field}_mask"].size
-    extras = {"label": lambda: t.labels[sel["query"][lo:hi]], "neg_valid": lambda: sel["neg_valid"][lo:hi]}
+    extras = {"label": lambda: np.asarray(t.labels[sel["query"][lo:hi]]), "neg_valid": lambda: sel["neg_valid"][lo:hi]}
     arrays |= {k: extras[k]() for k in tasks_lib.TASKS[t.task].extras}
     meta = dict(task=t.task, dataset=t.name, step=step, bucket=bucket, pad_frac=float(1 - real / total))
     return arrays, meta
 
 
-def make_iterator(c, tokenizer, process_index=0, process_count=1, tables=None):
+def make_iterator(c, tables, process_index=0, process_count=1):
   """A grain iterator (get_state/set_state) of (arrays, meta): this process's slices, forever."""
-  tables = load_tables(c, tokenizer) if tables is None else tables
-  batcher = Batcher(c, tokenizer, tables, process_index, process_count)
+  batcher = Batcher(c, tables, process_index, process_count)
   ds = grain.MapDataset.range(batcher.steps_per_epoch).repeat(None)
   it = ds.map_with_index(batcher).to_iter_dataset(
       grain.ReadOptions(num_threads=c.worker_threads, prefetch_buffer_size=c.prefetch))

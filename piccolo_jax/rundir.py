@@ -21,7 +21,7 @@ STAMP = "export.json"  # {"step": N}: the step model/ and export/ hold.
 # evaluation, export, the input pipeline's parallelism and the mesh (none changes the math of a step).
 RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.max_nonfinite_steps",
              "train.chunk_size", "checkpoint.every", "checkpoint.keep", "eval.", "export.",
-             "data.worker_count", "data.worker_threads", "data.prefetch", "mesh.")
+             "data.worker_count", "data.prepared_dir", "data.worker_threads", "data.prefetch", "mesh.")
 
 
 class ConfigChangeError(ValueError):

@@ -1,10 +1,8 @@
 """Training-set formats: piccolo `save_to_disk` dirs, meta lists, jsonl, tsv and TFDS.
 
-Every dataset is read once, validated and normalised into a `Table`: row-aligned first
-texts (`queries`), a de-duplicated pool of second texts (`passages`), the positive and
-negative passage ids of each row as CSR arrays, and STS labels. A Table is a
-random-access source (`len`, `[]`) in grain's sense. Errors name dataset, row and field.
-Which columns a task reads is its `layouts` entry in `tasks.TASKS`; a new format is one
+A `Reader` streams one dataset entry as validated, normalised rows (query, positives,
+negatives, label); `prepare` turns them into token arrays once. Errors name dataset, row and
+field. Which columns a task reads is its `layouts` entry in `tasks.TASKS`; a new format is one
 reader in READERS: entry -> (dataset name, iterator of (location, row dict)).
 """
 import dataclasses
@@ -23,32 +21,6 @@ from piccolo_jax import tasks as tasks_lib
 
 class DataError(ValueError):
   """Bad training data; the message names the dataset, row and field."""
-
-
-@dataclasses.dataclass
-class Table:
-  """One validated dataset; passages are referenced by id from pos/neg CSR arrays."""
-  name: str
-  task: str
-  queries: list
-  passages: list
-  pos_off: np.ndarray  # int64 [n+1]; row i's positives are pos_ids[pos_off[i]:pos_off[i+1]]
-  pos_ids: np.ndarray  # int32
-  neg_off: np.ndarray
-  neg_ids: np.ndarray
-  labels: np.ndarray  # float32 [n]; STS only, zeros otherwise
-  skipped: dict
-  repeat: int = 1
-  query_prefix: str = ""
-  passage_prefix: str = ""
-
-  def __len__(self):
-    return len(self.queries)
-
-  def __getitem__(self, i):
-    ids = lambda off, flat: [self.passages[j] for j in flat[off[i]:off[i + 1]]]
-    return {"query": self.queries[i], "pos": ids(self.pos_off, self.pos_ids),
-            "neg": ids(self.neg_off, self.neg_ids), "label": float(self.labels[i])}
 
 
 # Row validators, shared with evaluate: `where` names the file and row.
@@ -143,7 +115,7 @@ def _piccolo(entry):
   def rows():
     i = 0
     for f in files:
-      with pa.OSFile(str(f)) as stream:
+      with pa.memory_map(str(f)) as stream:
         for batch in pa.ipc.open_stream(stream):
           for row in batch.to_pylist():
             yield f"row {i}", row
@@ -261,59 +233,63 @@ def _parse(where, task, layout, row, need_neg):
   return q, p, n, label, None
 
 
-def load_table(entry, data_cfg=None):
-  """Reads, validates and normalises one dataset entry (a mapping) into a Table.
+@dataclasses.dataclass
+class Reader:
+  """One dataset entry read and validated row by row: iterate for (query, pos, neg, label).
 
-  data_cfg (default: config.base().data) gives `strict`, the negative counts and the prefixes.
+  `task`, `label_layout` (the class name is the positive) and `skipped` (reason -> count) are
+  set as iteration goes; the first row fixes the task and the layout. `limit` ends it early.
   """
-  data_cfg = config.section("data") if data_cfg is None else data_cfg
-  kind = entry.get("kind", "piccolo")
-  if kind not in READERS:
-    raise DataError(f"dataset {entry.get('name') or entry.get('path')}: unknown kind "
-                    f"{kind!r}, expected one of {sorted(READERS)}")
-  name, rows = READERS[kind](entry)
-  task = _task(name, entry["task"], "task") if entry.get("task") else None
-  limit = entry.get("limit") or float("inf")  # keep the first `limit` usable rows
-  layout, columns, need_neg = None, (), False
-  queries, pos, neg, labels, skipped = [], [], [], [], {}
-  for loc, row in rows:
-    where = f"{name}: {loc}"
-    if layout is None:  # the first row fixes the task and the layout
-      typed, task = task is None and "type" in row, task or _infer_task(where, row)
-      layout = _layout(task, row)
-      columns = list(layout.values()) + ["type"] * typed
-      need_neg = task.neg_fill == "cycle" and tasks_lib.negatives(task, data_cfg) > 0
-    for c in columns:
-      if c not in row:
-        raise DataError(f"{where}: missing field '{c}'")
-    if "type" in columns and _task(where, row["type"], "type") != task:
-      raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
-                      f"dataset's task {task.name!r} (set by its first row)")
-    q, p, n, label, reason = _parse(where, task, layout, row, need_neg)
-    if reason and data_cfg.strict:
-      raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
-    if reason:
-      skipped[reason[0]] = skipped.get(reason[0], 0) + 1
-      continue
-    queries.append(q)
-    pos.append(p)
-    neg.append(n)
-    labels.append(label)
-    if len(queries) >= limit:
-      break
-  if layout is None:
-    raise DataError(f"{name}: no rows")
-  if task.label == "class" and "pos" not in layout:  # label triplets: negatives = other labels
-    names = list(dict.fromkeys(p[0] for p in pos))
-    neg = [[m for m in names if m != p[0]] for p in pos]
-  pool = {}
-  csr = lambda lists: (np.cumsum([0] + [len(x) for x in lists], dtype=np.int64),
-                       np.array([pool.setdefault(t, len(pool)) for x in lists for t in x],
-                                np.int32))
-  (pos_off, pos_ids), (neg_off, neg_ids) = csr(pos), csr(neg)
-  prefix = lambda k: entry.get(k, data_cfg[k]) if task.prefixes else ""
-  return Table(name=name, task=task.name, queries=queries, passages=list(pool), pos_off=pos_off,
-               pos_ids=pos_ids, neg_off=neg_off, neg_ids=neg_ids,
-               labels=np.array(labels, np.float32), skipped=skipped,
-               repeat=int(entry.get("repeat", 1)), query_prefix=prefix("query_prefix"),
-               passage_prefix=prefix("passage_prefix"))
+  entry: dict
+  data_cfg: object
+  name: str = ""
+  task: tasks_lib.Task = None
+  label_layout: bool = False
+  skipped: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    kind = self.entry.get("kind", "piccolo")
+    if kind not in READERS:
+      raise DataError(f"dataset {self.entry.get('name') or self.entry.get('path')}: unknown kind "
+                      f"{kind!r}, expected one of {sorted(READERS)}")
+    self.name, self._rows = READERS[kind](self.entry)
+    if self.entry.get("task"):
+      self.task = _task(self.name, self.entry["task"], "task")
+
+  def prefix(self, key):
+    return self.entry.get(key, self.data_cfg[key]) if self.task.prefixes else ""
+
+  def __iter__(self):
+    limit, layout, columns, need_neg, kept = self.entry.get("limit") or float("inf"), None, (), False, 0
+    for loc, row in self._rows:
+      where = f"{self.name}: {loc}"
+      if layout is None:  # the first row fixes the task and the layout
+        typed, self.task = self.task is None and "type" in row, self.task or _infer_task(where, row)
+        layout = _layout(self.task, row)
+        self.label_layout = self.task.label == "class" and "pos" not in layout
+        columns = list(layout.values()) + ["type"] * typed
+        need_neg = self.task.neg_fill == "cycle" and tasks_lib.negatives(self.task, self.data_cfg) > 0
+      for c in columns:
+        if c not in row:
+          raise DataError(f"{where}: missing field '{c}'")
+      if "type" in columns and _task(where, row["type"], "type") != self.task:
+        raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
+                        f"dataset's task {self.task.name!r} (set by its first row)")
+      q, p, n, label, reason = _parse(where, self.task, layout, row, need_neg)
+      if reason and self.data_cfg.strict:
+        raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
+      if reason:
+        self.skipped[reason[0]] = self.skipped.get(reason[0], 0) + 1
+        continue
+      yield q, p, n, label
+      kept += 1
+      if kept >= limit:
+        break
+    if layout is None:
+      raise DataError(f"{self.name}: no rows")
+
+
+def read(entry, data_cfg=None) -> Reader:
+  """A Reader of one dataset entry (a mapping); data_cfg (default: config.base().data) gives
+  `strict`, the negative counts and the prefixes."""
+  return Reader(dict(entry), config.section("data") if data_cfg is None else data_cfg)

@@ -30,6 +30,14 @@ def resolve_init(init: str) -> str:
   return init
 
 
+def tokenizer_dir(model_cfg) -> str:
+  """The tokenizer directory of config.model: its init's, else model.tokenizer (random init)."""
+  tok_dir = resolve_init(model_cfg.init) if model_cfg.init else model_cfg.tokenizer
+  if not tok_dir or model_cfg.init == "stella-shape":
+    raise ValueError("model.tokenizer must name a tokenizer directory when model.init is empty")
+  return tok_dir
+
+
 def load_init(spec: str, seed: int = 0) -> tuple[model_lib.Config, dict, str]:
   """(model config, host params, tokenizer dir) of an init spec: 'minilm', 'stella-shape' (random
   init, no tokenizer), a piccolo_jax model dir, or a sentence-transformers / HF BERT dir."""

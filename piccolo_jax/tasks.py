@@ -79,3 +79,15 @@ def fields(task: Task, data_cfg) -> list[tuple[Field, int]]:
   """[(field, token cap)] of the task's text fields under the data config (capped at the largest bucket)."""
   k = negatives(task, data_cfg)
   return [(f, min(int(data_cfg[f.cap]), max(data_cfg.buckets))) for f in task.fields if f.slot != "neg" or k]
+
+
+def caps(data_cfg) -> dict:
+  """(task, slot) -> token cap; a task's neg slot shares its pos cap (one passage store per dataset)."""
+  out = {}
+  for task in TASKS.values():
+    for f, cap in fields(task, data_cfg):
+      if out.setdefault((task.name, f.slot), cap) != cap:
+        raise ValueError(f"task {task.name}: fields of slot {f.slot!r} have different caps")
+    if out.get((task.name, "neg"), out[task.name, "pos"]) != out[task.name, "pos"]:
+      raise ValueError(f"task {task.name}: neg and pos caps differ; they share one passage store")
+  return out

@@ -3,14 +3,11 @@
 NAME is a file in configs/ (finetune, demo, stsb) or a path to a config file; override any
 field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
 """
-import difflib
-import importlib.util
 import json
 import math
 import logging
 import os
 import pathlib
-import re
 import shutil
 import signal
 import sys
@@ -18,11 +15,12 @@ import sys
 from absl import app
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 from flax import nnx
-import ml_collections
 from ml_collections import config_flags
 
 from piccolo_jax import checkpoint
+from piccolo_jax import config as config_lib
 from piccolo_jax import data as data_lib
 from piccolo_jax import encode
 from piccolo_jax import evaluate
@@ -107,6 +105,16 @@ class Best:
       log.info("new best %s = %.4f at step %d -> %s", self.metric, self.value, step, self.dir)
 
 
+def load_data(c, tokenizer):
+  """The prepared datasets; process 0 prepares missing ones first, so that processes sharing a
+  prepared_dir prepare each once (with local dirs, every process prepares its own)."""
+  if jax.process_index() == 0:
+    tables = data_lib.load_tables(c, tokenizer)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("piccolo_jax: prepared data")
+  return tables if jax.process_index() == 0 else data_lib.load_tables(c, tokenizer)
+
+
 def train(config, workdir) -> dict:
   """Runs (or resumes) training into workdir; returns the last step's and final eval metrics."""
   workdir = pathlib.Path(workdir)
@@ -114,14 +122,13 @@ def train(config, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh.fsdp)
   mcfg, params, tok_dir = state_lib.init_params(config)
   tokenizer = encode.load_tokenizer(tok_dir)
-  tables = data_lib.load_tables(config.data, tokenizer)
+  tables = load_data(config.data, tokenizer)
   workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
   rundir.write_config(workdir, config)
   total = config.train.max_steps or data_lib.steps_per_epoch(config.data, tables) * config.train.epochs
   tx, schedule = state_lib.make_optimizer(config.optim, params, total)
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
-  data_it = data_lib.make_iterator(config.data, tokenizer, jax.process_index(), jax.process_count(),
-                                   tables=tables)
+  data_it = data_lib.make_iterator(config.data, tables, jax.process_index(), jax.process_count())
   # Every exit waits for the save in flight; signals are handled only while training.
   with Preemption() as preempt, checkpoint.manager(workdir, config.checkpoint) as mngr:
     is_main = jax.process_index() == 0
@@ -134,8 +141,8 @@ def train(config, workdir) -> dict:
     logger = logs.MetricLogger(workdir, total, start, config.data.global_batch_size, config.loss.mrl_dims,
                                schedule, config.train.log_every, enabled=is_main)
     if not start:  # Start-up facts: the rows each dataset dropped, by reason.
-      logger.write(0, {f"data/{x.table.name}/skipped/{why}": n for x in tables
-                       for why, n in x.table.skipped.items()}, echo=False)
+      logger.write(0, {f"data/{t.name}/skipped/{why}": n for t in tables
+                       for why, n in t.skipped.items()}, echo=False)
     evals = {}
 
     def run_eval(step, params):
@@ -196,53 +203,6 @@ def train(config, workdir) -> dict:
     return logger.last | {f"eval/{k}": v for k, v in final.items()}
 
 
-def config_dirs() -> list[pathlib.Path]:
-  """Where --config=NAME is looked up: ./configs, then the installed piccolo_jax.configs."""
-  spec = importlib.util.find_spec("piccolo_jax.configs")
-  return [pathlib.Path.cwd() / "configs"] + [pathlib.Path(p) for p in spec.submodule_search_locations]
-
-
-def resolve_config_path(name: str) -> str:
-  """A config name (configs/NAME.py) or a path -> the path."""
-  if os.path.isfile(name):
-    return name
-  for root in config_dirs():
-    if (root / f"{name}.py").is_file():
-      return str(root / f"{name}.py")
-  raise SystemExit(f"error: no config {name!r}: not a file, and no {name}.py in "
-                   f"{', '.join(map(str, config_dirs()))}")
-
-
-def _resolve_argv(argv):
-  """Rewrites --config=NAME into --config=configs/NAME.py for config_flags."""
-  out = []
-  for arg in argv:
-    m = re.fullmatch(r"--config=([^.]+?)(\.py)?", arg) if not arg.startswith("--config.") else None
-    out.append(f"--config={resolve_config_path(arg.split('=', 1)[1])}" if m else arg)
-  return out
-
-
-def check_overrides(argv):
-  """Exits with one line naming a --config.FIELD override that names no field, and the closest one."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  fields = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if not path or not fields:
-    return
-  spec = importlib.util.spec_from_file_location("_piccolo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for field in fields:
-    node, keys = c, field.split(".")
-    for i, key in enumerate(keys):
-      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-        here = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        close = difflib.get_close_matches(key, here, 1)
-        hint = f"; did you mean '{'.'.join(keys[:i] + close)}'?" if close else ""
-        raise SystemExit(f"error: --config.{field}: the config has no field '{'.'.join(keys[:i + 1])}'{hint}")
-      node = node[key]
-
-
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int):
   """jax.distributed.initialize(): explicit flags, else auto-detected on TPU pods and SLURM."""
   if coordinator:
@@ -263,10 +223,7 @@ def main():
 
   def run(argv):
     del argv
-    logging.getLogger().setLevel(logging.WARNING)  # Orbax and JAX INFO lines are noise here.
-    for handler in logging.getLogger().handlers:
-      handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logging.getLogger("piccolo_jax").setLevel(logging.INFO)
+    config_lib.cli_logging()
     f = flags.FLAGS
     initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
@@ -276,8 +233,8 @@ def main():
         raise
       sys.exit(f"error: {e}")
 
-  sys.argv = _resolve_argv(sys.argv)
-  check_overrides(sys.argv)
+  sys.argv = config_lib.resolve_argv(sys.argv)
+  config_lib.check_overrides(sys.argv)
   app.run(run)
 
 

@@ -3,11 +3,14 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Prepared datasets go to a per-session directory (subprocesses inherit it), not ~/.cache.
+os.environ["PICCOLO_JAX_CACHE"] = tempfile.mkdtemp(prefix="piccolo_jax_prepared-")
 
 import pytest  # noqa: E402
 

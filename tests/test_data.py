@@ -1,6 +1,8 @@
 """Input pipeline: real bundled data, the MiniLM tokenizer and the TFDS fixture."""
 import collections
+import copy
 import json
+import pickle
 import pathlib
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 from piccolo_jax import config
 from piccolo_jax import data
 from piccolo_jax import losses
+from piccolo_jax import prepare
 from piccolo_jax import sharding
 from piccolo_jax import sources
 from piccolo_jax import step as step_lib
@@ -78,14 +81,26 @@ def _batch(batcher, step):
   return arrays | meta
 
 
+def _rows(entry, c=None):
+  """The validated rows of a dataset entry as (query, pos, neg, label) tuples."""
+  return list(sources.read(entry, c))
+
+
+def _texts(t, slot, ids, tok):
+  return [tok.decode(t.tokens(slot, int(i)), skip_special_tokens=True) for i in ids]
+
+
+def _prepare(entry, tok, root, **c):
+  return prepare.Prepared(prepare.prepare(entry, config.section("data", **c), tok, root))
+
+
 def _same(a, b):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_sources_read_every_format(small_tables, big_tables, data_dir):
-  small_tables, big_tables = [x.table for x in small_tables], [x.table for x in big_tables]
+def test_sources_read_every_format(small, small_tables, big_tables, data_dir):
   got = {t.name: (t.task, len(t)) for t in small_tables + big_tables}
   assert got == {
       "cls.dataset": ("cls", 51), "retri.dataset": ("retrieval", 51),
@@ -95,26 +110,67 @@ def test_sources_read_every_format(small_tables, big_tables, data_dir):
       str(data_dir / "sts-b-zh/sts-b-zh.train.tsv"): ("sts", 5231)}
   with pa.OSFile(str(data_dir / "piccolo_example/cls.dataset/data-00000-of-00001.arrow")) as f:
     row = pa.ipc.open_stream(f).read_all().slice(7, 1).to_pylist()[0]
-  assert small_tables[0][7] == {"query": row["text"], "pos": [row["text_pos"]],
-                                "neg": row["text_neg"], "label": 0.0}
+  entries = sources.expand(small.datasets)
+  assert _rows(entries[0])[7] == (row["text"], [row["text_pos"]], row["text_neg"], 0.0)
   triplets = [json.loads(l) for l in open(data_dir / "retrieval-zh/triplets.train.jsonl")]
-  tfds_rows = {r["query"]: r for r in map(small_tables[3].__getitem__, range(40))}
+  tfds_rows = {q: n for q, _, n, _ in _rows(entries[3])}
   assert tfds_rows.keys() == {r["query"] for r in triplets[:40]}  # TFDS shuffled them
-  assert tfds_rows[triplets[5]["query"]]["neg"] == triplets[5]["neg"][:3]
+  assert tfds_rows[triplets[5]["query"]] == triplets[5]["neg"][:3]
   assert "tensorflow" not in sys.modules
-  assert big_tables[1][0] == {"query": "A plane is taking off.",
-                              "pos": ["An air plane is taking off."], "neg": [], "label": 5.0}
+  assert _rows({"kind": "tsv", "path": str(data_dir / "sts-b-en/sts-b-en.train.tsv")})[0] == (
+      "A plane is taking off.", ["An air plane is taking off."], [], 5.0)
+
+
+def test_prepared_tokens_are_the_tokenizers(small, small_tables, big, big_tables, tok):
+  """Every stored token sequence is the tokenizer's output for prefix + text at the field's cap."""
+  caps = tasks.caps(small)
+  for c, tables in ((small, small_tables), (big, big_tables)):
+    for entry, t in zip(sources.expand(c.datasets), tables):
+      reader = sources.read(entry, c)
+      rows = list(reader)
+      assert len(rows) == len(t) and t.skipped == reader.skipped and t.task == reader.task.name
+      enc = lambda text, slot: tok(text, truncation=True, max_length=caps[t.task, slot])["input_ids"]
+      qp, pp = reader.prefix("query_prefix"), reader.prefix("passage_prefix")
+      classes = list(dict.fromkeys(p[0] for _, p, _, _ in rows))
+      for i in range(0, len(rows), max(1, len(rows) // 50)):
+        q, pos, neg, label = rows[i]
+        if reader.label_layout:  # cls label rows: the other classes, in order of appearance
+          neg = [m for m in classes if m != pos[0]]
+        assert list(t.tokens("query", i)) == enc(qp + q, "query")
+        for texts, off, ids in ((pos, t.pos_off, t.pos_ids), (neg, t.neg_off, t.neg_ids)):
+          assert [list(t.tokens("pos", j)) for j in ids[off[i]:off[i + 1]]] == [enc(pp + x, "pos") for x in texts]
+        assert t.labels[i] == np.float32(label)
+
+
+def test_prepared_cache_is_keyed_by_source_tokenizer_and_caps(tmp_path, tok, monkeypatch):
+  src = tmp_path / "r.jsonl"
+  src.write_text("".join(json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "neg": ["n"]}) + "\n" for i in range(8)))
+  entry, root = {"kind": "jsonl", "path": str(src)}, tmp_path / "cache"
+  first = _prepare(entry, tok, root)
+  assert _prepare({**entry, "repeat": 3}, tok, root).path == first.path  # repeat applies when read
+  assert pickle.loads(pickle.dumps(first)).path == first.path and len(pickle.dumps(first)) < 1000
+  monkeypatch.setattr(prepare, "_write", lambda *a: pytest.fail("a prepared dataset was rebuilt"))
+  assert _prepare(entry, tok, root).path == first.path
+  monkeypatch.undo()
+  other_tok = copy.deepcopy(tok)
+  other_tok.add_tokens(["q1"])
+  changed = {"tokenizer": _prepare(entry, other_tok, root),
+             "caps": _prepare(entry, tok, root, query_max_len=3),
+             "prefix": _prepare(entry, tok, root, query_prefix="query: ")}
+  src.write_text(src.read_text() + json.dumps({"query": "new", "pos": ["p"], "neg": ["n"]}) + "\n")
+  changed["source"] = _prepare(entry, tok, root)
+  assert len({t.path for t in changed.values()} | {first.path}) == 5
+  assert len(changed["source"]) == 9 and len(changed["caps"].tokens("query", 0)) == 3
+  assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # no temporaries left
 
 
 def test_epoch_counts_homogeneity_and_fields(small, small_tables, tok):
   n = data.steps_per_epoch(small, small_tables)
   assert n == 6 + 2 * 6 + 6 + 5
   decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
-  own = {t.name: (t, {decode(tok(q, truncation=True, max_length=512)["input_ids"])
-                      for q in t.queries})
-         for t in (x.table for x in small_tables)}
+  own = {t.name: (t, set(_texts(t, "query", range(len(t)), tok))) for t in small_tables}
   counts = collections.Counter()
-  for step, b in enumerate(_take(data.make_iterator(small, tok, tables=small_tables), 2 * n)):
+  for step, b in enumerate(_take(data.make_iterator(small, small_tables), 2 * n)):
     t, queries = own[b["dataset"]]
     assert b["task"] == t.task and b["step"] == step
     assert {k[:-4] for k in b if k.endswith("_ids")} == FIELDS[t.task]
@@ -123,33 +179,33 @@ def test_epoch_counts_homogeneity_and_fields(small, small_tables, tok):
     counts[step // n, b["dataset"]] += 1
   for epoch in (0, 1):
     assert {k: v for (e, k), v in counts.items() if e == epoch} == {
-        x.table.name: x.table.repeat * (len(x.table) // G) for x in small_tables}
+        t.name: t.repeat * (len(t) // G) for t in small_tables}
 
 
 def test_epochs_reshuffle_rows_once_per_copy(small, small_tables, tok):
-  batcher = data.Batcher(small, tok, small_tables)
+  batcher = data.Batcher(small, small_tables)
   (ds0, rows0), (ds1, _) = batcher.plan(0), batcher.plan(1)
   assert not np.array_equal(ds0, ds1)
-  for d, x in enumerate(small_tables):
+  for d, t in enumerate(small_tables):
     batches = rows0[ds0 == d]
     assert all(len(set(r)) == G for r in batches)
-    assert max(collections.Counter(batches.ravel()).values()) <= x.table.repeat
+    assert max(collections.Counter(batches.ravel()).values()) <= t.repeat
 
 
 def test_same_seed_same_batches(big, big_tables, tok):
-  a = _take(data.make_iterator(big, tok, tables=big_tables), 6)
-  b = _take(data.make_iterator(big, tok, tables=big_tables), 6)
+  a = _take(data.make_iterator(big, big_tables), 6)
+  b = _take(data.make_iterator(big, big_tables), 6)
   for x, y in zip(a, b):
     _same(x, y)
   other = config.replace(big, seed=1)
-  c = _take(data.make_iterator(other, tok, tables=big_tables), 6)
+  c = _take(data.make_iterator(other, big_tables), 6)
   assert [x["dataset"] for x in a] != [x["dataset"] for x in c] or any(
       not np.array_equal(x[k], y[k]) for x, y in zip(a, c) for k in x if k.endswith("_ids"))
 
 
 def test_two_processes_concatenate_to_global_batch(big, big_tables, small, small_tables, tok):
   for cfg, tables in ((big, big_tables), (small, small_tables)):
-    whole, p0, p1 = (data.Batcher(cfg, tok, tables, i, n) for i, n in ((0, 1), (0, 2), (1, 2)))
+    whole, p0, p1 = (data.Batcher(cfg, tables, i, n) for i, n in ((0, 1), (0, 2), (1, 2)))
     tasks = set()
     for step in range(0, 60, 3):
       (g, gm), (a, am), (b, bm) = whole(step), p0(step), p1(step)
@@ -163,13 +219,13 @@ def test_two_processes_concatenate_to_global_batch(big, big_tables, small, small
 
 def test_restore_from_state_continues_exactly(small, small_tables, tok):
   n = data.steps_per_epoch(small, small_tables)
-  ref = _take(data.make_iterator(small, tok, tables=small_tables), n + 6)
-  it = data.make_iterator(small, tok, tables=small_tables)
+  ref = _take(data.make_iterator(small, small_tables), n + 6)
+  it = data.make_iterator(small, small_tables)
   for _ in range(n - 3):  # stop shortly before the epoch boundary
     next(it)
   state = it.get_state()
   it.close()
-  resumed = data.make_iterator(small, tok, tables=small_tables)
+  resumed = data.make_iterator(small, small_tables)
   resumed.set_state(state)
   for x, y in zip(ref[n - 3:], _take(resumed, 9)):
     _same(x, y)
@@ -177,13 +233,13 @@ def test_restore_from_state_continues_exactly(small, small_tables, tok):
 
 def test_restore_with_worker_processes(big, big_tables, tok):
   cfg = config.replace(big, worker_count=1)
-  ref = _take(data.make_iterator(big, tok, tables=big_tables), 8)
-  it = data.make_iterator(cfg, tok, tables=big_tables)
+  ref = _take(data.make_iterator(big, big_tables), 8)
+  it = data.make_iterator(cfg, big_tables)
   for x in ref[:4]:
     _same(x, _take_one(it))
   state = it.get_state()
   it.close()
-  it = data.make_iterator(cfg, tok, tables=big_tables)
+  it = data.make_iterator(cfg, big_tables)
   it.set_state(state)
   for x in ref[4:]:
     _same(x, _take_one(it))
@@ -191,20 +247,19 @@ def test_restore_with_worker_processes(big, big_tables, tok):
 
 
 def test_sampling_prefixes_and_lengths(big, big_tables, tok):
-  batcher = data.Batcher(big, tok, big_tables)
-  x = big_tables[0]
-  t = x.table
+  batcher = data.Batcher(big, big_tables)
+  t = big_tables[0]
   step = next(s for s in range(100) if batcher.select(s)[0] == 0)
   _, sel = batcher.select(step)
   for i, row in enumerate(sel["query"]):
-    assert t.passages[sel["pos"][i]] in t[row]["pos"]
-    assert t.passages[sel["neg"][i, 0]] in t[row]["neg"]
+    assert sel["pos"][i] in t.pos_ids[t.pos_off[row]:t.pos_off[row + 1]]
+    assert sel["neg"][i, 0] in t.neg_ids[t.neg_off[row]:t.neg_off[row + 1]]
   b = _batch(batcher, step)
   width = {f: n for f, _, _, n in batcher.fields("retrieval", b["bucket"])}
   assert width["query"] == 64 and width["pos"] == width["neg"] <= b["bucket"]
   assert {f: b[f + "_ids"].shape for f in width} == {f: (32, n) for f, n in width.items()}
-  assert (b["query_mask"].sum(1) == x.q_len[sel["query"]]).all()  # the length index is exact
-  assert (b["neg_mask"].sum(1) == x.p_len[sel["neg"][:, 0]]).all()
+  assert (b["query_mask"].sum(1) == t.q_len(sel["query"])).all()  # the length index is exact
+  assert (b["neg_mask"].sum(1) == t.p_len(sel["neg"][:, 0])).all()
   prefix = tok("passage: ", add_special_tokens=False)["input_ids"]
   assert list(b["pos_ids"][0, 1:1 + len(prefix)]) == prefix
   assert b["pad_frac"] == pytest.approx(1 - sum(b[k].sum() for k in b if k.endswith("_mask"))
@@ -218,10 +273,10 @@ def test_sampling_prefixes_and_lengths(big, big_tables, tok):
 
 def test_negatives_fixed_k_and_cls_padding(small, small_tables, tok):
   cfg = config.replace(small, neg_num=3, cls_neg_num=130)
-  batcher = data.Batcher(cfg, tok, small_tables)
+  batcher = data.Batcher(cfg, small_tables)
   for step in range(batcher.steps_per_epoch):
     b, (d, sel) = _batch(batcher, step), batcher.select(step)
-    t = small_tables[d].table
+    t = small_tables[d]
     if t.task == "retrieval":
       assert b["neg_ids"].shape[0] == 3 * G
     if t.name == "retri.dataset":  # 1 negative per row: cycled to K=3
@@ -240,7 +295,7 @@ def test_negatives_fixed_k_and_cls_padding(small, small_tables, tok):
 
 def test_put_batch(big, big_tables, tok):
   mesh = sharding.make_mesh(2)
-  b, _ = data.Batcher(big, tok, big_tables)(0)
+  b, _ = data.Batcher(big, big_tables)(0)
   g = sharding.put_batch(b, mesh)
   assert g.keys() == b.keys()
   for k, v in b.items():
@@ -257,14 +312,15 @@ def test_jsonl_pairs_and_label_triplets(tmp_path, tok):
                                        "label": i % 2}) + "\n" for i in range(8)))
   cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(cls)},
                                          {"kind": "jsonl", "path": str(pairs)}), global_batch_size=4)
-  x_cls, x_pairs = data.load_tables(cfg, tok)
-  t_cls, t_pairs = x_cls.table, x_pairs.table
+  t_cls, t_pairs = data.load_tables(cfg, tok)
   assert (t_cls.task, t_pairs.task) == ("cls", "sts")
-  assert t_cls[4] == {"query": "t4", "pos": ["b"], "neg": ["a", "c"], "label": 0.0}
-  assert t_pairs[3]["label"] == 1.0
-  b, _ = data.Batcher(cfg, tok, [x_cls])(0)
+  row = lambda off, ids, i: _texts(t_cls, "pos", ids[off[i]:off[i + 1]], tok)
+  assert _texts(t_cls, "query", [4], tok) == ["t4"] and row(t_cls.pos_off, t_cls.pos_ids, 4) == ["b"]
+  assert row(t_cls.neg_off, t_cls.neg_ids, 4) == ["a", "c"] and row(t_cls.neg_off, t_cls.neg_ids, 0) == ["b", "c"]
+  assert t_pairs.labels[3] == 1.0
+  b, _ = data.Batcher(cfg, [t_cls])(0)
   assert b["neg_valid"].shape == (4, 10) and b["neg_valid"].sum() == 8
-  assert len(sources.load_table({"kind": "jsonl", "path": str(cls), "limit": 5})) == 5
+  assert len(_rows({"kind": "jsonl", "path": str(cls), "limit": 5})) == 5
 
 
 def _save_to_disk(path, rows):
@@ -292,9 +348,10 @@ STS = {"text": "a", "text_pair": "b", "label": "high", "type": "cosent"}
     ([STS], "bad.dataset: row 0: field 'label': expected a finite number, got 'high'"),
     ([{**STS, "label": float("nan")}], "bad.dataset: row 0: field 'label': expected a finite number, got nan"),
 ])
-def test_bad_piccolo_rows(tmp_path, rows, match):
-  with pytest.raises(data.DataError, match=match):
-    sources.load_table(_save_to_disk(tmp_path / "bad.dataset", rows))
+def test_bad_piccolo_rows(tmp_path, rows, match, tok):
+  with pytest.raises(data.DataError, match=match):  # raised while preparing, nothing left behind
+    _prepare(_save_to_disk(tmp_path / "bad.dataset", rows), tok, tmp_path / "cache")
+  assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_bad_input_errors(tmp_path, tok):
@@ -302,12 +359,12 @@ def test_bad_input_errors(tmp_path, tok):
     path = tmp_path / name
     path.write_bytes(b"".join(l if isinstance(l, bytes) else json.dumps(l).encode() + b"\n"
                               for l in lines))
-    return sources.load_table({"kind": name.split(".")[-1], "path": str(path), **entry})
+    return _rows({"kind": name.split(".")[-1], "path": str(path), **entry})
 
   entry = _save_to_disk(tmp_path / "nocol.dataset", [{"text": "q", "text_pos": "p",
                                                       "type": "retri_contrast"}])
   with pytest.raises(data.DataError, match="nocol.dataset: row 0: missing field 'text_neg'"):
-    sources.load_table(entry)
+    _rows(entry)
   pair = {"sentence1": "a", "sentence2": "b", "score": 1}
   with pytest.raises(data.DataError, match=r"p\.jsonl: line 2: missing field 'score'"):
     table("p.jsonl", [pair, {"sentence1": "a", "sentence2": "b"}])
@@ -334,8 +391,7 @@ def test_skipped_rows_counted_strict_and_too_small(tmp_path, tok, caplog):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=8)
   with caplog.at_level("INFO", logger="piccolo_jax.data"):
-    (x,) = data.load_tables(cfg, tok)
-  t = x.table
+    (t,) = data.load_tables(cfg, tok)
   assert len(t) == 8 and t.skipped == {"empty text": 1, "no positive": 3, "no negative": 1}
   assert "s.jsonl: skipped rows {'empty text': 1, 'no positive': 3" in caplog.text
   with pytest.raises(data.DataError, match=r"s\.jsonl: line 9: field 'query': empty text"):
@@ -356,9 +412,9 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   path.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) + "\n" for i in range(8)))
   cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=4)
   loss_cfg = config.section("loss", mrl_dims=(8, 16), qa=dict(temperature=0.05))
-  (x,) = data.load_tables(cfg, tok)
-  assert x.table.task == "qa" and x.table[3] == {"query": "q3?", "pos": ["a3"], "neg": [], "label": 0.0}
-  arrays, meta = data.Batcher(cfg, tok, [x])(0)
+  (t,) = data.load_tables(cfg, tok)
+  assert t.task == "qa" and _texts(t, "query", [3], tok) == ["q3?"] and _texts(t, "pos", t.pos_ids[3:4], tok) == ["a3"]
+  arrays, meta = data.Batcher(cfg, [t])(0)
   assert set(arrays) == {"query_ids", "query_mask", "pos_ids", "pos_mask"} and meta["task"] == "qa"
   emb = {f: np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32) for f in ("query", "pos")}
   loss, per_dim = step_lib.task_loss("qa", emb, arrays, loss_cfg)

@@ -13,7 +13,7 @@ import conftest
 import tiny_config
 from piccolo_jax.configs import finetune
 from piccolo_jax import model as model_lib
-from piccolo_jax import modeldir, sharding, state, step as step_lib, train
+from piccolo_jax import config, modeldir, sharding, state, step as step_lib, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -130,11 +130,11 @@ def test_fsdp_shards_state_and_matches_data_parallel(tmp_path):
 
 
 def test_config_by_name_and_overrides():
-  assert train.resolve_config_path("finetune").endswith("configs/finetune.py")
-  assert train._resolve_argv(["--config=demo", "--config.optim.lr=2e-5"]) == [
+  assert config.resolve_config_path("finetune").endswith("configs/finetune.py")
+  assert config.resolve_argv(["--config=demo", "--config.optim.lr=2e-5"]) == [
       f"--config={REPO / 'configs/demo.py'}", "--config.optim.lr=2e-5"]
   with pytest.raises(SystemExit, match="no config 'nope'"):
-    train.resolve_config_path("nope")
+    config.resolve_config_path("nope")
   c = finetune.get_config()
   assert c.model.dense_out == 1792 and c.loss.mrl_dims[-1] == 1792 and c.model.dtype == "bfloat16"
   assert c.optim.lr == 1e-5 and c.train.epochs == 3 and "embeddings/position" in c.optim.freeze
@@ -142,12 +142,12 @@ def test_config_by_name_and_overrides():
 
 def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # No ./configs here: the installed piccolo_jax.configs serve.
-  assert train.resolve_config_path("finetune") == str(REPO / "configs" / "finetune.py")
+  assert config.resolve_config_path("finetune") == str(REPO / "configs" / "finetune.py")
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "finetune.py").write_text("")  # A user's own configs/ comes first.
-  assert train.resolve_config_path("finetune") == str(tmp_path / "configs" / "finetune.py")
+  assert config.resolve_config_path("finetune") == str(tmp_path / "configs" / "finetune.py")
   (tmp_path / "configs" / "finetune.py").unlink()
-  spec = importlib.util.spec_from_file_location("stsb", train.resolve_config_path("stsb"))
+  spec = importlib.util.spec_from_file_location("stsb", config.resolve_config_path("stsb"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # As config_flags loads it: by path, outside the repository.
   assert module.get_config().loss.sts.weight == 1.0

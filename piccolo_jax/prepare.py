@@ -1,0 +1,301 @@
+"""Prepared datasets: every source tokenised once into flat memory-mapped arrays that training reads.
+
+Usage: python -m piccolo_jax.prepare --config=finetune [--shard=I --num-shards=N] [--config.X=...]
+
+A prepared dataset is the directory `PREPARED_DIR/NAME-KEY`; KEY hashes everything its contents
+depend on: the dataset entry, its source files' sizes and mtimes, the tokenizer, the token caps,
+the prefixes, `strict` and which tasks require negatives. A changed source, tokenizer or cap maps
+to another directory and is prepared afresh, so a stale cache is never read. It is written to a
+temporary directory and renamed when complete: an interrupted preparation leaves no dataset.
+
+Files (raw little-endian arrays, opened with np.memmap; n rows, m distinct passages):
+  q_tok  uint16 (int32 for vocabularies over 65535)  token ids of every query: prefix included,
+         special tokens included, truncated at the field's cap (what the batch holds, unpadded)
+  q_off  int64 [n+1]  row i's tokens are q_tok[q_off[i]:q_off[i+1]]
+  p_tok, p_off  the same for the m distinct passages (positives and negatives, deduplicated by a
+         16-byte BLAKE2b digest of the text)
+  pos_off int64 [n+1], pos_ids int32: row i's positives are passages pos_ids[pos_off[i]:pos_off[i+1]]
+  neg_off, neg_ids  its negatives, the same way (cls label rows: every other class)
+  labels float32 [n]  STS scores (zeros otherwise)
+  manifest.json  name, task, rows, passages, skipped rows by reason, longest query and passage,
+         the empty text's tokens (cls padding), pad id, token dtype, and the fingerprint.
+"""
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import sys
+import time
+import uuid
+
+import numpy as np
+import tqdm
+
+from piccolo_jax import sources
+from piccolo_jax import tasks as tasks_lib
+
+FORMAT = 1
+CHUNK = 4096  # rows per tokenizer batch
+ARRAYS = {"q_tok": None, "q_off": np.int64, "p_tok": None, "p_off": np.int64, "pos_off": np.int64,
+          "pos_ids": np.int32, "neg_off": np.int64, "neg_ids": np.int32, "labels": np.float32}
+log = logging.getLogger(__name__)
+
+
+def default_dir() -> pathlib.Path:
+  """$PICCOLO_JAX_CACHE, else ~/.cache/piccolo_jax/prepared."""
+  return pathlib.Path(os.environ.get("PICCOLO_JAX_CACHE") or "~/.cache/piccolo_jax/prepared").expanduser()
+
+
+class Encoders:
+  """Per-max-length copies of the fast tokenizer's backend: fixed settings, thread-safe."""
+
+  def __init__(self, tokenizer, caps):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+      raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer")
+    self.pad_id = tokenizer.pad_token_id or 0
+    self.vocab_size = backend.get_vocab_size()
+    self.enc = {}
+    for cap in set(caps):
+      self.enc[cap] = type(backend).from_str(backend.to_str())
+      self.enc[cap].no_padding()
+      self.enc[cap].enable_truncation(cap)
+
+  def __call__(self, texts, cap):
+    """Token ids per text (special tokens included, truncated at cap)."""
+    return [e.ids for e in self.enc[cap].encode_batch(texts)] if texts else []
+
+
+def source_files(entry) -> list:
+  """The files a dataset entry reads (their sizes and mtimes are part of its key)."""
+  kind = entry.get("kind", "piccolo")
+  if kind == "tfds":
+    root = entry.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    path = pathlib.Path(root).expanduser() / entry["name"].split(":")[0].split("/")[0]
+  else:
+    path = pathlib.Path(entry["path"])
+  return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def fingerprint(entry, c, tokenizer) -> dict:
+  """What a prepared dataset's contents depend on (`repeat` is applied when it is read)."""
+  stat = lambda p: [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), None]
+  return {"format": FORMAT,
+          "entry": {k: v for k, v in sorted(entry.items()) if k != "repeat"},
+          "files": [stat(p) for p in source_files(entry)],
+          "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+          "caps": sorted([*k, v] for k, v in tasks_lib.caps(c).items()),
+          "needs_negatives": {t.name: tasks_lib.negatives(t, c) > 0 for t in tasks_lib.TASKS.values()},
+          "strict": bool(c.strict), "query_prefix": c.query_prefix, "passage_prefix": c.passage_prefix}
+
+
+def location(entry, c, tokenizer, root=None) -> tuple[pathlib.Path, dict]:
+  """(directory, fingerprint) of an entry's prepared dataset."""
+  fp = fingerprint(entry, c, tokenizer)
+  key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  name = entry.get("name") or pathlib.Path(str(entry.get("path") or entry.get("name"))).name
+  root = pathlib.Path(root or c.get("prepared_dir") or default_dir())
+  return root / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-64:]}-{key}", fp
+
+
+class _Flat:
+  """An append-only flat array file."""
+
+  def __init__(self, path, dtype):
+    self.f, self.dtype, self.n = open(path, "wb"), dtype, 0
+
+  def add(self, values):
+    a = np.asarray(values, self.dtype)
+    self.f.write(a.tobytes())
+    self.n += a.size
+
+
+class _Offsets(_Flat):
+  """Offsets of a ragged array: starts at 0, each add() appends the running ends of its lengths."""
+
+  def __init__(self, path):
+    super().__init__(path, np.int64)
+    self.end = 0
+    self.add([0])
+
+  def extend(self, lengths):
+    ends = self.end + np.cumsum(np.asarray(lengths, np.int64))
+    self.add(ends)
+    self.end = int(ends[-1]) if len(ends) else self.end
+
+
+def _write(reader, c, enc, tmp):
+  """Streams the reader's rows into tmp's arrays; returns the manifest's counts."""
+  tok_dt = np.uint16 if enc.vocab_size <= 65535 else np.int32
+  q_tok, p_tok = _Flat(tmp / "q_tok.bin", tok_dt), _Flat(tmp / "p_tok.bin", tok_dt)
+  q_off, p_off, pos_off, neg_off = (_Offsets(tmp / f"{k}.bin") for k in ("q_off", "p_off", "pos_off", "neg_off"))
+  pos_ids, neg_ids = _Flat(tmp / "pos_ids.bin", np.int32), _Flat(tmp / "neg_ids.bin", np.int32)
+  labels = _Flat(tmp / "labels.bin", np.float32)
+  pool, longest, n, caps = {}, [0, 0], 0, tasks_lib.caps(c)
+  rows = iter(reader)
+  bar = tqdm.tqdm(desc=f"prepare {reader.name}", unit=" rows", disable=None, file=sys.stderr)
+  while chunk := list(itertools.islice(rows, CHUNK)):  # the first row sets reader.task
+    q_cap, p_cap = caps[reader.task.name, "query"], caps[reader.task.name, "pos"]
+    qp, pp = reader.prefix("query_prefix"), reader.prefix("passage_prefix")
+    new, ids = [], lambda texts: [_passage_id(pool, new, t) for t in texts]
+    pos, neg = [ids(p) for _, p, _, _ in chunk], [ids(m) for _, _, m, _ in chunk]
+    q_ids = enc([qp + q for q, _, _, _ in chunk], q_cap)
+    p_ids = enc([pp + t for t in new], p_cap)
+    for store, off, seqs, i in ((q_tok, q_off, q_ids, 0), (p_tok, p_off, p_ids, 1)):
+      if seqs:
+        store.add(np.concatenate(seqs))
+        off.extend([len(s) for s in seqs])
+        longest[i] = max(longest[i], max(len(s) for s in seqs))
+    for flat, off, lists in ((pos_ids, pos_off, pos), (neg_ids, neg_off, neg)):
+      flat.add([j for x in lists for j in x])
+      off.extend([len(x) for x in lists])
+    labels.add([label for *_, label in chunk])
+    n += len(chunk)
+    bar.update(len(chunk))
+  bar.close()
+  for f in (q_tok, p_tok, q_off, p_off, pos_off, neg_off, pos_ids, neg_ids, labels):
+    f.f.close()
+  if reader.label_layout:  # cls label rows: the negatives are every other class, in order of appearance
+    own, k = np.fromfile(tmp / "pos_ids.bin", np.int32), len(pool)
+    np.concatenate([[0], np.arange(1, n + 1, dtype=np.int64) * (k - 1)]).tofile(tmp / "neg_off.bin")
+    with open(tmp / "neg_ids.bin", "wb") as f:
+      for s in range(0, n, CHUNK):
+        others = np.broadcast_to(np.arange(k, dtype=np.int32), (len(own[s:s + CHUNK]), k))
+        f.write(others[others != own[s:s + CHUNK, None]].tobytes())
+  return {"rows": n, "passages": len(pool), "longest_query": longest[0], "longest_passage": longest[1],
+          "token_dtype": np.dtype(tok_dt).name, "empty": enc([""], caps[reader.task.name, "pos"])[0]}
+
+
+def _passage_id(pool, new, text):
+  key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+  j = pool.get(key)
+  if j is None:
+    j = pool[key] = len(pool)
+    new.append(text)
+  return j
+
+
+def prepare(entry, c, tokenizer, root=None) -> pathlib.Path:
+  """The prepared directory of one dataset entry under data config c, preparing it if missing."""
+  final, fp = location(entry, c, tokenizer, root)
+  if (final / "manifest.json").is_file():
+    return final
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    start, enc = time.perf_counter(), Encoders(tokenizer, tasks_lib.caps(c).values())
+    reader = sources.read(entry, c)
+    counts = _write(reader, c, enc, tmp)
+    manifest = {"name": reader.name, "task": reader.task.name, **counts, "skipped": reader.skipped,
+                "pad_id": enc.pad_id, "fingerprint": fp}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    try:
+      tmp.rename(final)
+    except OSError:  # another process finished it first: theirs is identical
+      if not (final / "manifest.json").is_file():
+        raise
+    secs = time.perf_counter() - start
+    log.info("prepare: %s: %d rows, %d passages in %.1f s (%.0f rows/s) -> %s", reader.name,
+             counts["rows"], counts["passages"], secs, counts["rows"] / max(secs, 1e-9), final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def _map(path, dtype):
+  return np.memmap(path, dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A prepared dataset, memory-mapped: the arrays above as attributes, manifest fields too."""
+  path: pathlib.Path
+  repeat: int = 1
+
+  def __post_init__(self):
+    self.path = pathlib.Path(self.path)
+    m = json.loads((self.path / "manifest.json").read_text())
+    self.name, self.task, self.rows, self.skipped = m["name"], m["task"], m["rows"], m["skipped"]
+    self.longest_query, self.longest_passage = m["longest_query"], m["longest_passage"]
+    self.pad_id, self.empty = m["pad_id"], np.array(m["empty"], np.int32)
+    for k, dtype in ARRAYS.items():
+      setattr(self, k, _map(self.path / f"{k}.bin", dtype or m["token_dtype"]))
+
+  def __reduce__(self):  # grain workers reopen the files instead of receiving a copy of them
+    return Prepared, (self.path, self.repeat)
+
+  def __len__(self):
+    return self.rows
+
+  def q_len(self, rows):
+    return (self.q_off[rows + 1] - self.q_off[rows]).astype(np.int32)
+
+  def p_len(self, ids):
+    return (self.p_off[ids + 1] - self.p_off[ids]).astype(np.int32)
+
+  def tokens(self, slot, i):
+    """Token ids of query i (slot "query") or passage i (else; -1: the empty text)."""
+    if slot == "query":
+      return self.q_tok[self.q_off[i]:self.q_off[i + 1]]
+    return self.p_tok[self.p_off[i]:self.p_off[i + 1]] if i >= 0 else self.empty
+
+
+def open_all(c, tokenizer, root=None) -> list[Prepared]:
+  """Every dataset of data config c, prepared where missing and memory-mapped."""
+  return [Prepared(prepare(e, c, tokenizer, root), int(e.get("repeat", 1))) for e in sources.expand(c.datasets)]
+
+
+def shard_entries(entries, shard, num_shards) -> list:
+  """Shard `shard` of num_shards: entries dealt largest source first to the least-loaded shard."""
+  size = lambda e: sum(p.stat().st_size for p in source_files(e) if p.is_file())
+  load, mine = [0] * num_shards, []
+  for i in sorted(range(len(entries)), key=lambda i: -size(entries[i])):
+    s = load.index(min(load))
+    load[s] += size(entries[i])
+    if s == shard:
+      mine.append(entries[i])
+  return mine
+
+
+def main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from piccolo_jax import config as config_lib, state  # pylint: disable=g-import-not-at-top
+  config_flag = config_flags.DEFINE_config_file("config", None, "config name (configs/NAME.py) or path")
+  flags.DEFINE_integer("shard", 0, "this process's shard of the datasets (several hosts or processes)")
+  flags.DEFINE_integer("num_shards", 1, "number of shards: each prepares its share of the datasets")
+  flags.DEFINE_bool("verbose", False, "show tracebacks for errors in the input")
+  flags.mark_flags_as_required(["config"])
+
+  def run(argv):
+    del argv
+    config_lib.cli_logging()
+    f, c = flags.FLAGS, config_flag.value
+    try:
+      if not 0 <= f.shard < f.num_shards:
+        raise ValueError(f"--shard={f.shard} is not in [0, --num_shards={f.num_shards})")
+      tokenizer = AutoTokenizer.from_pretrained(state.tokenizer_dir(c.model))
+      entries = shard_entries(sources.expand(c.data.datasets), f.shard, f.num_shards)
+      for e in entries:
+        t = Prepared(prepare(e, c.data, tokenizer))
+        print(f"{t.name}: {t.task}, {len(t)} rows, {t.p_off.size - 1} passages, "
+              f"skipped {t.skipped or 'none'} -> {t.path}")
+    except (ValueError, OSError) as e:
+      if f.verbose:
+        raise
+      sys.exit(f"error: {e}")
+
+  sys.argv = config_lib.resolve_argv(sys.argv)
+  config_lib.check_overrides(sys.argv)
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()
