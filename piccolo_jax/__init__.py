@@ -1,8 +1,8 @@
 """piccolo_jax: Piccolo2's multi-task embedding training in JAX / Flax NNX.
 
-Map: config (schema) -> sources (formats -> Tables) -> data (lengths, plans, batches) ->
-sharding (host -> device) -> step (the jitted train step; task losses from tasks + losses) ->
-train (loop, preemption, eval, export; CLI). Models: model, convert (PyTorch -> ours), modeldir
+Map: config (schema) -> sources (formats -> rows) -> prepare (rows -> memory-mapped tokens, once)
+-> data (plans, batches) -> sharding (host -> device) -> step (the jitted train step; task losses
+from tasks + losses) -> train (loop, preemption, eval, export; CLI). Models: model, convert (PyTorch -> ours), modeldir
 (model directories), export (-> sentence-transformers), encode, evaluate. state: init and optimizer;
 checkpoint: the training CheckpointManager; gradcache: chunked exact gradients. How to add a task,
 a data format, an eval kind or a config: docs/extending.md.

@@ -2,8 +2,10 @@
 import collections
 import copy
 import json
+import os
 import pickle
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +21,8 @@ from piccolo_jax import sources
 from piccolo_jax import step as step_lib
 from piccolo_jax import tasks
 
-TFDS_DIR = pathlib.Path(__file__).parent / "fixtures" / "tfds"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TFDS_DIR = REPO / "tests" / "fixtures" / "tfds"
 G = 8  # global batch
 
 
@@ -140,6 +143,33 @@ def test_prepared_tokens_are_the_tokenizers(small, small_tables, big, big_tables
         for texts, off, ids in ((pos, t.pos_off, t.pos_ids), (neg, t.neg_off, t.neg_ids)):
           assert [list(t.tokens("pos", j)) for j in ids[off[i]:off[i + 1]]] == [enc(pp + x, "pos") for x in texts]
         assert t.labels[i] == np.float32(label)
+
+
+def test_batches_equal_tokenising_the_selected_texts(big, big_tables, small, small_tables, tok):
+  """Today's batches, rebuilt independently: the tokenizer on the selected texts, padded to the width."""
+  for c, tables in ((big, big_tables), (config.replace(small, cls_neg_num=130), small_tables)):
+    batcher, readers, text = data.Batcher(c, tables), [], []
+    for entry, t in zip(sources.expand(c.datasets), tables):
+      readers.append(sources.read(entry, c))
+      rows, names = list(readers[-1]), {}
+      classes = list(dict.fromkeys(p[0] for _, p, _, _ in rows))
+      for i, (_, pos, neg, _) in enumerate(rows):
+        neg = [m for m in classes if m != pos[0]] if readers[-1].label_layout else neg
+        names.update(zip(t.pos_ids[t.pos_off[i]:t.pos_off[i + 1]], pos))
+        names.update(zip(t.neg_ids[t.neg_off[i]:t.neg_off[i + 1]], neg))
+      text.append(([q for q, *_ in rows], names))
+    for step in range(0, 3 * batcher.steps_per_epoch, 11):
+      (d, sel), (arrays, meta) = batcher.select(step), batcher(step)
+      r, (queries, names) = readers[d], text[d]
+      for field, slot, cap, length in batcher.fields(meta["task"], meta["bucket"]):
+        ids = sel[slot].reshape(-1)
+        texts = ([r.prefix("query_prefix") + queries[i] for i in ids] if slot == "query" else
+                 [r.prefix("passage_prefix") + names[i] if i >= 0 else "" for i in ids])
+        want = np.zeros((len(texts), length), np.int32)
+        for row, seq in enumerate(tok(texts, truncation=True, max_length=cap)["input_ids"]):
+          want[row, :len(seq)] = seq
+        np.testing.assert_array_equal(arrays[f"{field}_ids"], want, err_msg=f"step {step} {field}")
+        np.testing.assert_array_equal(arrays[f"{field}_mask"], want != 0, err_msg=f"step {step} {field}")
 
 
 def test_prepared_cache_is_keyed_by_source_tokenizer_and_caps(tmp_path, tok, monkeypatch):
@@ -422,3 +452,18 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
                   for d in (8, 16)])
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   assert per_dim.shape == (2,)
+
+
+def test_prepare_cli_shards_are_what_training_opens(tmp_path, tok, monkeypatch):
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PICCOLO_JAX_CACHE=str(tmp_path))
+  for shard in (0, 1):
+    out = subprocess.run([sys.executable, "-m", "piccolo_jax.prepare", "--config=tests/tiny_config.py",
+                          f"--shard={shard}", "--num_shards=2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert all(" rows, " in line for line in out.stdout.splitlines())
+  assert len(list(tmp_path.iterdir())) == 3  # every dataset once, over the two shards
+  monkeypatch.setenv("PICCOLO_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(prepare, "_write", lambda *a: pytest.fail("training prepared a dataset again"))
+  tables = data.load_tables(tiny_config.get_config().data, tok)
+  assert [t.task for t in tables] == ["retrieval", "sts", "cls"] and all(len(t) == 32 for t in tables)
