@@ -10,7 +10,10 @@ import importlib.util
 import os
 import pathlib
 import re
+import sys
 
+from absl import app
+from absl import flags
 import ml_collections
 
 MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)  # stella-v3.5's Matryoshka dims.
@@ -140,3 +143,21 @@ def cli_logging():
   for handler in logging.getLogger().handlers:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
   logging.getLogger("piccolo_jax").setLevel(logging.INFO)
+
+
+def run_cli(body, errors=(ValueError, OSError)):
+  """absl's app.run of body() with --config=NAME resolved and its overrides checked; `errors` exit
+  with one line (tracebacks under --verbose, a flag the CLI defines)."""
+  def run(argv):
+    del argv
+    cli_logging()
+    try:
+      body()
+    except errors as e:
+      if flags.FLAGS.verbose:
+        raise
+      sys.exit(f"error: {e}")
+
+  sys.argv = resolve_argv(sys.argv)
+  check_overrides(sys.argv)
+  app.run(run)

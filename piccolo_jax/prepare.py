@@ -264,7 +264,7 @@ def shard_entries(entries, shard, num_shards) -> list:
 
 
 def main():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   from piccolo_jax import config as config_lib, state  # pylint: disable=g-import-not-at-top
@@ -274,28 +274,17 @@ def main():
   flags.DEFINE_bool("verbose", False, "show tracebacks for errors in the input")
   flags.mark_flags_as_required(["config"])
 
-  def run(argv):
-    del argv
-    config_lib.cli_logging()
+  def run():
     f, c = flags.FLAGS, config_flag.value
-    try:
-      if not 0 <= f.shard < f.num_shards:
-        raise ValueError(f"--shard={f.shard} is not in [0, --num_shards={f.num_shards})")
-      tokenizer = AutoTokenizer.from_pretrained(state.tokenizer_dir(c.model))
-      entries = shard_entries(sources.expand(c.data.datasets), f.shard, f.num_shards)
-      for e in entries:
-        t = Prepared(prepare(e, c.data, tokenizer))
-        print(f"{t.name}: {t.task}, {len(t)} rows, {t.p_off.size - 1} passages, "
-              f"skipped {t.skipped or 'none'} -> {t.path}")
-    except (ValueError, OSError) as e:
-      if f.verbose:
-        raise
-      sys.exit(f"error: {e}")
+    if not 0 <= f.shard < f.num_shards:
+      raise ValueError(f"--shard={f.shard} is not in [0, --num_shards={f.num_shards})")
+    tokenizer = AutoTokenizer.from_pretrained(state.tokenizer_dir(c.model))
+    for e in shard_entries(sources.expand(c.data.datasets), f.shard, f.num_shards):
+      t = Prepared(prepare(e, c.data, tokenizer))
+      print(f"{t.name}: {t.task}, {len(t)} rows, {t.p_off.size - 1} passages, "
+            f"skipped {t.skipped or 'none'} -> {t.path}")
 
-  sys.argv = config_lib.resolve_argv(sys.argv)
-  config_lib.check_overrides(sys.argv)
-  app.run(run)
-
+  config_lib.run_cli(run)
 
 if __name__ == "__main__":
   main()

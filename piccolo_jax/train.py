@@ -10,9 +10,7 @@ import os
 import pathlib
 import shutil
 import signal
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from jax.experimental import multihost_utils
@@ -221,22 +219,15 @@ def main():
   flags.DEFINE_bool("verbose", False, "show tracebacks for errors in the input (data, config, files)")
   flags.mark_flags_as_required(["config", "workdir"])
 
-  def run(argv):
-    del argv
-    config_lib.cli_logging()
+  def run():
     f = flags.FLAGS
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # A restart reuses the compiled steps.
+      jax.config.update("jax_compilation_cache_dir", str(pathlib.Path("~/.cache/piccolo_jax/xla").expanduser()))
     initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-    try:
-      train(config_flag.value, flags.FLAGS.workdir)
-    except (ValueError, OSError, NonFiniteError, checkpoint.CheckpointError) as e:  # DataError is a ValueError.
-      if f.verbose:
-        raise
-      sys.exit(f"error: {e}")
+    train(config_flag.value, f.workdir)
 
-  sys.argv = config_lib.resolve_argv(sys.argv)
-  config_lib.check_overrides(sys.argv)
-  app.run(run)
-
+  # DataError is a ValueError.
+  config_lib.run_cli(run, (ValueError, OSError, NonFiniteError, checkpoint.CheckpointError))
 
 if __name__ == "__main__":
   main()
