@@ -155,11 +155,7 @@ class Batcher:
     arrays, real, total = {}, 0, 0
     for field, slot, _, length in self.fields(t.task, bucket):
       ids = sel[slot][lo:hi].reshape(-1)  # neg: rows i*K .. i*K+K-1 belong to query i
-      ids_NL, mask_NL = np.full((len(ids), length), t.pad_id, np.int32), np.zeros((len(ids), length), np.int32)
-      for r, i in enumerate(ids):
-        tok = t.tokens(slot, i)
-        ids_NL[r, :len(tok)], mask_NL[r, :len(tok)] = tok, 1
-      arrays[f"{field}_ids"], arrays[f"{field}_mask"] = ids_NL, mask_NL
+      arrays[f"{field}_ids"], arrays[f"{field}_mask"] = t.padded(slot, ids, length)
       real, total = real + arrays[f"{field}_mask"].sum(), total + arrays[f"{field}_mask"].size
     extras = {"label": lambda: np.asarray(t.labels[sel["query"][lo:hi]]), "neg_valid": lambda: sel["neg_valid"][lo:hi]}
     arrays |= {k: extras[k]() for k in tasks_lib.TASKS[t.task].extras}

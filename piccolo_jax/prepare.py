@@ -245,6 +245,17 @@ class Prepared:
       return self.q_tok[self.q_off[i]:self.q_off[i + 1]]
     return self.p_tok[self.p_off[i]:self.p_off[i + 1]] if i >= 0 else self.empty
 
+  def padded(self, slot, ids, length):
+    """ids, mask: int32 [len(ids), length] of queries or passages `ids` (-1: the empty text), right-padded."""
+    ids = np.asarray(ids, np.int64)
+    tok, off = (self.q_tok, self.q_off) if slot == "query" else (self.p_tok, self.p_off)
+    start, end = off[np.maximum(ids, 0)], off[np.maximum(ids, 0) + 1]
+    mask_NL = np.arange(length) < np.where(ids >= 0, end - start, len(self.empty))[:, None]
+    ids_NL = np.where(mask_NL, tok[np.where(mask_NL, start[:, None] + np.arange(length), 0)], self.pad_id)
+    if (ids < 0).any():
+      ids_NL[ids < 0, :len(self.empty)] = self.empty
+    return ids_NL.astype(np.int32), mask_NL.astype(np.int32)
+
 
 def open_all(c, tokenizer, root=None) -> list[Prepared]:
   """Every dataset of data config c, prepared where missing and memory-mapped."""

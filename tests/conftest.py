@@ -11,6 +11,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Prepared datasets go to a per-session directory (subprocesses inherit it), not ~/.cache.
 os.environ["PICCOLO_JAX_CACHE"] = tempfile.mkdtemp(prefix="piccolo_jax_prepared-")
+# One persistent compilation cache for the session: programs that tests and CLI runs repeat compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="piccolo_jax_xla-"))
 
 import pytest  # noqa: E402
 
