@@ -82,13 +82,22 @@ def source_files(entry) -> list:
   return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
+def tokenizer_hash(tokenizer) -> str:
+  """SHA-256 of the tokenizer's definition, without the truncation and padding state that calling
+  a transformers tokenizer leaves on its backend."""
+  backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
+  backend.no_truncation()
+  backend.no_padding()
+  return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
 def fingerprint(entry, c, tokenizer) -> dict:
   """What a prepared dataset's contents depend on (`repeat` is applied when it is read)."""
   stat = lambda p: [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), None]
   return {"format": FORMAT,
           "entry": {k: v for k, v in sorted(entry.items()) if k != "repeat"},
           "files": [stat(p) for p in source_files(entry)],
-          "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+          "tokenizer": tokenizer_hash(tokenizer),
           "caps": sorted([*k, v] for k, v in tasks_lib.caps(c).items()),
           "needs_negatives": {t.name: tasks_lib.negatives(t, c) > 0 for t in tasks_lib.TASKS.values()},
           "strict": bool(c.strict), "query_prefix": c.query_prefix, "passage_prefix": c.passage_prefix}
