@@ -70,13 +70,13 @@ else:
   first = tree()
   out |= {"first_batch_s": time.perf_counter() - t1, "from_start_s": time.perf_counter() - t0,
           "first": first}
-  peak = first
+  peak, t2 = first, time.perf_counter()
   for i in range(200):
     next(it)
     if i % 20 == 19:
       now = tree()
       peak = {k: max(peak[k], now[k]) for k in peak}
-  out |= {"peak": peak, "hwm": status()["VmHWM"]}
+  out |= {"peak": peak, "hwm": status()["VmHWM"], "batch_ms": (time.perf_counter() - t2) * 5}
 print(json.dumps(out))
 """
 
@@ -122,7 +122,8 @@ def main():
   rows = [("rows", "prepare wall s", "prepare CPU ms/row", "tokenizer alone wall s", "prepare / tokenizer",
            "prepare peak RSS MB", "on-disk MB", "start-up s (to batch 1)",
            "RSS anon MB: after imports / batch 1 / peak",
-           "RSS file-backed MB peak", "same, 2 grain workers: s, anon MB peak", "old code: start-up s, peak RSS MB")]
+           "RSS file-backed MB peak", "ms per batch (200, grain)", "same, 2 grain workers: s, anon MB peak",
+           "old code: start-up s, peak RSS MB")]
   for n in map(int, args.rows.split(",")):
     path, cache = make_rows(root / f"rows-{n}.jsonl", n), root / f"cache-{n}"
     subprocess.run(["rm", "-rf", str(cache)], check=True)
@@ -134,7 +135,8 @@ def main():
     rows.append((f"{n:,}", f"{prep['wall']:.1f}", f"{1000 * prep['cpu'] / n:.2f}",
                  f"{tok['wall']:.1f}" if tok else "-", f"{prep['wall'] / tok['wall']:.2f}" if tok else "-",
                  f"{prep['peak']:.0f}", f"{disk:.0f}", f"{s0['first_batch_s']:.2f}",
-                 f"{s0['base_anon']:.0f} / {s0['first']['RssAnon']:.0f} / {s0['peak']['RssAnon']:.0f}", f"{s0['peak']['RssFile']:.0f}",
+                 f"{s0['base_anon']:.0f} / {s0['first']['RssAnon']:.0f} / {s0['peak']['RssAnon']:.0f}",
+                 f"{s0['peak']['RssFile']:.0f}", f"{s0['batch_ms']:.1f}",
                  f"{s2['first_batch_s']:.2f}, {s2['peak']['RssAnon']:.0f}",
                  f"{old['first_batch_s']:.1f}, {old['hwm']:.0f}" if old else "-"))
     print(rows[-1], json.dumps({"prepare": prep, "tokenizer": tok, "start": s0, "start_workers": s2, "old": old}),
