@@ -1,13 +1,17 @@
-"""Batched encoding with a fixed set of shapes; CLI to embed a text file.
+"""Batched encoding with a fixed set of shapes, in bounded chunks; CLI to embed a text file.
 
 Usage: python -m piccolo_jax.encode MODEL_DIR --input texts.txt --output emb.npy
 """
 import argparse
+import collections
+import itertools
 import pathlib
+import sys
 import tempfile
 
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from transformers import AutoTokenizer
 
@@ -17,6 +21,7 @@ from piccolo_jax import model as model_lib
 from piccolo_jax import modeldir
 
 DEFAULT_BUCKETS = config.BUCKETS
+CHUNK = 4096  # Texts tokenized at a time: the tokenizer holds ~21 KB per 110-token text (BENCHMARKS.md).
 
 
 def bucket_length(n: int, buckets, max_length: int) -> int:
@@ -34,7 +39,7 @@ def _embed(model, ids_BL, mask_BL):
 
 
 class Embedder:
-  """A model + tokenizer that encodes lists of texts to numpy embeddings."""
+  """A model + tokenizer that encodes texts to numpy embeddings."""
 
   def __init__(self, model: model_lib.Bert, tokenizer, buckets=DEFAULT_BUCKETS):
     self.model, self.tokenizer, self.buckets = model, tokenizer, tuple(sorted(buckets))
@@ -54,32 +59,59 @@ class Embedder:
     return self.tokenizer(list(texts), truncation=True, max_length=max_length,
                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
-  def encode(self, texts, *, batch_size=32, max_length=None, normalize=True, dim=None) -> np.ndarray:
-    """Embeds texts -> float32 [N, dim or full dim], in input order.
+  def encode(self, texts, *, batch_size=32, max_length=None, normalize=True, dim=None, chunk=CHUNK) -> np.ndarray:
+    """Embeds texts -> float32 [N, dim or full dim], in input order; see encode_to."""
+    texts = list(texts)
+    out_ND = np.empty((len(texts), self.check_dim(dim)), np.float32)
+    self.encode_to(texts, out_ND, batch_size=batch_size, max_length=max_length, normalize=normalize, chunk=chunk)
+    return out_ND
 
-    Texts are sorted by length and padded to a bucket length, and the last batch is padded
-    to batch_size rows, so a run compiles at most len(buckets) shapes. `dim` keeps the first
-    `dim` coordinates (Matryoshka) before the optional L2 normalisation.
+  def encode_to(self, texts, out_ND, *, batch_size=32, max_length=None, normalize=True, chunk=CHUNK,
+                progress=None):
+    """Embeds an iterable of N texts into out_ND [N, dim] (an array or np.memmap): row i for text i.
+
+    Texts are tokenized `chunk` at a time and queued by bucket length (the smallest bucket that holds
+    them); a full queue is one batch of batch_size texts, and the queues left at the end are padded to
+    batch_size rows. So a run compiles at most len(buckets) shapes, pads each text to its own bucket
+    only, holds at most len(buckets) x batch_size texts' tokens beyond a chunk's, and gives the same
+    batches whatever the chunk size. The first dim coordinates are kept (Matryoshka) before the
+    optional L2 normalisation. progress: called with the number of texts of each batch done.
     """
     max_length = max_length or self.model.cfg.max_seq_length
-    dim = self._check_dim(dim)
-    ids = self.tokenize(texts, max_length)
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    out = np.zeros((len(ids), dim), np.float32)
-    for start in range(0, len(ids), batch_size):
-      rows = order[start:start + batch_size]
-      L = bucket_length(max(len(ids[i]) for i in rows), self.buckets, max_length)
-      ids_BL = np.full((batch_size, L), self.model.cfg.pad_token_id, np.int32)
-      mask_BL = np.zeros((batch_size, L), np.int32)
-      for r, i in enumerate(rows):
-        ids_BL[r, :len(ids[i])], mask_BL[r, :len(ids[i])] = ids[i], 1
-      emb_BD = _embed(self.model, jnp.asarray(ids_BL), jnp.asarray(mask_BL))
-      out[rows] = np.asarray(emb_BD[:len(rows), :dim])
-    if normalize:
-      out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out
+    self.check_dim(out_ND.shape[1])
+    queues = collections.defaultdict(list)  # bucket length -> [(row, token ids)]
+    texts, n = iter(texts), 0
+    for part in iter(lambda: list(itertools.islice(texts, chunk)), []):
+      if n + len(part) > len(out_ND):
+        raise ValueError(f"more texts than the {len(out_ND)} output rows")
+      for row, ids in enumerate(self.tokenize(part, max_length), n):
+        L = bucket_length(len(ids), self.buckets, max_length)
+        queues[L].append((row, ids))
+        if len(queues[L]) == batch_size:
+          self._encode_batch(L, queues[L], out_ND, batch_size, normalize, progress)
+      n += len(part)
+    if n != len(out_ND):
+      raise ValueError(f"{n} texts for {len(out_ND)} output rows")
+    for L, queue in queues.items():
+      if queue:
+        self._encode_batch(L, queue, out_ND, batch_size, normalize, progress)
 
-  def _check_dim(self, dim):
+  def _encode_batch(self, L, queue, out_ND, batch_size, normalize, progress):
+    """Encodes and empties a queue of (row, token ids) padded to [batch_size, L] into its rows of out_ND."""
+    ids_BL = np.full((batch_size, L), self.model.cfg.pad_token_id, np.int32)
+    mask_BL = np.zeros((batch_size, L), np.int32)
+    for r, (_, ids) in enumerate(queue):
+      ids_BL[r, :len(ids)], mask_BL[r, :len(ids)] = ids, 1
+    emb_BD = np.asarray(_embed(self.model, jnp.asarray(ids_BL), jnp.asarray(mask_BL))[:len(queue), :out_ND.shape[1]])
+    if normalize:
+      emb_BD = emb_BD / np.maximum(np.linalg.norm(emb_BD, axis=1, keepdims=True), 1e-12)
+    out_ND[[row for row, _ in queue]] = emb_BD
+    if progress:
+      progress(len(queue))
+    queue.clear()
+
+  def check_dim(self, dim) -> int:
+    """dim (default: the full dim), checked against the model's."""
     if dim is None:
       return self.dim
     if not 0 < dim <= self.dim:
@@ -100,28 +132,43 @@ def load_embedder(model_dir, dtype=None) -> Embedder:
     return Embedder.load(pathlib.Path(tmp) / "model", dtype=dtype)
 
 
+def read_lines(path):
+  """The lines of a UTF-8 text file without their ends (newline, CRLF or CR), one at a time."""
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      yield line.rstrip("\n")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m piccolo_jax.encode", description=__doc__.split("\n")[0])
   parser.add_argument("model_dir", help="piccolo_jax model directory (from convert or train)")
-  parser.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
-  parser.add_argument("--output", required=True, help="output .npy file [N, dim] float32")
+  parser.add_argument("--input", required=True, help="UTF-8 text file, one text per line (read line by line)")
+  parser.add_argument("--output", required=True, help="output .npy file [N, dim] float32 (written as it goes)")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--max-length", type=int, default=None, help="default: the model's max_seq_length")
   parser.add_argument("--dim", type=int, default=None, help="Matryoshka dimension to keep")
   parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  parser.add_argument("--chunk", type=int, default=CHUNK, help="texts tokenized and length-sorted at a time")
   args = parser.parse_args(argv)
+  out = pathlib.Path(args.output if args.output.endswith(".npy") else args.output + ".npy")  # As np.save.
+  partial = out.with_name(out.name + ".partial")  # Renamed to `out` once complete.
   try:
-    texts = pathlib.Path(args.input).read_text(encoding="utf-8").splitlines()
-    if not texts:
+    n = sum(1 for _ in read_lines(args.input))  # Sizes the output; decoding errors surface before the model loads.
+    if not n:
       raise ValueError(f"{args.input}: no texts (an empty file)")
-    emb = Embedder.load(args.model_dir, dtype=args.dtype).encode(
-        texts, batch_size=args.batch_size, max_length=args.max_length,
-        normalize=not args.no_normalize, dim=args.dim)
+    embedder = Embedder.load(args.model_dir, dtype=args.dtype)
+    emb_ND = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, embedder.check_dim(args.dim)))
+    with tqdm.tqdm(total=n, unit="text", file=sys.stderr, desc="encode") as bar:
+      embedder.encode_to(read_lines(args.input), emb_ND, batch_size=args.batch_size, max_length=args.max_length,
+                         normalize=not args.no_normalize, chunk=args.chunk, progress=bar.update)
+    emb_ND.flush()
+    partial.replace(out)
   except (OSError, UnicodeDecodeError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
-  np.save(args.output, emb)
-  print(f"wrote {args.output}: {emb.shape[0]} x {emb.shape[1]} float32")
+  finally:
+    partial.unlink(missing_ok=True)
+  print(f"wrote {out}: {emb_ND.shape[0]} x {emb_ND.shape[1]} float32")
 
 
 if __name__ == "__main__":

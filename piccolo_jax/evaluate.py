@@ -1,7 +1,7 @@
 """C-MTEB-style evaluation of a piccolo_jax encoder at several Matryoshka dims in one pass.
 
 Usage: python -m piccolo_jax.evaluate MODEL_DIR --task sts:FILE [--task retrieval:FILE ...]
-           [--dims 64,128,384] [--output results.json]
+           [--dims 64,128,384] [--max-length 512] [--output results.json]
 """
 import argparse
 import dataclasses
@@ -9,19 +9,20 @@ import functools
 import json
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 from sklearn import cluster, linear_model, metrics
 
 from piccolo_jax import encode
+from piccolo_jax import search
 from piccolo_jax import sources
 
 KINDS_HELP = """\
-task specs: [NAME=]KIND:PATH, NAME defaulting to the file name up to its first dot. Metrics are
-named NAME/METRIC@DIM; dim d scores the L2-normalised first d coordinates of the full embeddings.
-Scores are x100 and follow MTEB's definitions, on cosine similarity:
+task specs: [NAME=]KIND:PATH[?COLUMN=FIELD&...]. NAME defaults to the file name up to its first dot.
+?COLUMN=FIELD reads one of the kind's columns (named below) from the file's FIELD (tsv header or jsonl
+key), e.g. sts:pairs.tsv?sentence1=text1&sentence2=text2&score=label (PATH cannot contain '?'; BEIR
+dirs take none). Metrics are named NAME/METRIC@DIM; dim d scores the L2-normalised first d coordinates
+of the full embeddings. Scores are x100 and follow MTEB's definitions, on cosine similarity:
   sts             spearman, pearson vs gold. tsv (header naming sentence1, sentence2, score|label,
                   or exactly those 3 columns) or jsonl {sentence1, sentence2, score|label}
   pair            ap: average precision, labels 0/1. Same files as sts
@@ -34,7 +35,10 @@ Scores are x100 and follow MTEB's definitions, on cosine similarity:
   clustering      v_measure of cluster.MiniBatchKMeans(k = number of labels, batch 500, seed 0).
                   jsonl (or tsv) {text, label}
 Rows whose query has no pos (retrieval) or no pos or neg (reranking) are skipped, as MTEB does."""
-KINDS = ("sts", "pair", "retrieval", "reranking", "classification", "clustering")
+_PAIR, _TRIPLET, _LABELLED = ("sentence1", "sentence2", "score"), ("query", "pos", "neg"), ("text", "label")
+KINDS = {"sts": _PAIR, "pair": _PAIR, "retrieval": _TRIPLET, "reranking": _TRIPLET,
+         "classification": _LABELLED, "clustering": _LABELLED}  # kind -> the columns it reads
+ALIASES = {"score": ("score", "label")}  # Fields read for a column unless the spec names one.
 RETRIEVAL_KS = (1, 10, 100)
 
 
@@ -43,7 +47,8 @@ EvalError = sources.DataError  # A bad task spec or eval file; the message names
 
 @dataclasses.dataclass
 class Task:
-  """A loaded task: its distinct texts (encoded once) and kind-specific indices into them."""
+  """A loaded task: its texts (encoded once) and kind-specific indices into them; retrieval: the corpus is
+  texts[:n_corpus], in corpus order."""
   name: str
   kind: str
   path: str
@@ -61,25 +66,26 @@ def read_tsv(path, columns):
   return ((f"{path}: line {n}", row) for n, row in sources.tsv_rows(path, columns))
 
 
-def read_rows(path, tsv_columns):
+def read_rows(path, cols):
+  """Rows of a jsonl or tsv file; a tsv names its columns in a header or has exactly those of cols."""
   suffix = pathlib.Path(path).suffix
   if suffix in (".jsonl", ".json"):
     return read_jsonl(path)
   if suffix in (".tsv", ".txt"):
-    return read_tsv(path, tsv_columns)
+    return read_tsv(path, tuple(fields[0] for fields in cols.values()))
   raise EvalError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .tsv")
 
 
 def _field(where, row, *names):
-  """row[first of names present], or an error naming it."""
+  """(the first of names in row, its value), or an error naming them."""
   name = next((n for n in names if n in row), None)
   if name is None:
     raise EvalError(f"{where}: missing field '{names[0]}'" + (f" (or {names[1:]})" if names[1:] else ""))
-  return row[name]
+  return name, row[name]
 
 
-def _text(where, row, name):
-  return sources.text(where, name, _field(where, row, name))
+def _text(where, row, *names):
+  return sources.text(where, *_field(where, row, *names))
 
 
 def _texts(where, row, name):
@@ -89,8 +95,7 @@ def _texts(where, row, name):
 
 
 def _number(where, row, *names):
-  name = next((n for n in names if n in row), names[0])
-  return sources.number(where, name, _field(where, row, *names))
+  return sources.number(where, *_field(where, row, *names))
 
 
 def _nonempty(path, rows, what="rows"):
@@ -99,47 +104,58 @@ def _nonempty(path, rows, what="rows"):
   return rows
 
 
-# Loaders: path -> (texts, data); `ix` adds a text to the task's pool and returns its index.
+# Loaders: (path, kind, cols: {column: fields it is read from}) -> (texts, data); `ix` adds a text to the
+# task's texts unless already there, and returns its index.
 
-def _pool():
-  pool = {}
-  return pool, lambda t: pool.setdefault(t, len(pool))
+def _pool(texts=()):
+  texts, index = list(texts), {}
+  for i, t in enumerate(texts):
+    index.setdefault(t, i)
+
+  def ix(t):
+    if t not in index:
+      index[t] = len(texts)
+      texts.append(t)
+    return index[t]
+  return texts, ix
 
 
-def load_pairs(path, kind):
-  pool, ix = _pool()
+def load_pairs(path, kind, cols):
+  texts, ix = _pool()
   a, b, y = [], [], []
-  for where, row in read_rows(path, ("sentence1", "sentence2", "score")):
-    a.append(ix(_text(where, row, "sentence1")))
-    b.append(ix(_text(where, row, "sentence2")))
-    y.append(_number(where, row, "score", "label"))
+  for where, row in read_rows(path, cols):
+    a.append(ix(_text(where, row, *cols["sentence1"])))
+    b.append(ix(_text(where, row, *cols["sentence2"])))
+    y.append(_number(where, row, *cols["score"]))
     if kind == "pair" and y[-1] not in (0.0, 1.0):
       raise EvalError(f"{where}: pair classification label must be 0 or 1, got {y[-1]:g}")
   _nonempty(path, y)
-  return list(pool), {"a": np.array(a), "b": np.array(b), "label": np.array(y)}
+  return texts, {"a": np.array(a), "b": np.array(b), "label": np.array(y)}
 
 
-def load_triplets(path, kind):
-  pool, ix = _pool()
+def load_triplets(path, kind, cols):
+  (query_field,), (pos_field,), (neg_field,) = cols.values()
+  texts, ix = _pool()
   corpus, corpus_ix = _pool()  # retrieval: distinct pos+neg texts, in order of appearance
   q, cands, rels = [], [], []
   for where, row in read_jsonl(path):
-    query, pos, neg = _text(where, row, "query"), _texts(where, row, "pos"), _texts(where, row, "neg")
+    query, pos, neg = _text(where, row, query_field), _texts(where, row, pos_field), _texts(where, row, neg_field)
     if not pos or (kind == "reranking" and not neg):
       continue
-    q.append(ix(query))
     if kind == "retrieval":
+      q.append(query)
       rels.append(np.array([corpus_ix(t) for t in pos]))
       for t in neg:
         corpus_ix(t)
     else:
+      q.append(ix(query))
       cands.append(np.array([ix(t) for t in pos + neg]))
       rels.append(np.arange(len(pos) + len(neg)) < len(pos))
   _nonempty(path, q, "queries (each needs a pos" + (" and a neg)" if kind == "reranking" else ")"))
   if kind == "reranking":
-    return list(pool), {"q": np.array(q), "cands": cands, "rels": rels}
-  c = np.array([ix(t) for t in corpus])
-  return list(pool), {"q": np.array(q), "c": c, "qrels": rels}
+    return texts, {"q": np.array(q), "cands": cands, "rels": rels}
+  texts, ix = _pool(corpus)  # The corpus first: texts[:n_corpus].
+  return texts, {"q": np.array([ix(t) for t in q]), "n_corpus": len(corpus), "qrels": rels}
 
 
 def load_beir(path):
@@ -148,89 +164,95 @@ def load_beir(path):
   qrels_path = next((p for p in (path / "qrels.tsv", path / "qrels" / "test.tsv") if p.is_file()), None)
   if qrels_path is None:
     raise EvalError(f"{path}: a BEIR directory needs qrels.tsv or qrels/test.tsv")
-  pool, ix = _pool()
-  corpus = {}
+  docs = {}  # id -> text, in corpus order
   for where, row in read_jsonl(path / "corpus.jsonl"):
     text = (str(row.get("title") or "") + " " + _text(where, row, "text")).strip()
-    corpus.setdefault(str(_field(where, row, "_id")), (len(corpus), ix(text)))
-  queries = {str(_field(w, r, "_id")): _text(w, r, "text") for w, r in read_jsonl(path / "queries.jsonl")}
+    docs.setdefault(str(_field(where, row, "_id")[1]), text)
+  queries = {str(_field(w, r, "_id")[1]): _text(w, r, "text") for w, r in read_jsonl(path / "queries.jsonl")}
+  doc_ix = {d: i for i, d in enumerate(docs)}
   qrels = {}
   for where, row in read_tsv(qrels_path, ("query-id", "corpus-id", "score")):
     qid, did, score = row["query-id"], row["corpus-id"], _number(where, row, "score")
-    if qid not in queries or did not in corpus:
+    if qid not in queries or did not in docs:
       raise EvalError(f"{where}: unknown {'query' if qid not in queries else 'corpus'} id "
                       f"{qid if qid not in queries else did!r}")
     if score > 0:
-      qrels.setdefault(qid, []).append(corpus[did][0])
+      qrels.setdefault(qid, []).append(doc_ix[did])
   _nonempty(qrels_path, qrels, "relevance judgements")
-  q = [ix(queries[qid]) for qid in qrels]
-  return list(pool), {"q": np.array(q), "c": np.array([i for _, i in corpus.values()]),
-                      "qrels": [np.array(v) for v in qrels.values()]}
+  texts, ix = _pool(docs.values())  # The corpus first: texts[:n_corpus].
+  return texts, {"q": np.array([ix(queries[qid]) for qid in qrels]), "n_corpus": len(docs),
+                 "qrels": [np.array(v) for v in qrels.values()]}
 
 
-def load_labelled(path, kind):
+def load_labelled(path, kind, cols):
   paths = path.split(",")
   if kind == "classification" and len(paths) != 2:
     raise EvalError(f"classification:{path}: expected TRAIN,TEST (two files separated by a comma)")
-  pool, ix = _pool()
+  texts, ix = _pool()
   data = {}
   for split, p in zip(("train", "test") if kind == "classification" else ("text",), paths):
-    rows = _nonempty(p, list(read_rows(p, ("text", "label"))))
-    data[split] = np.array([ix(_text(w, r, "text")) for w, r in rows])
-    data[split + "_label"] = np.array([str(_field(w, r, "label")) for w, r in rows])
+    rows = _nonempty(p, list(read_rows(p, cols)))
+    data[split] = np.array([ix(_text(w, r, *cols["text"])) for w, r in rows])
+    data[split + "_label"] = np.array([str(_field(w, r, *cols["label"])[1]) for w, r in rows])
     if split != "test" and len(set(data[split + "_label"])) < 2:
       raise EvalError(f"{p}: {kind} needs at least 2 distinct labels, found {set(data[split + '_label'])}")
-  return list(pool), data
+  return texts, data
+
+
+def _columns(spec, kind, mapping) -> dict:
+  """{column: the fields it is read from} for a kind, with the spec's COLUMN=FIELD overrides."""
+  cols = {c: ALIASES.get(c, (c,)) for c in KINDS[kind]}
+  for item in mapping.split("&") if mapping else ():
+    col, eq, field = item.partition("=")
+    if col not in cols:
+      raise EvalError(f"task spec {spec!r}: unknown column {col!r} for {kind}, expected one of {', '.join(cols)}")
+    if not eq or not field:
+      raise EvalError(f"task spec {spec!r}: expected COLUMN=FIELD, got {item!r}")
+    cols[col] = (field,)
+  return cols
 
 
 def parse_task(spec: str) -> Task:
-  """'[NAME=]KIND:PATH' -> a loaded Task; errors name the spec, file and line."""
+  """'[NAME=]KIND:PATH[?COLUMN=FIELD&...]' -> a loaded Task; errors name the spec, file and line."""
   name, eq, rest = spec.partition("=")
   name, rest = (name, rest) if eq and ":" not in name else ("", spec)
   kind, colon, path = rest.partition(":")
+  path, _, mapping = path.partition("?")
   if not colon or not path:
     raise EvalError(f"task spec {spec!r}: expected [NAME=]KIND:PATH, e.g. sts:data/sts-b-en/sts-b-en.dev.tsv")
   if kind not in KINDS:
     raise EvalError(f"task spec {spec!r}: unknown task kind {kind!r}, expected one of {', '.join(KINDS)}")
+  cols = _columns(spec, kind, mapping)
   if kind in ("sts", "pair"):
-    texts, data = load_pairs(path, kind)
+    texts, data = load_pairs(path, kind, cols)
+  elif kind == "retrieval" and pathlib.Path(path).is_dir():
+    if mapping:
+      raise EvalError(f"task spec {spec!r}: a BEIR directory takes no column names")
+    texts, data = load_beir(path)
   elif kind in ("retrieval", "reranking"):
-    is_beir = kind == "retrieval" and pathlib.Path(path).is_dir()
-    texts, data = load_beir(path) if is_beir else load_triplets(path, kind)
+    texts, data = load_triplets(path, kind, cols)
   else:
-    texts, data = load_labelled(path, kind)
+    texts, data = load_labelled(path, kind, cols)
   name = name or pathlib.Path(path.split(",")[-1]).name.split(".")[0]
   return Task(name=name, kind=kind, path=path, texts=texts, data=data)
 
 
-# Scorers: (normalised embeddings of the task's texts, **task.data) -> {metric: value x100}.
+# Scorers: (the task's embeddings [N, D], dim d, **task.data) -> {metric: value x100}, on cosine similarity
+# of the first d coordinates.
 
-def score_sts(e_ND, a, b, label):
-  cos_N = (e_ND[a] * e_ND[b]).sum(1)
+def unit(emb_ND, rows, d):
+  """The L2-normalised first d coordinates of emb_ND[rows]."""
+  return normalize(emb_ND[rows, :d])
+
+
+def score_sts(emb_ND, d, a, b, label):
+  cos_N = (unit(emb_ND, a, d) * unit(emb_ND, b, d)).sum(1)
   return {"spearman": 100 * stats.spearmanr(cos_N, label)[0],
           "pearson": 100 * stats.pearsonr(cos_N, label)[0]}
 
 
-def score_pair(e_ND, a, b, label):
-  return {"ap": 100 * metrics.average_precision_score(label, (e_ND[a] * e_ND[b]).sum(1))}
-
-
-@functools.partial(jax.jit, static_argnames="k")
-def _top_k(q_QD, c_CD, k):
-  return jax.lax.top_k(jnp.matmul(q_QD, c_CD.T, precision="highest"), k)[1]
-
-
-def top_k(q_QD, c_CD, k, chunk=256) -> np.ndarray:
-  """Corpus indices [Q, min(k, C)] of the highest dot products per query: exact, in query chunks."""
-  k, chunk = min(k, len(c_CD)), min(chunk, len(q_QD))
-  c_CD = jnp.asarray(c_CD)
-  out = []
-  for s in range(0, len(q_QD), chunk):
-    q_BD = np.zeros((chunk, q_QD.shape[1]), np.float32)  # Fixed shape: one compilation.
-    n = len(q_QD[s:s + chunk])
-    q_BD[:n] = q_QD[s:s + n]
-    out.append(np.asarray(_top_k(jnp.asarray(q_BD), c_CD, k))[:n])
-  return np.concatenate(out)
+def score_pair(emb_ND, d, a, b, label):
+  return {"ap": 100 * metrics.average_precision_score(label, (unit(emb_ND, a, d) * unit(emb_ND, b, d)).sum(1))}
 
 
 def retrieval_metrics(top_QT, qrels, ks=RETRIEVAL_KS) -> dict:
@@ -248,29 +270,32 @@ def retrieval_metrics(top_QT, qrels, ks=RETRIEVAL_KS) -> dict:
   return {m: 100 * v for m, v in out.items()}
 
 
-def score_retrieval(e_ND, q, c, qrels):
-  return retrieval_metrics(top_k(e_ND[q], e_ND[c], max(RETRIEVAL_KS)), qrels)
+def score_retrieval(emb_ND, d, q, n_corpus, qrels):
+  """Exact top-100 over the corpus emb_ND[:n_corpus], normalised chunk by chunk inside the search."""
+  _, top_QT = search.top_k(emb_ND[q, :d], emb_ND[:n_corpus], max(RETRIEVAL_KS), dim=d, normalize=True)
+  return retrieval_metrics(top_QT, qrels)
 
 
-def score_reranking(e_ND, q, cands, rels):
+def score_reranking(emb_ND, d, q, cands, rels):
   ap, rr = [], []
   for qi, cand, rel in zip(q, cands, rels):
-    s_C = e_ND[cand] @ e_ND[qi]
+    s_C = unit(emb_ND, cand, d) @ unit(emb_ND, [qi], d)[0]
     ap.append(metrics.average_precision_score(rel, s_C))
     ranked = rel[np.argsort(-s_C, kind="stable")][:10]
     rr.append(1 / (ranked.argmax() + 1) if ranked.any() else 0.0)
   return {"map": 100 * np.mean(ap), "mrr_at_10": 100 * np.mean(rr)}
 
 
-def score_classification(e_ND, train, train_label, test, test_label, seed=0):
-  pred = linear_model.LogisticRegression(max_iter=100, random_state=seed).fit(e_ND[train], train_label).predict(e_ND[test])
+def score_classification(emb_ND, d, train, train_label, test, test_label, seed=0):
+  clf = linear_model.LogisticRegression(max_iter=100, random_state=seed).fit(unit(emb_ND, train, d), train_label)
+  pred = clf.predict(unit(emb_ND, test, d))
   return {"accuracy": 100 * metrics.accuracy_score(test_label, pred),
           "f1": 100 * metrics.f1_score(test_label, pred, average="macro")}
 
 
-def score_clustering(e_ND, text, text_label, seed=0):
+def score_clustering(emb_ND, d, text, text_label, seed=0):
   km = cluster.MiniBatchKMeans(n_clusters=len(set(text_label)), batch_size=500, n_init="auto", random_state=seed)
-  return {"v_measure": 100 * metrics.v_measure_score(text_label, km.fit_predict(e_ND[text]))}
+  return {"v_measure": 100 * metrics.v_measure_score(text_label, km.fit_predict(unit(emb_ND, text, d)))}
 
 
 SCORERS = {"sts": score_sts, "pair": score_pair, "retrieval": score_retrieval, "reranking": score_reranking,
@@ -289,12 +314,13 @@ def check_dims(dims, full_dim) -> tuple:
   return dims
 
 
-def evaluate_tasks(encoder, tasks, dims=None, *, batch_size=64) -> dict[str, float]:
+def evaluate_tasks(encoder, tasks, dims=None, *, batch_size=64, max_length=None) -> dict[str, float]:
   """{'NAME/METRIC@DIM': value} for every task and dim, with one encode call per task.
 
-  encoder: an encode.Embedder (called with normalize=False) or a function texts -> [N, D]
-  array. tasks: Task objects or spec strings. dims: Matryoshka dims (default: the full dim);
-  each scores the L2-normalised first d coordinates of the full embeddings.
+  encoder: an encode.Embedder (called with normalize=False and max_length: default its model's
+  max_seq_length) or a function texts -> [N, D] array. tasks: Task objects or spec strings. dims:
+  Matryoshka dims (default: the full dim); each scores the L2-normalised first d coordinates of the
+  full embeddings, held once (scorers normalise the rows they use).
   """
   tasks = [t if isinstance(t, Task) else parse_task(t) for t in tasks]
   names = [t.name for t in tasks]
@@ -302,12 +328,12 @@ def evaluate_tasks(encoder, tasks, dims=None, *, batch_size=64) -> dict[str, flo
     raise EvalError(f"task names {names} repeat; name them apart with NAME=KIND:PATH")
   if hasattr(encoder, "encode"):
     check_dims(dims, encoder.dim)  # Fail before encoding.
-    encoder = functools.partial(encoder.encode, batch_size=batch_size, normalize=False)
+    encoder = functools.partial(encoder.encode, batch_size=batch_size, max_length=max_length, normalize=False)
   out = {}
   for task in tasks:
     emb_ND = np.asarray(encoder(task.texts), np.float32)
     for d in check_dims(dims, emb_ND.shape[1]):
-      for metric, value in SCORERS[task.kind](normalize(emb_ND[:, :d]), **task.data).items():
+      for metric, value in SCORERS[task.kind](emb_ND, d, **task.data).items():
         out[f"{task.name}/{metric}@{d}"] = float(value)
   return out
 
@@ -342,12 +368,13 @@ def main(argv=None) -> dict:
                       "(default: the full dim); all come from one encoding pass")
   parser.add_argument("--output", help="write {model_dir, tasks, dims, metrics} as JSON here")
   parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's max_seq_length)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   args = parser.parse_args(argv)
   try:
     tasks = [parse_task(s) for s in args.task]  # Data errors surface before the model loads.
     results = evaluate_tasks(encode.load_embedder(args.model_dir, args.dtype), tasks, args.dims,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, max_length=args.max_length)
   except (OSError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
   print(format_table(results))

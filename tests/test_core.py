@@ -1,6 +1,7 @@
 """Encoder parity with sentence-transformers, conversion round trips, and conversion errors."""
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -64,19 +65,25 @@ def test_export_truncate_dim(minilm_jax, tmp_path):
   assert emb.shape == (3, 128) and np.abs(emb - ours).max() <= 1e-5
 
 
-def test_encode_order_dim_and_cli(minilm_jax, stsb_dev_texts, tmp_path):
+def test_encode_order_dim_chunks_and_cli(minilm_jax, stsb_dev_texts, tmp_path):
   texts = stsb_dev_texts[:40] + ["short", "a much longer sentence " * 20]
-  emb = encode.Embedder.load(minilm_jax).encode(texts, batch_size=8, dim=64)
+  embedder = encode.Embedder.load(minilm_jax)
+  emb = embedder.encode(texts, batch_size=8, dim=64)
   perm = np.random.default_rng(0).permutation(len(texts))
-  emb_perm = encode.Embedder.load(minilm_jax).encode([texts[i] for i in perm], batch_size=8, dim=64)
-  np.testing.assert_allclose(emb_perm, emb[perm], atol=1e-5)
+  np.testing.assert_allclose(embedder.encode([texts[i] for i in perm], batch_size=8, dim=64), emb[perm], atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-  (tmp_path / "t.txt").write_text("\n".join(texts), encoding="utf-8")
+  # Tokenized 5 at a time, from an iterator: the same batches, the same bits.
+  np.testing.assert_array_equal(embedder.encode(iter(texts), batch_size=8, dim=64, chunk=5), emb)
+  (tmp_path / "t.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
   encode.main([str(minilm_jax), "--input", str(tmp_path / "t.txt"), "--output", str(tmp_path / "e.npy"),
-               "--batch-size", "8", "--dim", "64"])
-  np.testing.assert_allclose(np.load(tmp_path / "e.npy"), emb, atol=1e-6)
+               "--batch-size", "8", "--dim", "64", "--chunk", "16"])
+  out = np.load(tmp_path / "e.npy", mmap_mode="r")  # Written through a memmap, renamed once complete.
+  assert out.shape == (len(texts), 64) and out.dtype == np.float32 and sorted(os.listdir(tmp_path)) == ["e.npy", "t.txt"]
+  np.testing.assert_array_equal(out, emb)
   with pytest.raises(ValueError, match="dim 999"):
-    encode.Embedder.load(minilm_jax).encode(texts, dim=999)
+    embedder.encode(texts, dim=999)
+  with pytest.raises(ValueError, match="more texts than the 3 output rows"):
+    embedder.encode_to(texts, np.zeros((3, 64), np.float32), chunk=2)
 
 
 @pytest.fixture(scope="module")

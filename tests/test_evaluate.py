@@ -31,7 +31,7 @@ class HashEncoder:
     self.calls += 1
     return np.stack([hash_vec(t) for t in texts])
 
-  def encode(self, texts, batch_size=32, dim=None, normalize=True):  # Embedder's signature.
+  def encode(self, texts, batch_size=32, max_length=None, dim=None, normalize=True):  # Embedder's signature.
     return ev.normalize(self(texts)[:, :dim])
 
 
@@ -149,7 +149,7 @@ def test_retrieval_matches_numpy_reference(retrieval_case):
   assert res["triplets/recall_at_100@16"] > res["triplets/recall_at_10@16"]
 
 
-def test_retrieval_hand_made_ranks_and_chunked_top_k():
+def test_retrieval_hand_made_ranks():
   # Query 0: relevant docs at ranks 2 and 4; query 1: its only relevant doc at rank 1.
   top = np.array([[5, 1, 6, 2, 7], [3, 0, 1, 2, 4]])
   res = ev.retrieval_metrics(top, [np.array([1, 2]), np.array([3])], ks=(1, 10))
@@ -157,10 +157,6 @@ def test_retrieval_hand_made_ranks_and_chunked_top_k():
   assert res["ndcg_at_10"] == pytest.approx(100 * (ndcg0 + 1) / 2)
   assert res["mrr_at_10"] == pytest.approx(100 * (1 / 2 + 1) / 2)
   assert res["recall_at_1"] == pytest.approx(50) and res["recall_at_10"] == pytest.approx(100)
-  rng = np.random.default_rng(1)
-  q, c = rng.normal(size=(23, 8)).astype(np.float32), rng.normal(size=(60, 8)).astype(np.float32)
-  np.testing.assert_array_equal(ev.top_k(q, c, 10, chunk=7), np.argsort(-(q @ c.T), axis=1)[:, :10])
-  assert ev.top_k(q, c, 100).shape == (23, 60)
 
 
 def average_precision(rel, scores):
@@ -292,6 +288,49 @@ def test_spec_model_and_dim_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     ev.main(["--help"])
   assert "clustering" in capsys.readouterr().out
+
+
+def test_column_names_in_the_spec(data_dir, retrieval_case, tmp_path):
+  rows = stsb_rows(data_dir)[:81]  # The real header (sentence1, sentence2, score among others) + 80 pairs.
+  (tmp_path / "orig.tsv").write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+  (tmp_path / "renamed.tsv").write_text("label\ttext2\ttext1\n" + "".join(  # Other names, in another order.
+      f"{r[5]}\t{r[7]}\t{r[6]}\n" for r in rows[1:]), encoding="utf-8")
+  write_jsonl(tmp_path / "renamed.jsonl", [{"a": r[6], "b": r[7], "gold": float(r[5])} for r in rows[1:]])
+  root, _, _ = retrieval_case
+  triplets = [json.loads(line) for line in open(root / "triplets.jsonl", encoding="utf-8")]
+  write_jsonl(tmp_path / "q.jsonl", [{"question": r["query"], "positive": r["pos"], "neg": r["neg"]} for r in triplets])
+  clusters = [{"text": f"t {i}", "label": i % 3} for i in range(30)]
+  write_jsonl(tmp_path / "clu.jsonl", clusters)
+  write_jsonl(tmp_path / "clu-renamed.jsonl", [{"sentence": r["text"], "topic": r["label"]} for r in clusters])
+  res = ev.evaluate_tasks(HashEncoder(), [
+      f"sts:{tmp_path / 'orig.tsv'}", f"tsv=sts:{tmp_path / 'renamed.tsv'}?sentence1=text1&sentence2=text2&score=label",
+      f"jsonl=sts:{tmp_path / 'renamed.jsonl'}?sentence1=a&sentence2=b&score=gold",
+      f"retrieval:{root / 'triplets.jsonl'}", f"r=retrieval:{tmp_path / 'q.jsonl'}?query=question&pos=positive",
+      f"clustering:{tmp_path / 'clu.jsonl'}", f"clustering:{tmp_path / 'clu-renamed.jsonl'}?text=sentence&label=topic"])
+  for task, renamed in [("orig", "tsv"), ("orig", "jsonl"), ("triplets", "r"), ("clu", "clu-renamed")]:
+    ours = {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith(task + "/")}
+    assert ours and ours == {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith(renamed + "/")}
+  assert 0 < res["orig/spearman@16"] < 100
+  errors = {"sentence=a": "unknown column 'sentence' for sts, expected one of sentence1, sentence2, score",
+            "score": "expected COLUMN=FIELD, got 'score'",
+            "sentence1=a&sentence2=b": r"renamed.jsonl: line 1: missing field 'score' \(or \('label',\)\)",
+            "sentence1=a&sentence2=b&score=label": "renamed.jsonl: line 1: missing field 'label'$"}
+  for mapping, message in errors.items():
+    with pytest.raises(ev.EvalError, match=message):
+      ev.parse_task(f"sts:{tmp_path / 'renamed.jsonl'}?{mapping}")
+  with pytest.raises(ev.EvalError, match="a BEIR directory takes no column names"):
+    ev.parse_task(f"retrieval:{root / 'beir'}?query=text")
+
+
+def test_cli_max_length(minilm_jax, data_dir, tmp_path):
+  rows = stsb_rows(data_dir)[1:31]
+  (tmp_path / "s.tsv").write_text("".join(f"{r[6]}\t{r[7]}\t{r[5]}\n" for r in rows), encoding="utf-8")
+  spec = f"sts:{tmp_path / 's.tsv'}"
+  ev.main([str(minilm_jax), "--task", spec, "--max-length", "6", "--output", str(tmp_path / "r.json")])
+  cli = json.loads((tmp_path / "r.json").read_text())["metrics"]
+  embedder = encode.Embedder.load(minilm_jax)
+  assert cli == pytest.approx(ev.evaluate_tasks(embedder, [spec], max_length=6), abs=1e-9)
+  assert abs(cli["s/spearman@384"] - ev.evaluate_tasks(embedder, [spec])["s/spearman@384"]) > 0.1
 
 
 def test_mteb_adapter_protocol(minilm_jax):
