@@ -107,7 +107,7 @@ def location(entry, c, tokenizer, root=None) -> tuple[pathlib.Path, dict]:
   """(directory, fingerprint) of an entry's prepared dataset."""
   fp = fingerprint(entry, c, tokenizer)
   key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
-  name = entry.get("name") or pathlib.Path(str(entry.get("path") or entry.get("name"))).name
+  name = entry.get("name") or pathlib.Path(entry["path"]).name
   root = pathlib.Path(root or c.get("prepared_dir") or default_dir())
   return root / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-64:]}-{key}", fp
 
