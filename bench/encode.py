@@ -10,13 +10,14 @@ from piccolo_jax import encode, export, modeldir, state as state_lib
 
 
 def padded_tokens(embedder, texts, batch) -> dict:
-  """Tokens encoded incl. padding: our length buckets vs sentence-transformers' longest-in-batch."""
-  max_len = embedder.model.cfg.max_seq_length
-  n = [len(x) for x in embedder.tokenize(texts, max_len)]
-  by_tok, by_chars = sorted(n, reverse=True), [n[i] for i in np.argsort([-len(t) for t in texts], kind="stable")]
+  """Tokens encoded incl. padding: ours (one pass, as counted by the Embedder) vs sentence-transformers'
+  longest-in-batch."""
+  n = [len(x) for x in embedder.tokenize(texts, embedder.model.cfg.max_seq_length)]
+  by_chars = [n[i] for i in np.argsort([-len(t) for t in texts], kind="stable")]
   chunks = lambda xs: [xs[i:i + batch] for i in range(0, len(xs), batch)]
-  ours = sum(batch * encode.bucket_length(c[0], embedder.buckets, max_len) for c in chunks(by_tok))
-  return {"jax": ours, "st": sum(len(c) * max(c) for c in chunks(by_chars)), "real": sum(n)}
+  embedder.computed = 0
+  embedder.encode(texts, batch_size=batch)
+  return {"jax": embedder.computed, "st": sum(len(c) * max(c) for c in chunks(by_chars)), "real": sum(n)}
 
 
 def main(argv=None):
@@ -26,6 +27,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--limit", type=int, default=0, help="the first N sentences only (0: all)")
   p.add_argument("--buckets", type=lambda s: tuple(sorted(map(int, s.split(",")))), help="length buckets, comma list")
+  p.add_argument("--no-packing", action="store_true", help="our texts one per row, padded to their bucket")
   args = p.parse_args(argv)
   import torch
   from sentence_transformers import SentenceTransformer
@@ -33,7 +35,7 @@ def main(argv=None):
   a, b, _ = harness.read_stsb(args.data)
   texts, src = (a + b)[:args.limit or None], state_lib.resolve_init(args.model)
   embedder = encode.load_embedder(src)  # A sentence-transformers dir is converted on the fly.
-  embedder.buckets = args.buckets or embedder.buckets
+  embedder.buckets, embedder.packing = args.buckets or embedder.buckets, not args.no_packing
   with tempfile.TemporaryDirectory() as tmp:
     st_dir = pathlib.Path(tmp) / "st" if (pathlib.Path(src) / modeldir.CONFIG_FILE).is_file() else src
     if st_dir != src:
@@ -54,7 +56,8 @@ def main(argv=None):
   notes = [f"ratio sentence-transformers/jax time: {out['ratio']:.2f}; first JAX pass (compiles) {warm:.1f} s; "
            f"min cosine between the two embeddings {cos:.6f}; torch threads {out['torch_threads']}; "
            f"{args.reps} alternating reps",
-           f"tokens incl. padding: jax {pad['jax']} (length buckets {embedder.buckets}, last batch padded), "
+           f"tokens incl. padding: jax {pad['jax']} ({'packed' if embedder.packing else 'one text a row'}, "
+           f"length buckets {embedder.buckets}, last batch padded), "
            f"sentence-transformers {pad['st']} (each batch padded to its longest); {pad['real']} real tokens"]
   harness.report(f"encode: {args.model}, {len(texts)} STS-B dev sentences, batch {args.batch}", rows, notes, out,
                  args.append)

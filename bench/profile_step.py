@@ -79,12 +79,12 @@ def profile(run, hlo_text):
   return rows, groups.most_common(10), total, wall
 
 
-def heads_last_attention(self, x_BLD, mask_BL):
+def heads_last_attention(self, x_BLD, mask_BQK):
   """The attention this model had before: [B, L, H, E] projections, head transposes around the einsums."""
   (B, L, D), H = x_BLD.shape, self.num_heads
   q_BLHE, k_BLHE, v_BLHE = (f(x_BLD).reshape(B, L, H, D // H) for f in (self.query, self.key, self.value))
   logits_BHLL = jnp.einsum("bqhe,bshe->bhqs", q_BLHE, k_BLHE) / jnp.sqrt(D // H).astype(q_BLHE.dtype)
-  logits_BHLL = jnp.where(mask_BL[:, None, None, :].astype(bool), logits_BHLL, jnp.finfo(logits_BHLL.dtype).min)
+  logits_BHLL = jnp.where(mask_BQK[:, None], logits_BHLL, jnp.finfo(logits_BHLL.dtype).min)
   probs_BHLL = self.attn_dropout(jax.nn.softmax(logits_BHLL.astype(jnp.float32), axis=-1))
   return self.out(jnp.einsum("bhqs,bshe->bqhe", probs_BHLL.astype(v_BLHE.dtype), v_BLHE).reshape(B, L, D))
 

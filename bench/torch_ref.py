@@ -31,7 +31,14 @@ def torch_losses(task, emb, batch, loss_cfg):
 
 
 def torch_step(cfg, params, batch, task, dims, device="cpu", amp=None, remat=False, threads=0, seed=0):
-  """(run() -> loss, info): HF BertModel + mean pooling (+ Dense) + the losses + AdamW, as the original."""
+  """(run() -> loss, info): one batch's step of torch_trainer."""
+  step, info = torch_trainer(cfg, params, dims, device, amp, remat, threads, seed)
+  return lambda: step(batch, task), info
+
+
+def torch_trainer(cfg, params, dims, device="cpu", amp=None, remat=False, threads=0, seed=0):
+  """(step(batch, task) -> loss, info): HF BertModel + mean pooling (+ Dense) + the losses + AdamW, as the
+  original; batches are padded ({field}_ids/_mask)."""
   torch.set_num_threads(threads or torch.get_num_threads())
   torch.manual_seed(seed)
   enc = transformers.BertModel(transformers.BertConfig.from_dict(export.hf_config(cfg)), add_pooling_layer=False)
@@ -46,18 +53,19 @@ def torch_step(cfg, params, batch, task, dims, device="cpu", amp=None, remat=Fal
   mods = torch.nn.ModuleList([enc] + ([dense] if dense else [])).to(device).train()
   trainable, o = [p for p in mods.parameters() if p.requires_grad], config.section("optim")
   opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
-  tb, loss_cfg = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}, config.section("loss", mrl_dims=dims)
+  loss_cfg = config.section("loss", mrl_dims=dims)
   dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp)
 
-  def embed(f):
+  def embed(tb, f):
     h = enc(input_ids=tb[f + "_ids"].long(), attention_mask=tb[f + "_mask"]).last_hidden_state
     m = tb[f + "_mask"][..., None].to(h.dtype)
     e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
     return (dense(e) if dense else e).float()
 
-  def run():
+  def step(batch, task):
+    tb = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
     with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-      emb = {f: embed(f) for f in step_lib.text_fields(batch)}
+      emb = {f: embed(tb, f) for f in step_lib.text_fields(batch)}
     loss = torch_losses(task, emb, tb, loss_cfg)  # Outside autocast: in float32.
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, o.clip_norm)
@@ -65,5 +73,5 @@ def torch_step(cfg, params, batch, task, dims, device="cpu", amp=None, remat=Fal
     opt.zero_grad(set_to_none=True)
     return loss.item()  # Waits for the step (CUDA too).
 
-  return run, {"threads": torch.get_num_threads(), "attn": enc.config._attn_implementation,
+  return step, {"threads": torch.get_num_threads(), "attn": enc.config._attn_implementation,
                "state_mb": 16 * sum(p.numel() for p in trainable) / 2**20}  # f32 params, grads, 2 moments.

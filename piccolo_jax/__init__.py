@@ -12,5 +12,5 @@ Shape suffixes (`q_BD`, `logits_BN`), everywhere:
   F MLP width                       H attention heads         E head dim (D = H * E)
   K negatives per query             M flat negatives (B * K)  N candidates per query (logits)
   Q queries, C corpus texts (eval)  T top-k hits              P positions, V vocabulary
-  S gradient-caching chunks, R rows per chunk
+  R packed rows (gradient caching: rows per chunk), S texts per packed row (gradient caching: chunks)
 """

@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from piccolo_jax import packing
+
 MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)  # stella-v3.5's Matryoshka dims.
 BUCKETS = (32, 64, 128, 256, 512)  # Padded text lengths: one compiled program per (task, bucket).
 
@@ -47,6 +49,11 @@ def base() -> ml_collections.ConfigDict:
       query_max_len=64, passage_max_len=512, cls_query_max_len=512,  # Token caps per field.
       sts_max_len=64, sts_pair_max_len=512,  # STS first / second text, as the original.
       buckets=BUCKETS,
+      packing=True,  # Pack several texts per row (data.py, packing.py); False pads each field to a bucket.
+      pack_length=128,  # Packed row length (longer if a task's longest text is): more texts per row,
+      # more attention per token. Positions restart at each text, so it may exceed the model's 512.
+      pack_segments=packing.SEGMENTS,  # Most texts in one packed row.
+      pack_menu=3,  # Packed row counts per task: at most this many compiled programs per task.
       prepared_dir="",  # Tokenised datasets (prepare.py); "" = $PICCOLO_JAX_CACHE or ~/.cache/piccolo_jax/prepared.
       strict=False,  # True: empty texts and rows without a positive are errors, not counted skips.
       worker_count=0,  # grain worker processes (0: none).

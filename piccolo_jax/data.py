@@ -20,6 +20,17 @@ all datasets of the task rounded up to a multiple of 8 (keeps cls label fields s
 to long cls queries). Shapes are a function of (task, bucket): at most len(buckets) per
 task, and each process picks them from the index alone while tokenising only its slice.
 
+Packing (data.packing, piccolo_jax.packing). Instead of padding each field to a bucket, the
+texts of the global batch (every field, padding negatives left out) are packed first-fit
+decreasing into R rows of L tokens, L = max(pack_length, the task's longest field ceiling), at most
+pack_segments texts a row; every process plans the same packing from token lengths alone and
+copies the tokens of its own R / P rows only. So where a text lands depends on (seed, step, the
+device count) and not on the process count: dropout masks, drawn per row, are the same with 1
+process or many. R comes from a per-task menu of pack_menu row counts chosen at start-up from the
+batches of the first PACK_SAMPLE steps, a function of the data and seed only, so resumes and all
+processes agree. Batch: pack_tok/seg/pos [R/P, L], pack_len [R/P, S] and, for the process's slice
+of each field f, {f}_idx [N/P] (global slots: row * S + text).
+
 State. Batch s is a pure function of s, so the grain iterator's state is the next step;
 restoring it replays exactly the batches of an uninterrupted run.
 
@@ -27,7 +38,8 @@ Batch: (arrays, meta). arrays: process-local numpy, `{f}_ids`/`{f}_mask` int32 [
 (mask 1 = real token) for each text field f of the task (tasks.TASKS: retrieval query [B],
 pos [B], neg [B*K], rows i*K..i*K+K-1 belonging to query i; sts text_a, text_b), plus the
 task's extras (sts label float32 [B], cls neg_valid bool [B, K]). meta: task, dataset (str),
-step, bucket (int) and pad_frac (float, padding share).
+step, bucket (int; packed: the row length), rows (packed rows, 0 unpacked), tokens (real tokens
+of this process's slice) and pad_frac (float, padding share).
 
 Unlike the original, rows with an empty text or no positive (and, when neg_num > 0,
 retrieval rows with no negative) are dropped and counted at start-up instead of being
@@ -40,12 +52,14 @@ from absl import flags
 import grain
 import numpy as np
 
+from piccolo_jax import packing
 from piccolo_jax import prepare
 from piccolo_jax import sources
 from piccolo_jax import tasks as tasks_lib
 
 DataError = sources.DataError
 log = logging.getLogger(__name__)
+PACK_SAMPLE = 256  # The first steps, whose row counts choose the packing menus.
 
 
 def load_tables(c, tokenizer) -> list[prepare.Prepared]:
@@ -87,12 +101,16 @@ def _pick(rng, off, rows, k):
 class Batcher:
   """step -> (arrays, meta) of this process's slice of global batch `step`; the pipeline's map."""
 
-  def __init__(self, c, tables, process_index=0, process_count=1):
+  def __init__(self, c, tables, process_index=0, process_count=1, row_multiple=1):
+    """row_multiple: the global batch's packed rows are a multiple of it (the devices)."""
     self.c, self.tables = c.copy_and_resolve_references(), tables
+    self.process_index, self.process_count, self.row_multiple = process_index, process_count, row_multiple
     g = c.global_batch_size
     if g % process_count:
       raise ValueError(f"global batch {g} is not divisible by {process_count} processes")
     self.local = g // process_count
+    if c.packing and row_multiple % process_count:
+      raise ValueError(f"packed rows multiple {row_multiple} is not divisible by {process_count} processes")
     self.lo = process_index * self.local
     self.steps_per_epoch = steps_per_epoch(c, tables)
     longest = collections.defaultdict(int)
@@ -101,6 +119,7 @@ class Batcher:
       longest[t.task, "pos"] = longest[t.task, "neg"] = max(longest[t.task, "pos"], t.longest_passage)
     self.ceil = {k: -(-n // 8) * 8 for k, n in longest.items()}  # longest, rounded up to 8s
     self._plans = {}
+    self.menus = self.pack_menus() if c.packing else {}
 
   def fields(self, task, bucket):
     """[(batch field, slot, max length, padded length)] of a task's tokenised fields."""
@@ -148,24 +167,71 @@ class Batcher:
   def bucket(self, lens):
     return _bucket(self.c.buckets, max(int(v.max()) for v in lens.values()))
 
-  def __call__(self, step, _=None):
-    d, sel = self.select(step)
-    t = self.tables[d]
-    bucket, lo, hi = self.bucket(self.lengths(t, sel)), self.lo, self.lo + self.local
-    arrays, real, total = {}, 0, 0
+  def padded(self, t, sel, lens):
+    """(arrays, meta) of the slice, each field padded to the batch's bucket."""
+    bucket, lo, hi, arrays, real, total = self.bucket(lens), self.lo, self.lo + self.local, {}, 0, 0
     for field, slot, _, length in self.fields(t.task, bucket):
       ids = sel[slot][lo:hi].reshape(-1)  # neg: rows i*K .. i*K+K-1 belong to query i
       arrays[f"{field}_ids"], arrays[f"{field}_mask"] = t.padded(slot, ids, length)
       real, total = real + arrays[f"{field}_mask"].sum(), total + arrays[f"{field}_mask"].size
+    return arrays, dict(bucket=bucket, rows=0, tokens=int(real), pad_frac=float(1 - real / total))
+
+  def row_length(self, task):
+    """L of the task's packed rows: pack_length, or its longest text (rounded up to 8s) if longer."""
+    return max(self.c.pack_length, *(length for *_, length in self.fields(task, max(self.c.buckets))))
+
+  def fit(self, t, sel, lens):
+    """(texts, lengths [N], first_fit) of the global batch's texts to pack: texts holds per field
+    (field, slot, ids, packed) for every text, packed False for padding negatives (the loss masks them)."""
+    texts, masked = [], "neg_valid" in tasks_lib.TASKS[t.task].extras
+    for field, slot, _, _ in self.fields(t.task, max(self.c.buckets)):
+      keep = sel["neg_valid"] if slot == "neg" and masked else np.ones(sel[slot].shape, bool)
+      texts.append((field, slot, sel[slot].reshape(-1), keep.reshape(-1)))
+    lens_N = np.concatenate([lens[slot].reshape(-1)[keep] for _, slot, _, keep in texts])
+    return texts, lens_N, packing.first_fit(lens_N, self.row_length(t.task), self.c.pack_segments)
+
+  def pack_menus(self):
+    """task -> row-count menu, from the batches of the first PACK_SAMPLE steps."""
+    needed = collections.defaultdict(list)
+    for step in range(PACK_SAMPLE):
+      d, sel = self.select(step)
+      t = self.tables[d]
+      needed[t.task].append(self.fit(t, sel, self.lengths(t, sel))[2][2])
+    return {task: packing.row_menu(n, self.c.pack_menu, self.row_multiple) for task, n in needed.items()}
+
+  def packed(self, t, sel, lens):
+    """(arrays, meta) of the slice, packed: this process's rows of the global batch's packing."""
+    L, S = self.row_length(t.task), self.c.pack_segments
+    texts, lens_N, (row_N, slot_N, rows) = self.fit(t, sel, lens)
+    R = packing.rows_for(rows, self.menus.get(t.task, ()), self.row_multiple) // self.process_count
+    mine = (row_N >= self.process_index * R) & (row_N < (self.process_index + 1) * R)
+    ids_N = np.concatenate([ids[keep] for _, _, ids, keep in texts])
+    slot_of = np.concatenate([np.full(keep.sum(), slot == "query") for _, slot, _, keep in texts])
+    tokens_T = np.concatenate([t.flat("query" if q else "pos", ids_N[mine & (slot_of == q)]) for q in (True, False)])
+    order = np.concatenate([np.flatnonzero(mine & (slot_of == q)) for q in (True, False)])  # tokens_T's texts
+    arrays = packing.pack(tokens_T, lens_N[order], row_N[order] - self.process_index * R, slot_N[order], R, L, S)
+    slots_N, first = row_N * S + slot_N, 0
+    lo, hi = self.lo, self.lo + self.local
+    for field, _, ids, keep in texts:  # this process's slice of each field: global slots
+      idx = np.zeros(len(ids), np.int32)  # padding negatives read slot 0 (masked)
+      idx[keep] = slots_N[first:first + keep.sum()]
+      k = len(ids) // self.c.global_batch_size  # texts per batch row
+      arrays[f"{field}_idx"], first = idx[lo * k:hi * k], first + keep.sum()
+    real = int(lens_N[mine].sum())
+    return arrays, dict(bucket=L, rows=R * self.process_count, tokens=real, pad_frac=float(1 - real / (R * L)))
+
+  def __call__(self, step, _=None):
+    d, sel = self.select(step)
+    t, lo, hi = self.tables[d], self.lo, self.lo + self.local
+    arrays, meta = (self.packed if self.c.packing else self.padded)(t, sel, self.lengths(t, sel))
     extras = {"label": lambda: np.asarray(t.labels[sel["query"][lo:hi]]), "neg_valid": lambda: sel["neg_valid"][lo:hi]}
     arrays |= {k: extras[k]() for k in tasks_lib.TASKS[t.task].extras}
-    meta = dict(task=t.task, dataset=t.name, step=step, bucket=bucket, pad_frac=float(1 - real / total))
-    return arrays, meta
+    return arrays, dict(task=t.task, dataset=t.name, step=step) | meta
 
 
-def make_iterator(c, tables, process_index=0, process_count=1):
+def make_iterator(c, tables, process_index=0, process_count=1, row_multiple=1):
   """A grain iterator (get_state/set_state) of (arrays, meta): this process's slices, forever."""
-  batcher = Batcher(c, tables, process_index, process_count)
+  batcher = Batcher(c, tables, process_index, process_count, row_multiple)
   ds = grain.MapDataset.range(batcher.steps_per_epoch).repeat(None)
   it = ds.map_with_index(batcher).to_iter_dataset(
       grain.ReadOptions(num_threads=c.worker_threads, prefetch_buffer_size=c.prefetch))

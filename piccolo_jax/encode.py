@@ -19,6 +19,7 @@ from piccolo_jax import config
 from piccolo_jax import convert
 from piccolo_jax import model as model_lib
 from piccolo_jax import modeldir
+from piccolo_jax import packing
 
 DEFAULT_BUCKETS = config.BUCKETS
 CHUNK = 4096  # Texts tokenized at a time: the tokenizer holds ~21 KB per 110-token text (BENCHMARKS.md).
@@ -38,17 +39,24 @@ def _embed(model, ids_BL, mask_BL):
   return model(ids_BL, mask_BL)
 
 
+@nnx.jit
+def _embed_packed(model, *arrays):
+  return model.packed(*arrays)
+
+
 class Embedder:
   """A model + tokenizer that encodes texts to numpy embeddings."""
 
-  def __init__(self, model: model_lib.Bert, tokenizer, buckets=DEFAULT_BUCKETS):
+  def __init__(self, model: model_lib.Bert, tokenizer, buckets=DEFAULT_BUCKETS, packing=True):
     self.model, self.tokenizer, self.buckets = model, tokenizer, tuple(sorted(buckets))
+    self.packing = packing  # Several texts per row (see encode_to); False pads each text to its bucket.
+    self.computed = 0  # Tokens the model has run on, padding included.
     self.model.eval()
 
   @classmethod
-  def load(cls, model_dir, *, dtype=None, buckets=DEFAULT_BUCKETS) -> "Embedder":
+  def load(cls, model_dir, *, dtype=None, buckets=DEFAULT_BUCKETS, packing=True) -> "Embedder":
     overrides = {"dtype": dtype} if dtype else {}
-    return cls(modeldir.load_model(model_dir, **overrides), load_tokenizer(model_dir), buckets)
+    return cls(modeldir.load_model(model_dir, **overrides), load_tokenizer(model_dir), buckets, packing)
 
   @property
   def dim(self) -> int:
@@ -70,15 +78,20 @@ class Embedder:
                 progress=None):
     """Embeds an iterable of N texts into out_ND [N, dim] (an array or np.memmap): row i for text i.
 
-    Texts are tokenized `chunk` at a time and queued by bucket length (the smallest bucket that holds
-    them); a full queue is one batch of batch_size texts, and the queues left at the end are padded to
-    batch_size rows. So a run compiles at most len(buckets) shapes, pads each text to its own bucket
-    only, holds at most len(buckets) x batch_size texts' tokens beyond a chunk's, and gives the same
-    batches whatever the chunk size. The first dim coordinates are kept (Matryoshka) before the
+    Texts are tokenized `chunk` at a time. Packed (the default): the texts of a chunk and those left
+    from the last are packed first-fit decreasing into rows of L tokens, L the smallest bucket that
+    holds the longest of them; every full batch of batch_size rows is encoded and the texts of the
+    rows left over wait for the next chunk. So a run compiles at most len(buckets) shapes and pads
+    little. Unpacked: texts are queued by bucket length; a full queue is one batch of batch_size
+    texts, so each text is padded to its own bucket only. Either way the queues left at the end are
+    padded to batch_size rows, at most a chunk and a batch of texts' tokens are held, and each
+    embedding is its text's alone. The first dim coordinates are kept (Matryoshka) before the
     optional L2 normalisation. progress: called with the number of texts of each batch done.
     """
     max_length = max_length or self.model.cfg.max_seq_length
     self.check_dim(out_ND.shape[1])
+    if self.packing:
+      return self._encode_packed_to(texts, out_ND, batch_size, max_length, normalize, chunk, progress)
     queues = collections.defaultdict(list)  # bucket length -> [(row, token ids)]
     texts, n = iter(texts), 0
     for part in iter(lambda: list(itertools.islice(texts, chunk)), []):
@@ -96,6 +109,44 @@ class Embedder:
       if queue:
         self._encode_batch(L, queue, out_ND, batch_size, normalize, progress)
 
+  def _encode_packed_to(self, texts, out_ND, rows, max_length, normalize, chunk, progress):
+    queue, texts, n = [], iter(texts), 0  # queue: [(output row, token ids)] not encoded yet
+    for part in iter(lambda: list(itertools.islice(texts, chunk)), []):
+      if n + len(part) > len(out_ND):
+        raise ValueError(f"more texts than the {len(out_ND)} output rows")
+      queue += enumerate(self.tokenize(part, max_length), n)
+      queue, n = self._encode_packed(queue, out_ND, rows, max_length, normalize, progress), n + len(part)
+    if n != len(out_ND):
+      raise ValueError(f"{n} texts for {len(out_ND)} output rows")
+    self._encode_packed(queue, out_ND, rows, max_length, normalize, progress, final=True)
+
+  def _encode_packed(self, queue, out_ND, R, max_length, normalize, progress, final=False):
+    """Packs queued (row, token ids) into rows, encodes each full batch of R rows (final: all of them)
+    into out_ND; returns the queue of texts in the rows left over."""
+    if not queue:
+      return queue
+    lens_N, S = np.array([len(ids) for _, ids in queue]), packing.SEGMENTS
+    L = bucket_length(lens_N.max(), self.buckets, max_length)
+    row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
+    done = rows if final else rows // R * R
+    for first in range(0, done, R):
+      sel = np.flatnonzero((row_N >= first) & (row_N < first + R))
+      arrays = packing.pack(np.concatenate([queue[i][1] for i in sel]), lens_N[sel], row_N[sel] - first,
+                            slot_N[sel], R, L, S)
+      emb_RSD = np.asarray(_embed_packed(self.model, *(jnp.asarray(arrays[k]) for k in packing.ARRAYS)))
+      self.computed += R * L
+      emb_ND = emb_RSD.reshape(R * S, -1)[(row_N[sel] - first) * S + slot_N[sel], :out_ND.shape[1]]
+      self._write(out_ND, [queue[i][0] for i in sel], emb_ND, normalize, progress)
+    return [q for q, r in zip(queue, row_N) if r >= done]
+
+  @staticmethod
+  def _write(out_ND, rows, emb_ND, normalize, progress):
+    if normalize:
+      emb_ND = emb_ND / np.maximum(np.linalg.norm(emb_ND, axis=1, keepdims=True), 1e-12)
+    out_ND[rows] = emb_ND
+    if progress:
+      progress(len(rows))
+
   def _encode_batch(self, L, queue, out_ND, batch_size, normalize, progress):
     """Encodes and empties a queue of (row, token ids) padded to [batch_size, L] into its rows of out_ND."""
     ids_BL = np.full((batch_size, L), self.model.cfg.pad_token_id, np.int32)
@@ -103,11 +154,8 @@ class Embedder:
     for r, (_, ids) in enumerate(queue):
       ids_BL[r, :len(ids)], mask_BL[r, :len(ids)] = ids, 1
     emb_BD = np.asarray(_embed(self.model, jnp.asarray(ids_BL), jnp.asarray(mask_BL))[:len(queue), :out_ND.shape[1]])
-    if normalize:
-      emb_BD = emb_BD / np.maximum(np.linalg.norm(emb_BD, axis=1, keepdims=True), 1e-12)
-    out_ND[[row for row, _ in queue]] = emb_BD
-    if progress:
-      progress(len(queue))
+    self.computed += ids_BL.size
+    self._write(out_ND, [row for row, _ in queue], emb_BD, normalize, progress)
     queue.clear()
 
   def check_dim(self, dim) -> int:
@@ -144,7 +192,9 @@ def main(argv=None):
   parser.add_argument("model_dir", help="piccolo_jax model directory (from convert or train)")
   parser.add_argument("--input", required=True, help="UTF-8 text file, one text per line (read line by line)")
   parser.add_argument("--output", required=True, help="output .npy file [N, dim] float32 (written as it goes)")
-  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--batch-size", type=int, default=32, help="rows per model call (packed, a row holds "
+                      "several texts)")
+  parser.add_argument("--no-packing", action="store_true", help="one text per row, padded to its length bucket")
   parser.add_argument("--max-length", type=int, default=None, help="default: the model's max_seq_length")
   parser.add_argument("--dim", type=int, default=None, help="Matryoshka dimension to keep")
   parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
@@ -157,7 +207,7 @@ def main(argv=None):
     n = sum(1 for _ in read_lines(args.input))  # Sizes the output; decoding errors surface before the model loads.
     if not n:
       raise ValueError(f"{args.input}: no texts (an empty file)")
-    embedder = Embedder.load(args.model_dir, dtype=args.dtype)
+    embedder = Embedder.load(args.model_dir, dtype=args.dtype, packing=not args.no_packing)
     emb_ND = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, embedder.check_dim(args.dim)))
     with tqdm.tqdm(total=n, unit="text", file=sys.stderr, desc="encode") as bar:
       embedder.encode_to(read_lines(args.input), emb_ND, batch_size=args.batch_size, max_length=args.max_length,

@@ -45,11 +45,11 @@ def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
   """Like jax.value_and_grad(has_aux=True) of loss_fn(embed every text), with gradient caching.
 
   Args:
-    embed_fn: (params, ids_RL, mask_RL, key) -> emb_RD, one chunk of texts. `key` is
+    embed_fn: (params, xs, key) -> emb_R..., one chunk of rows of each array in xs. `key` is
       chunk_key(step key, index of the field in sorted order, chunk index), or None when no
       key is given; pass 1 and pass 3 call it with the same key, so dropout replays exactly.
       Anything it does per row must not depend on the other rows of the chunk.
-    loss_fn: {field: emb_ND} -> (loss, aux), on the whole global batch.
+    loss_fn: {field: emb_N...} -> (loss, aux), on the whole global batch.
     chunk_size: global rows per chunk. It must divide every field's row count and be a multiple
       of the device count. A field of at most chunk_size rows is one chunk, but XLA inlines
       one-trip loops and may then keep several such fields' activations at once: for the memory
@@ -57,7 +57,8 @@ def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
     num_devices: devices the batch rows are sharded over (default: jax.device_count()).
 
   Returns:
-    (params, texts, key=None) -> ((loss, aux), grads), where texts = {field: (ids_NL, mask_NL)}.
+    (params, texts, key=None) -> ((loss, aux), grads), where texts = {field: tuple of arrays [N, ...]}
+    (padded texts: (ids_NL, mask_NL); packed rows: packing.ARRAYS).
     Equal to the plain gradient up to float rounding when embed_fn is deterministic; with
     dropout, the plain step draws one mask per field, this one mask per chunk.
   """
@@ -68,39 +69,38 @@ def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
     rows = {f: _rows_per_chunk(f, texts[f][0].shape[0], chunk_size, num_devices) for f in fields}
     chunks = {f: [split(x, rows[f]) for x in texts[f]] for f in fields}
 
-    def embed(p, i, c, ids_RL, mask_RL):
-      return embed_fn(p, ids_RL, mask_RL, None if key is None else chunk_key(key, i, c))
+    def embed(p, i, c, xs):
+      return embed_fn(p, xs, None if key is None else chunk_key(key, i, c))
 
     embs = {}
     for i, f in enumerate(fields):  # Pass 1: embeddings only, no activations kept.
-      ids_SRL, mask_SRL = chunks[f]
-      xs = (jnp.arange(ids_SRL.shape[0]), ids_SRL, mask_SRL)
+      xs = (jnp.arange(chunks[f][0].shape[0]), tuple(chunks[f]))
       emb_SRD = jax.lax.map(lambda x, i=i: embed(params, i, *x), xs)
       embs[f] = jax.lax.stop_gradient(merge(emb_SRD))
     (loss, aux), d_embs = jax.value_and_grad(loss_fn, has_aux=True)(embs)  # Pass 2: full batch.
 
     def replay(i, grads, x):  # Pass 3: one chunk's forward again, its cached cotangent back.
-      c, ids_RL, mask_RL, d_emb_RD = x
-      _, vjp = jax.vjp(lambda p: embed(p, i, c, ids_RL, mask_RL), params)
+      c, xs, d_emb_RD = x
+      _, vjp = jax.vjp(lambda p: embed(p, i, c, xs), params)
       return jax.tree.map(jnp.add, grads, vjp(d_emb_RD)[0]), None
 
     grads = jax.tree.map(jnp.zeros_like, params)
     for i, f in enumerate(fields):
-      ids_SRL, mask_SRL = chunks[f]
-      xs = (jnp.arange(ids_SRL.shape[0]), ids_SRL, mask_SRL, split(d_embs[f], rows[f]))
+      xs = (jnp.arange(chunks[f][0].shape[0]), tuple(chunks[f]), split(d_embs[f], rows[f]))
       grads, _ = jax.lax.scan(lambda g, x, i=i: replay(i, g, x), grads, xs)
     return (loss, aux), grads
 
   return value_and_grad
 
 
-def nnx_embed_fn(graphdef, rngs):
-  """embed_fn of an NNX encoder split into (graphdef, params, rngs); dropout reseeded with the chunk key."""
+def nnx_embed_fn(graphdef, rngs, apply=lambda model, xs: model(*xs)):
+  """embed_fn of an NNX encoder split into (graphdef, params, rngs), run as apply(model, xs); dropout
+  reseeded with the chunk key."""
 
-  def embed_fn(params, ids_RL, mask_RL, key):
+  def embed_fn(params, xs, key):
     model = nnx.merge(graphdef, params, rngs)
     if key is not None:
       nnx.reseed(model, default=key)
-    return model(ids_RL, mask_RL)
+    return apply(model, xs)
 
   return embed_fn

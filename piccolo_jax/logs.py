@@ -29,15 +29,16 @@ class MetricLogger:
         if enabled else None
     self.tick, self.task_loss, self.last, self.skipped = time.perf_counter(), {}, {}, 0
 
-  def step(self, step, task, metrics, arrays, meta) -> dict:
+  def step(self, step, task, metrics, meta) -> dict:
     """Host metrics of one finished step (blocks on its device values)."""
     m = jax.device_get(metrics)
     now = time.perf_counter()
     dt, self.tick = now - self.tick, now
-    tokens = sum(int(v.sum()) for k, v in arrays.items() if k.endswith("_mask")) * jax.process_count()
+    tokens = meta["tokens"] * jax.process_count()  # Real tokens, not padding.
     self.task_loss[task] = float(m["loss"])
     self.skipped += not bool(m["ok"])
-    host = {"task": task, "dataset": meta["dataset"], "bucket": meta["bucket"], "ok": bool(m["ok"]),
+    host = {"task": task, "dataset": meta["dataset"], "bucket": meta["bucket"], "rows": meta["rows"],
+            "ok": bool(m["ok"]),
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
             "lr": float(self.schedule(step - 1)), "pad_frac": meta["pad_frac"],
             "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt,

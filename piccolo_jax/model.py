@@ -110,9 +110,10 @@ class Embeddings(nnx.Module):
     self.ln = _layer_norm(cfg, rngs)
     self.dropout = Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, ids_BL):
-    L = ids_BL.shape[1]
-    x_BLD = self.word(ids_BL) + self.position.embedding[:L][None] + self.token_type.embedding[0]
+  def __call__(self, ids_BL, pos_BL=None):
+    """pos_BL: position ids (default 0..L-1 in every row)."""
+    p_BLD = self.position.embedding[:ids_BL.shape[1]][None] if pos_BL is None else self.position.embedding[pos_BL]
+    x_BLD = self.word(ids_BL) + p_BLD + self.token_type.embedding[0]
     return self.dropout(self.ln(x_BLD))
 
 
@@ -137,12 +138,13 @@ class Attention(nnx.Module):
     w_DHE = lin.kernel[...].reshape(D, H, D // H).astype(self.dtype)
     return jnp.einsum("bld,dhk->bhlk", x_BLD, w_DHE) + lin.bias[...].reshape(H, 1, D // H).astype(self.dtype)
 
-  def __call__(self, x_BLD, mask_BL):
+  def __call__(self, x_BLD, mask_BQK):
+    """mask_BQK: bool [B, 1 or L, L], True where query q may attend to key k."""
     D, H = x_BLD.shape[-1], self.num_heads
     x_BLD = x_BLD.astype(self.dtype)
     q_BHLE, k_BHLE, v_BHLE = (self._heads(lin, x_BLD) for lin in (self.query, self.key, self.value))
     logits_BHLL = jnp.einsum("bhqk,bhsk->bhqs", q_BHLE * (D // H) ** -0.5, k_BHLE)
-    logits_BHLL = jnp.where(mask_BL[:, None, None, :].astype(bool), logits_BHLL, jnp.finfo(self.dtype).min)
+    logits_BHLL = jnp.where(mask_BQK[:, None], logits_BHLL, jnp.finfo(self.dtype).min)
     probs_BHLL = self.attn_dropout(jax.nn.softmax(logits_BHLL.astype(jnp.float32), axis=-1))
     o_BHLE = jnp.einsum("bhqs,bhsk->bhqk", probs_BHLL.astype(self.dtype), v_BHLE)
     w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
@@ -161,8 +163,8 @@ class Layer(nnx.Module):
     self.dropout = Dropout(cfg.dropout, rngs=rngs)
     self.act = ACTIVATIONS[cfg.hidden_act]
 
-  def __call__(self, x_BLD, mask_BL):
-    x_BLD = self.attn_ln(x_BLD + self.dropout(self.attn(x_BLD, mask_BL)))
+  def __call__(self, x_BLD, mask_BQK):
+    x_BLD = self.attn_ln(x_BLD + self.dropout(self.attn(x_BLD, mask_BQK)))
     h_BLF = self.act(self.ffn_in(x_BLD))
     return self.ffn_ln(x_BLD + self.dropout(self.ffn_out(h_BLF)))
 
@@ -177,11 +179,12 @@ class Bert(nnx.Module):
     if cfg.dense_out:
       self.dense = _linear(cfg, cfg.hidden_size, cfg.dense_out, rngs, use_bias=cfg.dense_bias)
 
-  def hidden_states(self, ids_BL, mask_BL):
-    """Last-layer token states [B, L, hidden]."""
-    x_BLD = self.embeddings(ids_BL)
+  def hidden_states(self, ids_BL, mask_BL, *, attend_BQK=None, pos_BL=None):
+    """Last-layer token states [B, L, hidden]; attend_BQK (default: keys where mask_BL) as in Attention."""
+    attend_BQK = mask_BL[:, None, :].astype(bool) if attend_BQK is None else attend_BQK
+    x_BLD = self.embeddings(ids_BL, pos_BL)
     for layer in self.layers:
-      x_BLD = (nnx.remat(layer) if self.cfg.remat else layer)(x_BLD, mask_BL)
+      x_BLD = (nnx.remat(layer) if self.cfg.remat else layer)(x_BLD, attend_BQK)
     return x_BLD
 
   def __call__(self, ids_BL, mask_BL):
@@ -191,6 +194,24 @@ class Bert(nnx.Module):
     else:
       m_BL1 = mask_BL[..., None].astype(jnp.float32)
       e_BD = (h_BLD * m_BL1).sum(1) / jnp.maximum(m_BL1.sum(1), 1e-9)
+    return self.head(e_BD)
+
+  def packed(self, ids_RL, seg_RL, pos_RL, len_RS):
+    """Embeddings [R, S, D] of texts packed into rows (piccolo_jax.packing): text s of row r is the
+    len_RS[r, s] tokens with seg_RL == s + 1, at positions pos_RL from 0. Attention stays within a
+    text and pooling is per text, so each equals its unpacked embedding up to float rounding; an
+    empty slot comes out as head(0)."""
+    attend_RQK = seg_RL[:, :, None] == seg_RL[:, None, :]
+    h_RLD = self.hidden_states(ids_RL, None, attend_BQK=attend_RQK, pos_BL=pos_RL).astype(jnp.float32)
+    in_RLS = seg_RL[..., None] == jnp.arange(1, len_RS.shape[1] + 1)
+    n_RS = len_RS
+    if self.cfg.pooling == "cls":  # The first token of each text.
+      in_RLS, n_RS = in_RLS & (pos_RL == 0)[..., None], jnp.minimum(len_RS, 1)
+    sum_RSD = jnp.einsum("rls,rld->rsd", in_RLS.astype(jnp.float32), h_RLD, precision="highest")
+    return self.head(sum_RSD / jnp.maximum(n_RS[..., None].astype(jnp.float32), 1e-9))
+
+  def head(self, e_BD):
+    """Pooled [..., hidden] -> embeddings: the scaling layer and L2 norm where the model has them."""
     if self.cfg.dense_out:
       e_BD = DENSE_ACTIVATIONS[self.cfg.dense_activation](self.dense(e_BD)).astype(jnp.float32)
     if self.cfg.normalize:
@@ -199,9 +220,10 @@ class Bert(nnx.Module):
 
 
 def l2_normalize(x, eps=1e-12):
-  """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize."""
+  """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize; the gradient at x = 0 is
+  0, not NaN (packed batches' empty slots are zero vectors)."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def abstract_model(cfg: Config) -> Bert:

@@ -254,6 +254,12 @@ class Prepared:
       return self.q_tok[self.q_off[i]:self.q_off[i + 1]]
     return self.p_tok[self.p_off[i]:self.p_off[i + 1]] if i >= 0 else self.empty
 
+  def flat(self, slot, ids):
+    """int32 token ids of queries or passages `ids` (>= 0), concatenated."""
+    tok, off = (self.q_tok, self.q_off) if slot == "query" else (self.p_tok, self.p_off)
+    start, n = off[ids], off[ids + 1] - off[ids]
+    return tok[np.repeat(start - np.cumsum(n) + n, n) + np.arange(n.sum())].astype(np.int32)
+
   def padded(self, slot, ids, length):
     """ids, mask: int32 [len(ids), length] of queries or passages `ids` (-1: the empty text), right-padded."""
     ids = np.asarray(ids, np.int64)

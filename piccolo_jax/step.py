@@ -1,6 +1,4 @@
 """The jitted train step: embed a task-homogeneous global batch, take its task's loss, update."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -8,6 +6,7 @@ from flax import nnx
 
 from piccolo_jax import gradcache
 from piccolo_jax import losses
+from piccolo_jax import packing
 from piccolo_jax import tasks as tasks_lib
 
 
@@ -26,29 +25,58 @@ def task_loss(task, emb, batch, loss_cfg):
 
 
 def text_fields(batch) -> list[str]:
-  return sorted(k.removesuffix("_ids") for k in batch if k.endswith("_ids"))
+  """The batch's text fields: {f}_ids/_mask padded, or {f}_idx slots into the packed rows."""
+  return sorted(k[:-4] for k in batch if k.endswith(("_ids", "_idx")))
+
+
+def texts(batch) -> dict:
+  """The encoder's inputs: {"packed": pack_* arrays} for a packed batch, else {field: (ids, mask)}."""
+  if "pack_tok" in batch:
+    return {"packed": tuple(batch[k] for k in packing.ARRAYS)}
+  return {f: (batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
+
+
+def embed(model, inputs):
+  """The encoder on texts(batch) values: model.packed for the packed rows, else the padded model call."""
+  return model.packed(*inputs) if len(inputs) == len(packing.ARRAYS) else model(*inputs)
+
+
+def fields_of(embs, batch) -> dict:
+  """{field: emb [N, D]} in the batch's text order, from the embeddings of texts(batch)."""
+  if "packed" not in embs:
+    return embs
+  emb_ND = embs["packed"].reshape(-1, embs["packed"].shape[-1])  # [R * S, D]
+  return {f: emb_ND[batch[f + "_idx"]] for f in text_fields(batch)}
+
+
+def value_and_grad(graphdef, rngs, params, batch, task, loss_cfg, key=None, chunk_size=0):
+  """((loss, per-MRL-dim losses), grads) of a global batch, padded or packed; with chunk_size > 0 by
+  gradient caching (piccolo_jax.gradcache), chunk_size rows at a time. key: the dropout key."""
+  loss_of = lambda embs: task_loss(task, fields_of(embs, batch), batch, loss_cfg)
+  if chunk_size:
+    grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs, embed), loss_of, chunk_size)
+    return grad_fn(params, texts(batch), key)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, rngs)
+    if key is not None:
+      nnx.reseed(model, default=key)
+    return loss_of({f: embed(model, x) for f, x in texts(batch).items()})
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
   """The jitted step (state, batch, rngs, task) -> (state, metrics); non-finite updates are skipped.
 
   Dropout keys depend only on (seed, step), so a resumed run replays the same masks. chunk_size > 0
-  gets the same gradient by gradient caching (piccolo_jax.gradcache), chunk_size texts at a time.
+  gets the same gradient by gradient caching (piccolo_jax.gradcache), chunk_size rows at a time (texts, or
+  packed rows).
   """
 
   def train_step(state, batch, rngs, task):
     key = dropout_key(seed, state["step"])
-    loss_of = functools.partial(task_loss, task, batch=batch, loss_cfg=loss_cfg)
-    if chunk_size:
-      texts = {f: (batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)}
-      grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs), loss_of, chunk_size)
-      (loss, per_dim), grads = grad_fn(state["params"], texts, key)
-    else:
-      def loss_fn(params):
-        model = nnx.merge(graphdef, params, rngs)
-        nnx.reseed(model, default=key)
-        return loss_of({f: model(batch[f + "_ids"], batch[f + "_mask"]) for f in text_fields(batch)})
-      (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, per_dim), grads = value_and_grad(graphdef, rngs, state["params"], batch, task, loss_cfg, key, chunk_size)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

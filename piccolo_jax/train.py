@@ -103,6 +103,12 @@ class Best:
       log.info("new best %s = %.4f at step %d -> %s", self.metric, self.value, step, self.dir)
 
 
+def row_multiple(chunk_size) -> int:
+  """A global batch's packed rows are a multiple of this: the devices, and with gradient caching the
+  chunk size."""
+  return math.lcm(jax.device_count(), max(chunk_size, 1))
+
+
 def load_data(c, tokenizer):
   """The prepared datasets; process 0 prepares missing ones first, so that processes sharing a
   prepared_dir prepare each once (with local dirs, every process prepares its own)."""
@@ -126,7 +132,8 @@ def train(config, workdir) -> dict:
   total = config.train.max_steps or data_lib.steps_per_epoch(config.data, tables) * config.train.epochs
   tx, schedule = state_lib.make_optimizer(config.optim, params, total)
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
-  data_it = data_lib.make_iterator(config.data, tables, jax.process_index(), jax.process_count())
+  data_it = data_lib.make_iterator(config.data, tables, jax.process_index(), jax.process_count(),
+                                   row_multiple(config.train.chunk_size))
   # Every exit waits for the save in flight; signals are handled only while training.
   with Preemption() as preempt, checkpoint.manager(workdir, config.checkpoint) as mngr:
     is_main = jax.process_index() == 0
@@ -176,7 +183,7 @@ def train(config, workdir) -> dict:
       state, metrics = train_step(state, sharding.put_batch(arrays, mesh), rngs, meta["task"])
       if pending:  # Fetching the previous step's metrics keeps one step in flight.
         finish(pending)
-      pending, step = (step + 1, meta["task"], metrics, arrays, meta), step + 1
+      pending, step = (step + 1, meta["task"], metrics, meta), step + 1
       if step % config.checkpoint.every == 0 or step == total or preempt.requested:
         finish(pending)
         pending = None

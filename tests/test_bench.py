@@ -70,3 +70,12 @@ def test_profile_script_ablations_keep_the_math(tiny_dir):
                   "--reps", "1", "--variants", "base,gelu_erfc,heads_last,dropout32")["loss0"]
   np.testing.assert_allclose([loss0["gelu_erfc"], loss0["heads_last"]], loss0["base"], rtol=5e-5)  # f32 rounding.
   assert loss0["dropout32"] != loss0["base"]  # Other dropout bits, other masks.
+
+
+def test_packing_bench(tiny_dir, tmp_path):
+  md = tmp_path / "b.md"
+  out = run_cli("packing_bench", "--model", str(tiny_dir), "--data", "retrieval-zh 64/512", "--limit", "32",
+                "--reps", "0", "--block", "1", "--out", str(md))
+  e = out["epochs"]["retrieval-zh 64/512"]
+  assert e["real_tokens"] <= e["padded"]["packed"] < e["padded"]["torch pad-to-longest"] <= e["padded"]["buckets"]
+  assert set(e["secs"]) == {"packed", "buckets", "torch pad-to-longest"} and "| packed |" in md.read_text()

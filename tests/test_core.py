@@ -72,14 +72,18 @@ def test_encode_order_dim_chunks_and_cli(minilm_jax, stsb_dev_texts, tmp_path):
   perm = np.random.default_rng(0).permutation(len(texts))
   np.testing.assert_allclose(embedder.encode([texts[i] for i in perm], batch_size=8, dim=64), emb[perm], atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-  # Tokenized 5 at a time, from an iterator: the same batches, the same bits.
-  np.testing.assert_array_equal(embedder.encode(iter(texts), batch_size=8, dim=64, chunk=5), emb)
+  # Tokenized 5 at a time, from an iterator: packed otherwise, the same embeddings up to rounding.
+  np.testing.assert_allclose(embedder.encode(iter(texts), batch_size=8, dim=64, chunk=5), emb, atol=1e-6)
+  embedder.packing = False  # One text a row: the same batches whatever the chunk size, the same bits.
+  padded = embedder.encode(texts, batch_size=8, dim=64)
+  np.testing.assert_array_equal(embedder.encode(iter(texts), batch_size=8, dim=64, chunk=5), padded)
+  np.testing.assert_allclose(padded, emb, atol=1e-6)
   (tmp_path / "t.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
   encode.main([str(minilm_jax), "--input", str(tmp_path / "t.txt"), "--output", str(tmp_path / "e.npy"),
-               "--batch-size", "8", "--dim", "64", "--chunk", "16"])
+               "--batch-size", "8", "--dim", "64", "--chunk", "16", "--no-packing"])
   out = np.load(tmp_path / "e.npy", mmap_mode="r")  # Written through a memmap, renamed once complete.
   assert out.shape == (len(texts), 64) and out.dtype == np.float32 and sorted(os.listdir(tmp_path)) == ["e.npy", "t.txt"]
-  np.testing.assert_array_equal(out, emb)
+  np.testing.assert_array_equal(out, padded)
   with pytest.raises(ValueError, match="dim 999"):
     embedder.encode(texts, dim=999)
   with pytest.raises(ValueError, match="more texts than the 3 output rows"):

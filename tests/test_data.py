@@ -39,7 +39,7 @@ def small(data_dir, tmp_path_factory):
   return config.section(
       "data", datasets=({"kind": "meta", "path": str(meta), "root": str(data_dir / "piccolo_example")},
                 {"kind": "tfds", "name": "retrieval_zh_tiny", "data_dir": str(TFDS_DIR)}),
-      global_batch_size=G, neg_num=2, seed=3)
+      global_batch_size=G, neg_num=2, seed=3, packing=False)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def big(data_dir):
       {"kind": "jsonl", "path": str(data_dir / "retrieval-zh/triplets.train.jsonl")},
       {"kind": "tsv", "path": str(data_dir / "sts-b-en/sts-b-en.train.tsv")},
       {"kind": "tsv", "path": str(data_dir / "sts-b-zh/sts-b-zh.train.tsv"), "repeat": 2}),
-      global_batch_size=32, query_prefix="query: ", passage_prefix="passage: ")
+      global_batch_size=32, query_prefix="query: ", passage_prefix="passage: ", packing=False)
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +440,7 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   monkeypatch.setitem(tasks.ALIASES, "question_answer", "qa")
   path = tmp_path / "qa.jsonl"
   path.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) + "\n" for i in range(8)))
-  cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=4)
+  cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=4, packing=False)
   loss_cfg = config.section("loss", mrl_dims=(8, 16), qa=dict(temperature=0.05))
   (t,) = data.load_tables(cfg, tok)
   assert t.task == "qa" and _texts(t, "query", [3], tok) == ["q3?"] and _texts(t, "pos", t.pos_ids[3:4], tok) == ["a3"]

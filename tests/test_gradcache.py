@@ -111,7 +111,7 @@ def test_dropout_is_replayed_per_chunk():
     emb = {}
     for i, f in enumerate(sorted(texts)):
       ids_KCL, mask_KCL = (gradcache.split(jnp.asarray(x), CHUNK) for x in texts[f])
-      embed = lambda x, i=i: embed_fn(p, x[1], x[2], gradcache.chunk_key(key, i, x[0]))
+      embed = lambda x, i=i: embed_fn(p, x[1:], gradcache.chunk_key(key, i, x[0]))
       emb[f] = gradcache.merge(jax.lax.map(embed, (jnp.arange(ids_KCL.shape[0]), ids_KCL, mask_KCL)))
     return _retrieval_loss(emb)
 
@@ -151,7 +151,7 @@ def test_cached_temp_memory_is_a_fraction_of_plain():
   texts = {f: _texts(rng, 256, 64) for f in ("query", "pos", "neg")}
 
   def plain(p, texts, key):
-    return jax.value_and_grad(lambda p: _retrieval_loss({f: embed_fn(p, *texts[f], key) for f in texts}),
+    return jax.value_and_grad(lambda p: _retrieval_loss({f: embed_fn(p, texts[f], key) for f in texts}),
                               has_aux=True)(p)
 
   temp, out = {}, {}
