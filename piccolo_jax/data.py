@@ -201,23 +201,22 @@ class Batcher:
 
   def packed(self, t, sel, lens):
     """(arrays, meta) of the slice, packed: this process's rows of the global batch's packing."""
-    L, S = self.row_length(t.task), self.c.pack_segments
+    L, S, p = self.row_length(t.task), self.c.pack_segments, self.process_index
     texts, lens_N, (row_N, slot_N, rows) = self.fit(t, sel, lens)
     R = packing.rows_for(rows, self.menus.get(t.task, ()), self.row_multiple) // self.process_count
-    mine = (row_N >= self.process_index * R) & (row_N < (self.process_index + 1) * R)
-    ids_N = np.concatenate([ids[keep] for _, _, ids, keep in texts])
-    slot_of = np.concatenate([np.full(keep.sum(), slot == "query") for _, slot, _, keep in texts])
-    tokens_T = np.concatenate([t.flat("query" if q else "pos", ids_N[mine & (slot_of == q)]) for q in (True, False)])
-    order = np.concatenate([np.flatnonzero(mine & (slot_of == q)) for q in (True, False)])  # tokens_T's texts
-    arrays = packing.pack(tokens_T, lens_N[order], row_N[order] - self.process_index * R, slot_N[order], R, L, S)
-    slots_N, first = row_N * S + slot_N, 0
-    lo, hi = self.lo, self.lo + self.local
-    for field, _, ids, keep in texts:  # this process's slice of each field: global slots
-      idx = np.zeros(len(ids), np.int32)  # padding negatives read slot 0 (masked)
-      idx[keep] = slots_N[first:first + keep.sum()]
-      k = len(ids) // self.c.global_batch_size  # texts per batch row
-      arrays[f"{field}_idx"], first = idx[lo * k:hi * k], first + keep.sum()
-    real = int(lens_N[mine].sum())
+    mine_N, slots_N = row_N // R == p, row_N * S + slot_N
+    arrays, tokens, order, first = {}, [], [], 0
+    for field, slot, ids, keep in texts:
+      at = first + np.arange(keep.sum())  # the field's packed texts, in lens_N
+      tokens.append(t.flat(slot, ids[keep][mine_N[at]]))
+      order.append(at[mine_N[at]])
+      idx = np.zeros(len(ids), np.int32)  # padding negatives read slot 0 (the loss masks them)
+      idx[keep] = slots_N[at]
+      k = len(ids) // self.c.global_batch_size  # texts per batch row; this process's rows of the field
+      arrays[f"{field}_idx"], first = idx[self.lo * k:(self.lo + self.local) * k], first + len(at)
+    order = np.concatenate(order)
+    arrays |= packing.pack(np.concatenate(tokens), lens_N[order], row_N[order] - p * R, slot_N[order], R, L, S)
+    real = int(lens_N[mine_N].sum())
     return arrays, dict(bucket=L, rows=R * self.process_count, tokens=real, pad_frac=float(1 - real / (R * L)))
 
   def __call__(self, step, _=None):
