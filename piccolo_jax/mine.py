@@ -96,7 +96,8 @@ def select(ids_T, s_T, pos_score, drop, norm_C, opts: Options, rng) -> tuple[np.
   high_N = ~same_N & (s_N > threshold(pos_score, opts))
   keep_N = ids_N[~same_N & ~high_N]
   if len(keep_N) > opts.num:
-    keep_N = keep_N[:opts.num] if opts.sampling == "top" else keep_N[np.sort(rng.choice(len(keep_N), opts.num, replace=False))]
+    pick = np.arange(opts.num) if opts.sampling == "top" else np.sort(rng.choice(len(keep_N), opts.num, replace=False))
+    keep_N = keep_N[pick]
   return keep_N, {"in_range": len(ids_N), "same_text": int(same_N.sum()), "filtered": int(high_N.sum())}
 
 
@@ -135,7 +136,8 @@ def mine_chunk(q_BD, corpus: search.Sharded, pos_BP, drop, norm_C, opts, first_r
       b = qs + r
       pos_P = pos_BP[b][pos_BP[b] >= 0]
       hit_T = np.isin(i_T, pos_P)
-      chosen, counts = select(i_T, s_T, g_P[:len(pos_P)].min(), drop[b], norm_C, opts, row_rng(opts.seed, first_row + b))
+      rng = row_rng(opts.seed, first_row + b)
+      chosen, counts = select(i_T, s_T, g_P[:len(pos_P)].min(), drop[b], norm_C, opts, rng)
       stats.add(int(hit_T.argmax()) + 1 if hit_T.any() else 0, chosen, counts)
       out.append(chosen)
   return out
@@ -159,22 +161,35 @@ def input_entries(spec) -> list:
       entry = ast.literal_eval(spec)
     except (SyntaxError, ValueError) as e:
       raise sources.DataError(f"--input {spec!r}: not a dataset entry ({e})") from None
+    if not isinstance(entry, dict):
+      raise sources.DataError(f"--input {spec!r}: not a dataset entry (a dict)")
   else:
     path = pathlib.Path(spec)
     if not path.exists():
       raise sources.DataError(f"{path}: no such file or directory")
     entry = {"kind": "piccolo" if path.is_dir() else "jsonl", "path": spec}
-  return [{"task": "retrieval", **e} for e in sources.expand([entry])]
+  return [_with_task(e) for e in sources.expand([entry])]
+
+
+def _with_task(entry) -> dict:
+  """The entry, read as retrieval rows unless it names a task or its rows carry a `type` (meta lists mix tasks)."""
+  if "task" in entry:
+    return entry
+  first = next(iter(sources.READERS[entry.get("kind", "piccolo")](entry)[1]), (None, {}))[1]
+  return entry if "type" in first else {**entry, "task": "retrieval"}
 
 
 def read_rows(entries, limit=0) -> tuple[list, dict]:
-  """([(query, pos, neg)] of every entry, {dataset: skipped reason counts}); rows without negatives are kept."""
+  """([(query, pos, neg)] of every entry, {dataset: skipped reason counts}); rows without negatives are kept,
+  datasets of other tasks skipped."""
   rows, skipped, data_cfg = [], {}, config.section("data", neg_num=0)
   for entry in entries:
     reader = sources.read({**entry, "limit": limit} if limit else entry, data_cfg)
-    if reader.task.name != "retrieval":
-      raise sources.DataError(f"{reader.name}: task {reader.task.name!r}; mining needs retrieval rows")
-    rows += [(q, p, n) for q, p, n, _ in reader]
+    for q, p, n, _ in reader:
+      if reader.task.name != "retrieval":
+        reader.skipped = {f"task {reader.task.name}, not retrieval": "all"}
+        break
+      rows.append((q, p, n))
     skipped[reader.name] = reader.skipped
   return rows, skipped
 
@@ -265,14 +280,18 @@ def parse_args(argv=None):
                  "slice as FlagEmbedding's: 2-200 skips the 2 best hits and samples from 1-based ranks 3..200 "
                  f"(default {d.start}-{d.end})")
   p.add_argument("--negatives", type=int, default=d.num, help="negatives per query (default %(default)s)")
-  p.add_argument("--sampling", choices=("random", "top"), default=d.sampling, help="which of the candidates left: NUM at random, or the NUM best (default %(default)s)")
+  p.add_argument("--sampling", choices=("random", "top"), default=d.sampling,
+                 help="which of the candidates left: NUM at random, or the NUM best (default %(default)s)")
   p.add_argument("--relative-margin", type=_margin, default=d.relative_margin, help="drop candidates scoring above "
-                 "(1 - M) x the positive's score (default %(default)s: NV-Retriever's TopK-PercPos 95%%; off: no filter)")
+                 "(1 - M) x the positive's score (default %(default)s: NV-Retriever's TopK-PercPos 95%%; "
+                 "off: no filter)")
   p.add_argument("--absolute-margin", type=_margin, default=d.absolute_margin, help="drop candidates scoring above "
                  "the positive's score - M (default off). With several positives, the lowest-scoring one counts")
   p.add_argument("--originals", choices=("replace", "append", "keep"), default=d.originals, help="given negatives: "
-                 "replaced by the mined ones, followed by them, or kept (only rows without any are mined); default %(default)s")
-  p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (row i draws from its own generator; default %(default)s)")
+                 "replaced by the mined ones, followed by them, or kept (only rows without any are mined); "
+                 "default %(default)s")
+  p.add_argument("--seed", type=int, default=d.seed,
+                 help="sampling seed (row i draws from its own generator; default %(default)s)")
   p.add_argument("--query-prefix", default="", help="prepended to queries when embedding (not in the output)")
   p.add_argument("--passage-prefix", default="", help="prepended to corpus texts when embedding")
   p.add_argument("--dim", type=int, default=None, help="Matryoshka dim to mine at (default: the full dim)")
@@ -326,7 +345,7 @@ def run(args, opts) -> dict:
     for _ in lines:  # The search is collective: every process runs it.
       pass
   report = {"output": str(out), "corpus": len(corpus.texts), "skipped": skipped, **stats.report(),
-            "seconds": {"read": t1 - t0, "embed_corpus": t2 - t1, "mine": time.perf_counter() - t2},
+            "seconds": {"read_load": t1 - t0, "embed_corpus": t2 - t1, "mine": time.perf_counter() - t2},
             "options": dataclasses.asdict(opts), "devices": jax.device_count(), "processes": jax.process_count()}
   if main_process:
     out.with_suffix(".stats.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -132,3 +132,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: {tmp_path / 'missing.jsonl'}: no such file or directory"]
+
+
+def test_input_formats_meta_list_keeps_retrieval_datasets(data_dir, tmp_path):
+  (tmp_path / "list.txt").write_text("retri.dataset 1\nsts.dataset 1\ncls.dataset 1\n")
+  meta = mine.input_entries(repr({"kind": "meta", "path": str(tmp_path / "list.txt"),
+                                  "root": str(data_dir / "piccolo_example")}))
+  rows, skipped = mine.read_rows(meta)
+  alone, _ = mine.read_rows(mine.input_entries(str(data_dir / "piccolo_example/retri.dataset")))
+  assert rows == alone and len(rows) == 51
+  assert skipped == {"retri.dataset": {}, "sts.dataset": {"task sts, not retrieval": "all"},
+                     "cls.dataset": {"task cls, not retrieval": "all"}}
+  jsonl, _ = mine.read_rows(mine.input_entries(str(data_dir / "retrieval-zh/triplets.train.jsonl")), limit=3)
+  assert [len(r) for r in jsonl] == [3] * 3 and all(r[1] and r[2] for r in jsonl)
