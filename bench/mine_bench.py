@@ -4,17 +4,16 @@ faiss IndexFlatIP where installed), and piccolo_jax.mine end to end on retrieval
 Each measurement runs in a fresh process."""
 import argparse
 import datetime
-import functools
 import json
 import pathlib
-import sys
 import tempfile
 
 import jax
 import numpy as np
 
 from bench import harness
-from bench.inference_scale import D, numpy_top_k, unit_vectors
+from bench import inference_scale
+from bench.inference_scale import D, numpy_top_k
 from piccolo_jax import search
 from piccolo_jax import sharding
 
@@ -40,14 +39,9 @@ SEARCHES = {"resident": resident, "streamed": lambda q, c: search.top_k(q, c, K)
 
 
 def search_child(impl, corpus, queries, reps):
-  """A first call (compiles; its top-10 ids), then `reps` timed calls, the first of which measures peak RSS.
-  Each call includes placing the corpus on the devices (resident) or building the index (faiss)."""
-  c, q = unit_vectors(corpus, 0), unit_vectors(queries, 1)
-  run = functools.partial(SEARCHES[impl], q, c)
-  ids, times = run()[:, :10].tolist(), []
-  rest, peak = harness.peak_mb(lambda: times.append(harness.timed(run)[1]))
-  times += [harness.timed(run)[1] for _ in range(reps - 1)]
-  return {"rest_mb": rest, "peak_mb": peak, "s": harness.median(times), "ids": ids, "devices": jax.device_count()}
+  """inference_scale's measurement with these searches. Resident calls include placing the corpus on the
+  devices; faiss calls building the index."""
+  return inference_scale.search_child(impl, corpus, queries, reps, SEARCHES) | {"devices": jax.device_count()}
 
 
 def mine_child(rows):
@@ -61,10 +55,8 @@ def mine_child(rows):
 
 
 def child(spec) -> dict:
-  out = harness.run_json(["-m", "bench.mine_bench", "--child", json.dumps(spec)])
-  if "error" in out:
-    sys.exit(f"failed:\n{out['stderr']}")
-  return out
+  """One measurement in a fresh process."""
+  return inference_scale.check(harness.run_json(["-m", "bench.mine_bench", "--child", json.dumps(spec)]))
 
 
 def main(argv=None):
