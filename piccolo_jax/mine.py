@@ -338,9 +338,12 @@ def run(args, opts) -> dict:
                     progress=main_process)
   lines = (json.dumps({"query": q, "pos": p, "neg": n}, ensure_ascii=False) + "\n" for q, p, n in mined)
   if main_process:
-    with open(partial, "w", encoding="utf-8") as f:
-      f.writelines(lines)
-    partial.replace(out)
+    try:
+      with open(partial, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+      partial.replace(out)
+    finally:
+      partial.unlink(missing_ok=True)
   else:
     for _ in lines:  # The search is collective: every process runs it.
       pass
@@ -361,7 +364,9 @@ def format_report(r) -> str:
       f"best positive's rank (1-based): {ranks}",
       f"candidates in range {r['in_range']}: {r['same_text']} a positive's or the query's text, "
       f"{r['filtered']} removed by the false-negative filter",
-      f"rows with fewer than {asked} negatives: {r['rows_short']} ({r['rows_without']} with none)",
+      f"rows with fewer than {asked} negatives: {r['rows_short']} ({r['rows_without']} with none" +
+      ("; the trainer skips rows without negatives when neg_num > 0: a wider --range or smaller margins keep more)"
+       if r["rows_without"] else ")"),
       "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items())])
 
 
