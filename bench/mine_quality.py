@@ -28,6 +28,17 @@ def split(root, train_rows):
   return len(lines) - train_rows
 
 
+def overlap(root) -> str:
+  """How much of the held-out rows' text also occurs in the training rows (the data repeats sentences)."""
+  rows = {f: [json.loads(x) for x in (root / f"{f}.jsonl").open(encoding="utf-8")] for f in ("train", "heldout")}
+  queries = {r["query"] for r in rows["train"]}
+  texts = {t for r in rows["train"] for t in (r["query"], *r["pos"], *r["neg"])}
+  held = {t for r in rows["heldout"] for t in (*r["pos"], *r["neg"])}
+  return (f"{sum(r['query'] in queries for r in rows['heldout'])} held-out queries are also training queries and "
+          f"{sum(r['query'] in texts for r in rows['heldout'])} occur among the training rows' texts; "
+          f"{len(held & texts)} of the {len(held)} held-out corpus texts do")
+
+
 def evaluate(model, root, name, dims) -> dict:
   """Held-out retrieval metrics of a model dir."""
   out = root / f"eval-{name}.json"
@@ -85,15 +96,15 @@ def report(args, root, held, stats, mine_s, results):
                 [f"{r['train_s']:.0f}" if "train_s" in r else ""])
   seeds = sorted({s for _, s in results if s != "-"})
   for variant in args.variants.split(","):
-    rows.append([f"**{variant}, mean**", ",".join(map(str, seeds))] + [
-        f"{sum(results[variant, s][f'heldout/{m}@{d}'] for s in seeds) / len(seeds):.2f}" for d in dims for m in METRICS]
-        + [""])
+    mean = lambda key: sum(results[variant, s][key] for s in seeds) / len(seeds)  # pylint: disable=cell-var-from-loop
+    rows.append([f"**{variant}, mean**", ",".join(map(str, seeds))] +
+                [f"{mean(f'heldout/{m}@{d}'):.2f}" for d in dims for m in METRICS] + [""])
   harness.emit([
       "\n### Mined hard negatives: held-out retrieval after training (python -m bench.mine_quality)\n",
       f"{datetime.date.today()}, {harness.machine()}. Command: `{harness.command()}` (outputs in {root}).\n",
       f"configs/demo.py with only retrieval-zh's first {args.train_rows} rows as data (neg_num 1, or 0 for 'none'; "
-      f"1 epoch, batch 32, all-MiniLM-L6-v2 init), scored on the other {held} rows (queries never trained on; corpus: "
-      f"their positives and given negatives). Mined: `python -m piccolo_jax.mine minilm {args.mine_args}` on the "
+      f"1 epoch, batch 32, all-MiniLM-L6-v2 init), scored on the other {held} rows (corpus: their positives and given "
+      f"negatives; {overlap(root)}). Mined: `python -m piccolo_jax.mine minilm {args.mine_args}` on the "
       f"training rows only (corpus {stats['corpus']} texts: their positives and given negatives), {mine_s:.0f} s; "
       f"{stats['negatives'] / stats['rows']:.1f} negatives per row, {stats['rows_without']} rows left without any "
       f"(the trainer skips those), {stats['filtered']} candidates removed by the filter; best positive's rank "
