@@ -326,10 +326,10 @@ def run(args, opts) -> dict:
   mesh = sharding.make_mesh()
   lo, hi = search.process_rows(len(corpus.texts), mesh)  # Each process embeds the rows on its devices.
   t1 = time.perf_counter()
-  local_ND = embed_corpus(embedder, corpus.texts, lo, hi, prefix=args.passage_prefix,
-                          max_length=args.passage_max_length, dim=args.dim, batch_size=args.batch_size,
-                          cache=args.cache, key=[model_key(model), args.dtype], progress=main_process)
-  corpus_ND = search.place(local_ND, mesh, size=len(corpus.texts), start=lo)
+  corpus_ND = search.place(  # The host rows are dropped once on the devices.
+      embed_corpus(embedder, corpus.texts, lo, hi, prefix=args.passage_prefix, max_length=args.passage_max_length,
+                   dim=args.dim, batch_size=args.batch_size, cache=args.cache, key=[model_key(model), args.dtype],
+                   progress=main_process), mesh, size=len(corpus.texts), start=lo)
   t2, stats = time.perf_counter(), Stats(opts)
   out = pathlib.Path(args.output)
   partial = out.with_name(out.name + ".partial")

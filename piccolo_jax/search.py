@@ -102,10 +102,10 @@ def corpus_sharding(mesh) -> NamedSharding:
 
 
 def layout(C, n_devices, c_chunk=C_CHUNK) -> tuple[int, int]:
-  """(rows per device, block): the fewest equal blocks of at most c_chunk rows that hold C / n_devices rows."""
+  """(rows per device: ceil(C / n_devices), block: the size of the fewest equal blocks of at most c_chunk rows
+  that cover them). A device scans its whole blocks, then the rows left (fewer than a block)."""
   per = max(-(-C // n_devices), 1)
-  block = _even(per, c_chunk)
-  return -(-per // block) * block, block
+  return per, _even(per, c_chunk)
 
 
 def process_rows(C, mesh, c_chunk=C_CHUNK) -> tuple[int, int]:
@@ -125,6 +125,8 @@ def place(c_CD, mesh, *, size=None, start=0, dim=None, normalize=False, c_chunk=
 
   def rows(index):
     lo, hi, _ = index[0].indices(per * mesh.size)
+    if hi <= size and not normalize and dim == c_CD.shape[1] and c_CD.dtype == np.float32:
+      return np.asarray(c_CD[lo - start:hi - start])  # As they are: no host copy beyond the device's.
     return _rows(c_CD, lo - start, hi - lo, dim, normalize) if lo < size else np.zeros((hi - lo, dim), np.float32)
   c_XD = jax.make_array_from_callback((per * mesh.size, dim), corpus_sharding(mesh), rows)
   return Sharded(c_XD, size, block, mesh)
@@ -140,14 +142,18 @@ def _sharded_step(mesh, k, block, approx):
     X, B = c_XD.shape[0], q_BD.shape[0]
     base = jax.lax.axis_index(axes) * X
 
-    def scan_block(carry, blk):
-      c_ND, j = blk
-      ids_N = base + j * block + jnp.arange(block)
+    def scan_block(carry, c_ND, first):
+      ids_N = first + jnp.arange(c_ND.shape[0])
       s_BN = jnp.where(ids_N < size, jnp.matmul(q_BD, c_ND.T, precision="highest"), -jnp.inf)
-      top_BT, pos_BT = select(s_BN, min(k, block))
-      return merge(*carry, top_BT, ids_N[pos_BT], k), None
-    init = jnp.full((B, k), -jnp.inf, jnp.float32), jnp.zeros((B, k), jnp.int32)
-    (s_BT, i_BT), _ = jax.lax.scan(scan_block, init, (c_XD.reshape(-1, block, c_XD.shape[1]), jnp.arange(X // block)))
+      top_BT, pos_BT = select(s_BN, min(k, c_ND.shape[0]))
+      return merge(*carry, top_BT, ids_N[pos_BT], k)
+    carry, n = (jnp.full((B, k), -jnp.inf, jnp.float32), jnp.zeros((B, k), jnp.int32)), X // block
+    if n:
+      blocks = c_XD[:n * block].reshape(n, block, c_XD.shape[1]), base + block * jnp.arange(n)
+      carry = jax.lax.scan(lambda c, blk: (scan_block(c, *blk), None), carry, blocks)[0]
+    if X % block:
+      carry = scan_block(carry, c_XD[n * block:], base + n * block)
+    s_BT, i_BT = carry
     s_BN, i_BN = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (s_BT, i_BT))  # Device order = id order.
     s_BT, pos_BT = jax.lax.top_k(s_BN, k)
     mine_BP = (ids_BP >= base) & (ids_BP < base + X)
