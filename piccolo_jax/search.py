@@ -148,9 +148,9 @@ def _sharded_step(mesh, k, block, approx):
       top_BT, pos_BT = select(s_BN, min(k, c_ND.shape[0]))
       return merge(*carry, top_BT, ids_N[pos_BT], k)
     carry, n = (jnp.full((B, k), -jnp.inf, jnp.float32), jnp.zeros((B, k), jnp.int32)), X // block
-    if n:
-      blocks = c_XD[:n * block].reshape(n, block, c_XD.shape[1]), base + block * jnp.arange(n)
-      carry = jax.lax.scan(lambda c, blk: (scan_block(c, *blk), None), carry, blocks)[0]
+    if n:  # Blocks are sliced inside the loop: a slice of c_XD taken outside it would be a copy of the shard.
+      one = lambda c, j: (scan_block(c, jax.lax.dynamic_slice_in_dim(c_XD, j * block, block), base + j * block), None)
+      carry = jax.lax.scan(one, carry, jnp.arange(n))[0]
     if X % block:
       carry = scan_block(carry, c_XD[n * block:], base + n * block)
     s_BT, i_BT = carry
