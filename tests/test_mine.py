@@ -1,6 +1,10 @@
 """Hard-negative mining against a brute-force numpy reference (1 and 8 devices), the false-negative filter,
 and the CLI end to end on real rows with all-MiniLM-L6-v2."""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,6 +16,7 @@ from piccolo_jax import search
 from piccolo_jax import sources
 
 Q, C, D = 29, 150, 8
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def mesh_of(n):
@@ -103,9 +108,21 @@ def test_corpus_dedups_texts_and_normal_forms():
   assert corpus.norm_ids(["b", "zz"]) == [1, -1]
 
 
+def two_processes(args, output):
+  """piccolo_jax.mine in 2 processes of 2 CPU devices each."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-m", "piccolo_jax.mine", *args, "--output", str(output),
+                             "--coordinator-address", "127.0.0.1:12391", "--num-processes", "2", "--process-id", str(i)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in (0, 1)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+
+
 def test_cli_on_real_rows_trains_directly(minilm_path, data_dir, tmp_path, capsys):
-  args = [str(minilm_path), "--input", str(data_dir / "retrieval-zh/triplets.train.jsonl"), "--limit", "12",
-          "--output", str(tmp_path / "out.jsonl"), "--range", "1-40", "--negatives", "3", "--cache", str(tmp_path)]
+  base = [str(minilm_path), "--input", str(data_dir / "retrieval-zh/triplets.train.jsonl"), "--limit", "12",
+          "--range", "1-40", "--negatives", "3"]
+  args = base + ["--output", str(tmp_path / "out.jsonl"), "--cache", str(tmp_path)]
   report = mine.main(args)
   assert "rows with fewer than 3 negatives" in capsys.readouterr().out
   assert json.loads((tmp_path / "out.stats.json").read_text())["rows"] == report["rows"] == 12
@@ -119,7 +136,10 @@ def test_cli_on_real_rows_trains_directly(minilm_path, data_dir, tmp_path, capsy
   cached = list(tmp_path.glob("corpus-*.npy"))
   assert len(cached) == 1
   mtime = cached[0].stat().st_mtime_ns
-  mine.main(args[:-2] + ["--originals", "append"])  # Without the cache.
+  two_processes(base + ["--cache", str(tmp_path / "two")], tmp_path / "two.jsonl")
+  assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+  assert len(list((tmp_path / "two").glob("corpus-*.npy"))) == 2  # Each process embeds and caches its rows.
+  mine.main(base + ["--output", str(tmp_path / "out.jsonl"), "--originals", "append"])  # Without the cache.
   for a, g in zip([json.loads(line) for line in (tmp_path / "out.jsonl").open()], given):
     assert a["neg"][:len(g["neg"])] == g["neg"] and not set(a["neg"][len(g["neg"]):]) & set(g["neg"] + g["pos"])
   mine.main(args)  # Reads the cache.
@@ -145,3 +165,4 @@ def test_input_formats_meta_list_keeps_retrieval_datasets(data_dir, tmp_path):
                      "cls.dataset": {"task cls, not retrieval": "all"}}
   jsonl, _ = mine.read_rows(mine.input_entries(str(data_dir / "retrieval-zh/triplets.train.jsonl")), limit=3)
   assert [len(r) for r in jsonl] == [3] * 3 and all(r[1] and r[2] for r in jsonl)
+
