@@ -108,10 +108,11 @@ SEARCHES = {"search": lambda q, c: search.top_k(q, c, K)[1], "numpy": lambda q, 
             "old": lambda q, c: old_top_k(q, c, K)}
 
 
-def search_child(impl, corpus, queries, reps):
-  """A first call (compiles; its top-10 ids), then `reps` timed calls, the first of which measures peak RSS."""
+def search_child(impl, corpus, queries, reps, searches=None):
+  """A first call (compiles; its top-10 ids), then `reps` timed calls, the first of which measures peak RSS.
+  searches: name -> (queries, corpus) -> ids (default SEARCHES)."""
   c, q = unit_vectors(corpus, 0), unit_vectors(queries, 1)
-  run = functools.partial(SEARCHES[impl], q, c)
+  run = functools.partial((searches or SEARCHES)[impl], q, c)
   ids, times = run()[:, :10].tolist(), []
   rest, peak = harness.peak_mb(lambda: times.append(harness.timed(run)[1]))
   times += [harness.timed(run)[1] for _ in range(reps - 1)]

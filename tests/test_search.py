@@ -1,4 +1,5 @@
 """Chunked exact top-k against a stable numpy sort: chunk sizes, ties, padding, k > C, memmaps, cosine."""
+import jax
 import numpy as np
 import pytest
 
@@ -63,3 +64,15 @@ def test_merge_keeps_the_first_set_on_ties():
   s, i = search.merge(np.array([[3., 1.]]), np.array([[7, 2]]), np.array([[3., 2.]]), np.array([[9, 4]]), 3)
   np.testing.assert_array_equal(s, [[3, 3, 2]])
   np.testing.assert_array_equal(i, [[7, 9, 4]])
+
+
+@pytest.mark.parametrize("devices,c_chunk,k,approx", [(1, 7, 10, False), (8, 5, 100, False), (8, 101, 3, True)])
+def test_resident_corpus_on_a_mesh_equals_stable_sort(tied, devices, c_chunk, k, approx):
+  """top_k(mesh=): the corpus sharded over the devices, each device's blocks scanned, the top-k merged."""
+  q, c = tied
+  mesh = jax.make_mesh((devices,), ("corpus",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices])
+  scores, ids = search.top_k(q, c, k, q_chunk=8, c_chunk=c_chunk, mesh=mesh, approx=approx)  # approx: exact on CPU.
+  ref_scores, ref_ids = reference(q, c, k)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(scores, ref_scores)
+  assert search.process_rows(len(c), mesh, c_chunk) == (0, len(c))
