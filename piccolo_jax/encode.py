@@ -91,34 +91,32 @@ class Embedder:
     max_length = max_length or self.model.cfg.max_seq_length
     self.check_dim(out_ND.shape[1])
     if self.packing:
-      return self._encode_packed_to(texts, out_ND, batch_size, max_length, normalize, chunk, progress)
+      queue = []  # [(output row, token ids)] not encoded yet
+      for tokenized in self._tokenized(texts, len(out_ND), max_length, chunk):
+        queue = self._encode_packed(queue + tokenized, out_ND, batch_size, max_length, normalize, progress)
+      self._encode_packed(queue, out_ND, batch_size, max_length, normalize, progress, final=True)
+      return
     queues = collections.defaultdict(list)  # bucket length -> [(row, token ids)]
-    texts, n = iter(texts), 0
-    for part in iter(lambda: list(itertools.islice(texts, chunk)), []):
-      if n + len(part) > len(out_ND):
-        raise ValueError(f"more texts than the {len(out_ND)} output rows")
-      for row, ids in enumerate(self.tokenize(part, max_length), n):
+    for tokenized in self._tokenized(texts, len(out_ND), max_length, chunk):
+      for row, ids in tokenized:
         L = bucket_length(len(ids), self.buckets, max_length)
         queues[L].append((row, ids))
         if len(queues[L]) == batch_size:
           self._encode_batch(L, queues[L], out_ND, batch_size, normalize, progress)
-      n += len(part)
-    if n != len(out_ND):
-      raise ValueError(f"{n} texts for {len(out_ND)} output rows")
     for L, queue in queues.items():
       if queue:
         self._encode_batch(L, queue, out_ND, batch_size, normalize, progress)
 
-  def _encode_packed_to(self, texts, out_ND, rows, max_length, normalize, chunk, progress):
-    queue, texts, n = [], iter(texts), 0  # queue: [(output row, token ids)] not encoded yet
+  def _tokenized(self, texts, n_out, max_length, chunk):
+    """[(output row, token ids)] of each `chunk` texts, checked against the n_out texts expected."""
+    texts, n = iter(texts), 0
     for part in iter(lambda: list(itertools.islice(texts, chunk)), []):
-      if n + len(part) > len(out_ND):
-        raise ValueError(f"more texts than the {len(out_ND)} output rows")
-      queue += enumerate(self.tokenize(part, max_length), n)
-      queue, n = self._encode_packed(queue, out_ND, rows, max_length, normalize, progress), n + len(part)
-    if n != len(out_ND):
-      raise ValueError(f"{n} texts for {len(out_ND)} output rows")
-    self._encode_packed(queue, out_ND, rows, max_length, normalize, progress, final=True)
+      if n + len(part) > n_out:
+        raise ValueError(f"more texts than the {n_out} output rows")
+      yield list(enumerate(self.tokenize(part, max_length), n))
+      n += len(part)
+    if n != n_out:
+      raise ValueError(f"{n} texts for {n_out} output rows")
 
   def _encode_packed(self, queue, out_ND, R, max_length, normalize, progress, final=False):
     """Packs queued (row, token ids) into rows, encodes each full batch of R rows (final: all of them)
