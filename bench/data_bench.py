@@ -57,7 +57,7 @@ def main():
   epoch = [batcher(s) for s in range(batcher.steps_per_epoch)]
   cfg = model_lib.Config()
   step, state, rngs, mesh = bench_step.train_step(cfg, state_lib.random_params(cfg, 0), (cfg.embed_dim,))
-  holder, shapes = [state], {(b[1]["task"], b[1]["bucket"]): b for b in epoch}
+  holder, shapes = [state], {(b[1]["task"], b[1]["bucket"], b[1]["rows"]): b for b in epoch}
 
   def train_step(batch):  # The real jitted MiniLM-L6 train step (random weights), any task and bucket.
     holder[0], metrics = step(holder[0], sharding.put_batch(batch[0], mesh), rngs, task=batch[1]["task"])
