@@ -60,7 +60,7 @@ def main():
   holder, shapes = [state], {(b[1]["task"], b[1]["bucket"], b[1]["rows"]): b for b in epoch}
 
   def train_step(batch):  # The real jitted MiniLM-L6 train step (random weights), any task and bucket.
-    holder[0], metrics = step(holder[0], sharding.put_batch(batch[0], mesh), rngs, task=batch[1]["task"])
+    holder[0], metrics = step(holder[0], sharding.put_batch(batch[0], mesh), rngs, mix=batch[1]["mix"])
     return metrics["loss"]
 
   _, compile_s = harness.timed(lambda: [train_step(b).block_until_ready() for b in shapes.values()])  # Each shape.

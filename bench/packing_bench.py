@@ -36,7 +36,7 @@ def jax_runner(cfg, params, dims):
   holder = [state]
 
   def run(batch, task):
-    holder[0], metrics = step(holder[0], sharding.put_batch(batch, mesh), rngs, task=task)
+    holder[0], metrics = step(holder[0], sharding.put_batch(batch, mesh), rngs, mix=task)
     return float(metrics["loss"])
 
   return run

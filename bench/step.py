@@ -42,7 +42,7 @@ def jax_step(cfg, params, batch, task, dims, compiler_options=None, chunk_size=0
   """(run() -> loss, info): the real jitted train step, compiled ahead of time for this batch."""
   step, state, rngs, mesh = train_step(cfg, params, dims, chunk_size=chunk_size)
   arrays = sharding.put_batch(batch, mesh)
-  compiled, compile_s = harness.timed(lambda: step.lower(state, arrays, rngs, task=task).compile(compiler_options))
+  compiled, compile_s = harness.timed(lambda: step.lower(state, arrays, rngs, mix=task).compile(compiler_options))
   cost, mem = compiled.cost_analysis(), compiled.memory_analysis()
   info = {"compile_s": compile_s, "compiled": compiled,
           "xla_flops": float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))}

@@ -1,5 +1,9 @@
 """Piccolo2 fine-tuning of stella-mrl-large-zh-v3.5-1792d (BERT-large + Dense 1024->1792).
 
+Our recipe: in-batch negatives over the whole global batch, one dataset a step, gradient clipping
+1.0 and 5% warmup. configs/piccolo2.py is the original's step as released; README.md lists the
+differences.
+
   python -m piccolo_jax.train --config=finetune --config.model.init=/path/to/stella \
       --config.data.datasets='({"kind": "meta", "path": "meta_lists/piccolo-ft.txt", "root": "data/"},)'
 """

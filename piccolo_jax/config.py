@@ -34,17 +34,20 @@ def base() -> ml_collections.ConfigDict:
       remat=False,
       dropout=-1.0,  # -1 keeps the checkpoint's; 0 turns dropout off.
       dense_out=0,  # Scaling layer output dim; 0 keeps the checkpoint's (new ones start random).
-      max_position=0,  # > checkpoint's 512 extends position embeddings.
+      max_position=0,  # > 0: this many positions (rows past the checkpoint's copy it) and the
+      # position embeddings train (all rows: optim.freeze skips them), as the original's extend_pe.
       position_extension="tile",  # tile | hierarchical
   )
   c.data = dict(
       # Mappings with `kind` (piccolo|meta|jsonl|tsv|tfds), `path` (tfds: `name`, `data_dir`,
       # `split`), optional `task`, `repeat`, `limit` (first n usable rows), `name`,
-      # `query_prefix`, `passage_prefix`; meta: `path` of a `name repeat` list and its `root`.
+      # `query_prefix`, `passage_prefix`, `neg_num`; meta: `path` of a `name repeat` list and its `root`.
       datasets=(),
       global_batch_size=32,
-      neg_num=1,  # Retrieval hard negatives per query (cycled when a row has fewer).
-      cls_neg_num=10,  # Cls label negatives per query (padded and masked when fewer).
+      mix="dataset",  # dataset: one dataset per global step; groups: one per loss group (loss.groups),
+      # so a step mixes tasks as the original's per-GPU batches (data.py: the composition per step).
+      neg_num=1,  # Retrieval hard negatives per query; a dataset entry's `neg_num` overrides it.
+      cls_neg_num=10,  # Cls label negatives per query. Rows with fewer pad and mask the rest.
       query_prefix="", passage_prefix="",  # Retrieval and STS only; per-dataset entries override.
       query_max_len=64, passage_max_len=512, cls_query_max_len=512,  # Token caps per field.
       sts_max_len=64, sts_pair_max_len=512,  # STS first / second text, as the original.
@@ -61,6 +64,8 @@ def base() -> ml_collections.ConfigDict:
       prefetch=4,
       seed=c.get_ref("seed"))
   c.loss = dict(
+      groups=1,  # G: each loss is taken within G equal groups of the global batch and averaged, as
+      # the original's per-GPU losses under DDP (G = its GPUs); 1: over the whole global batch.
       mrl_dims=MRL_DIMS, mrl_weights=None,  # None: the plain mean over dims, as the original.
       retrieval=dict(temperature=0.01, weight=1.0),
       sts=dict(temperature=0.05, weight=0.04),
@@ -70,7 +75,7 @@ def base() -> ml_collections.ConfigDict:
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
       clip_norm=1.0,  # Global-norm clip; 0 turns it off.
       grad_accum=1,
-      freeze=("embeddings/position",))  # Regexps on parameter paths.
+      freeze=("embeddings/position",))  # Regexps on parameter paths (positions: see model.max_position).
   c.train = dict(epochs=3, max_steps=0, log_every=10,
                  chunk_size=0,  # > 0: gradient caching, chunk_size texts at a time.
                  max_nonfinite_steps=5)  # NaN/Inf steps in a row that are skipped before the run stops.

@@ -35,11 +35,12 @@ class MetricLogger:
     now = time.perf_counter()
     dt, self.tick = now - self.tick, now
     tokens = meta["tokens"] * jax.process_count()  # Real tokens, not padding.
-    self.task_loss[task] = float(m["loss"])
+    self.task_loss |= {t: float(v) for t, v in m["task_loss"].items()}
     self.skipped += not bool(m["ok"])
     host = {"task": task, "dataset": meta["dataset"], "bucket": meta["bucket"], "rows": meta["rows"],
             "ok": bool(m["ok"]),
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+            **{f"loss/{t}": float(v) for t, v in m["task_loss"].items() if t != task},
             "lr": float(self.schedule(step - 1)), "pad_frac": meta["pad_frac"],
             "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt,
             "nonfinite_skipped": self.skipped}

@@ -4,9 +4,10 @@ Usage: python -m piccolo_jax.prepare --config=finetune [--shard=I --num-shards=N
 
 A prepared dataset is the directory `PREPARED_DIR/NAME-KEY`; KEY hashes everything its contents
 depend on: the dataset entry, its source files' sizes and mtimes, the tokenizer, the token caps,
-the prefixes, `strict` and which tasks require negatives. A changed source, tokenizer or cap maps
-to another directory and is prepared afresh, so a stale cache is never read. It is written to a
-temporary directory and renamed when complete: an interrupted preparation leaves no dataset.
+the prefixes and `strict` (not `repeat` or `neg_num`: they apply when it is read). A changed
+source, tokenizer or cap maps to another directory and is prepared afresh, so a stale cache is
+never read. It is written to a temporary directory and renamed when complete: an interrupted
+preparation leaves no dataset.
 
 Files (raw little-endian arrays, opened with np.memmap; n rows, m distinct passages):
   q_tok  uint16 (int32 for vocabularies over 65535)  token ids of every query: prefix included,
@@ -44,6 +45,7 @@ CHUNK = 1024  # rows per tokenizer batch: ~50 KB per passage while in flight (En
 ARRAYS = {"q_tok": None, "q_off": np.int64, "p_tok": None, "p_off": np.int64, "pos_off": np.int64,
           "pos_ids": np.int32, "neg_off": np.int64, "neg_ids": np.int32, "labels": np.float32}
 log = logging.getLogger(__name__)
+READ_KEYS = ("repeat", "neg_num")  # Entry keys applied when a prepared dataset is read, not in its contents.
 
 
 def default_dir() -> pathlib.Path:
@@ -92,14 +94,13 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def fingerprint(entry, c, tokenizer) -> dict:
-  """What a prepared dataset's contents depend on (`repeat` is applied when it is read)."""
+  """What a prepared dataset's contents depend on (`repeat` and `neg_num` apply when it is read)."""
   stat = lambda p: [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), None]
   return {"format": FORMAT,
-          "entry": {k: v for k, v in sorted(entry.items()) if k != "repeat"},
+          "entry": {k: v for k, v in sorted(entry.items()) if k not in READ_KEYS},
           "files": [stat(p) for p in source_files(entry)],
           "tokenizer": tokenizer_hash(tokenizer),
           "caps": sorted([*k, v] for k, v in tasks_lib.caps(c).items()),
-          "needs_negatives": {t.name: tasks_lib.negatives(t, c) > 0 for t in tasks_lib.TASKS.values()},
           "strict": bool(c.strict), "query_prefix": c.query_prefix, "passage_prefix": c.passage_prefix}
 
 
@@ -226,6 +227,7 @@ class Prepared:
   """A prepared dataset, memory-mapped: the arrays above as attributes, manifest fields too."""
   path: pathlib.Path
   repeat: int = 1
+  neg_num: int | None = None  # Negatives per row (None: the data config's for its task).
 
   def __post_init__(self):
     self.path = pathlib.Path(self.path)
@@ -237,7 +239,7 @@ class Prepared:
       setattr(self, k, _map(self.path / f"{k}.bin", dtype or m["token_dtype"]))
 
   def __reduce__(self):  # grain workers reopen the files instead of receiving a copy of them
-    return Prepared, (self.path, self.repeat)
+    return Prepared, (self.path, self.repeat, self.neg_num)
 
   def __len__(self):
     return self.rows
@@ -274,7 +276,8 @@ class Prepared:
 
 def open_all(c, tokenizer, root=None) -> list[Prepared]:
   """Every dataset of data config c, prepared where missing and memory-mapped."""
-  return [Prepared(prepare(e, c, tokenizer, root), int(e.get("repeat", 1))) for e in sources.expand(c.datasets)]
+  return [Prepared(prepare(e, c, tokenizer, root), int(e.get("repeat", 1)), e.get("neg_num"))
+          for e in sources.expand(c.datasets)]
 
 
 def shard_entries(entries, shard, num_shards) -> list:

@@ -22,9 +22,13 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def put_batch(arrays: dict, mesh) -> dict:
   """The one place host data becomes device arrays: each process's numpy rows -> global jax.Arrays
-  sharded on the leading axis over every device (process slices concatenate in process order)."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
+  sharded on the leading axis over every device (process slices concatenate in process order). A nested
+  dict (a mixed step's per-task index arrays) holds global arrays, replicated."""
+  def put(v, sharding):
+    if isinstance(v, dict):
+      return {k: put(x, replicated(mesh)) for k, x in v.items()}
+    return jax.make_array_from_process_local_data(sharding, v)
+  return {k: put(v, batch_sharding(mesh)) for k, v in arrays.items()}
 
 
 def replicated(mesh) -> NamedSharding:

@@ -158,7 +158,7 @@ def read_meta_list(entry):
   return out
 
 
-ENTRY_KEYS = {"kind", "path", "task", "repeat", "limit", "name", "query_prefix", "passage_prefix"}
+ENTRY_KEYS = {"kind", "path", "task", "repeat", "limit", "name", "query_prefix", "passage_prefix", "neg_num"}
 KIND_KEYS = {"tfds": {"data_dir", "split"}, "meta": {"root"}}  # beyond ENTRY_KEYS
 REQUIRED = {"tfds": ("name",), "meta": ("path", "root")}  # every other kind: path
 
@@ -177,6 +177,9 @@ def check_entry(entry):
   for key in REQUIRED.get(kind, ("path",)):
     if key not in entry:
       raise DataError(f"{where}: missing {key!r}")
+  for key in ("repeat", "neg_num"):
+    if key in entry and (not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] < 0):
+      raise DataError(f"{where}: {key!r} must be an integer >= 0, got {entry[key]!r}")
 
 
 def expand(datasets):
@@ -211,7 +214,7 @@ def _layout(task, row):
   return max(task.layouts, key=lambda lay: sum(c in row for c in lay.values()) / len(lay))
 
 
-def _parse(where, task, layout, row, need_neg):
+def _parse(where, task, layout, row):
   """One row -> (query, positives, negatives, label, skip reason or None)."""
   col = lambda slot: row[layout[slot]]
   q = text(where, layout["query"], col("query"))
@@ -228,8 +231,6 @@ def _parse(where, task, layout, row, need_neg):
     return q, p, n, label, ("empty text", layout["query"])
   if not p:
     return q, p, n, label, ("no positive", layout.get("pos", layout.get("label")))
-  if need_neg and not n:
-    return q, p, n, label, ("no negative", layout["neg"])
   return q, p, n, label, None
 
 
@@ -260,7 +261,7 @@ class Reader:
     return self.entry.get(key, self.data_cfg[key]) if self.task.prefixes else ""
 
   def __iter__(self):
-    limit, layout, columns, need_neg, kept = self.entry.get("limit") or float("inf"), None, (), False, 0
+    limit, layout, columns, kept = self.entry.get("limit") or float("inf"), None, (), 0
     for loc, row in self._rows:
       where = f"{self.name}: {loc}"
       if layout is None:  # the first row fixes the task and the layout
@@ -268,14 +269,13 @@ class Reader:
         layout = _layout(self.task, row)
         self.label_layout = self.task.label == "class" and "pos" not in layout
         columns = list(layout.values()) + ["type"] * typed
-        need_neg = self.task.neg_fill == "cycle" and tasks_lib.negatives(self.task, self.data_cfg) > 0
       for c in columns:
         if c not in row:
           raise DataError(f"{where}: missing field '{c}'")
       if "type" in columns and _task(where, row["type"], "type") != self.task:
         raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
                         f"dataset's task {self.task.name!r} (set by its first row)")
-      q, p, n, label, reason = _parse(where, self.task, layout, row, need_neg)
+      q, p, n, label, reason = _parse(where, self.task, layout, row)
       if reason and self.data_cfg.strict:
         raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
       if reason:

@@ -101,8 +101,9 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def make_optimizer(o, params, total_steps: int):
-  """(tx, lr schedule): AdamW, warmup + linear decay, global-norm clip, frozen params, accumulation."""
+def make_optimizer(o, params, total_steps: int, train_positions=False):
+  """(tx, lr schedule): AdamW, warmup + linear decay, global-norm clip, frozen params, accumulation.
+  train_positions: the position embeddings train even where o.freeze names them (extended positions)."""
   updates = max(total_steps // o.grad_accum, 1)
   warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * updates)
   schedule = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warmup, 1)),
@@ -111,8 +112,10 @@ def make_optimizer(o, params, total_steps: int):
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
                    optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay))
   frozen = [re.compile(p) for p in o.freeze]
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if any(p.search(_path_str(path)) for p in frozen) else "train", params)
+  is_frozen = lambda path: (any(p.search(path) for p in frozen)
+                            and not (train_positions and path.startswith("embeddings/position/")))
+  labels = jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if is_frozen(_path_str(path)) else "train",
+                                            params)
   tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   if o.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum)

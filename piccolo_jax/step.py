@@ -1,4 +1,10 @@
-"""The jitted train step: embed a task-homogeneous global batch, take its task's loss, update."""
+"""The jitted train step: embed a global batch, take its tasks' losses within their groups, update.
+
+A step's `mix` is ((task, groups), ...): the global batch is loss.groups equal groups of rows, each
+group's loss is taken on its own rows only, and the step loss is the mean over all groups (the DDP
+average of per-GPU losses when the groups are the original's GPUs). A single-task batch (data.mix=
+"dataset") is flat; a mixed one (data.mix="groups") keeps each task's arrays under its name.
+"""
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,13 +21,27 @@ def dropout_key(seed, step):
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def task_loss(task, emb, batch, loss_cfg):
-  """(total loss, per-MRL-dim losses) of one task-homogeneous global batch."""
+def task_loss(task, emb, batch, loss_cfg, groups=1):
+  """(loss, per-MRL-dim losses) of one task's rows: the mean over `groups` equal groups of consecutive
+  rows, each group's loss on its own rows (and their negatives) only."""
   t = tasks_lib.TASKS[task]
   mrl = losses.matryoshka(t.loss, dims=tuple(loss_cfg.mrl_dims), weights=loss_cfg.mrl_weights,
                           return_per_dim=True)
-  args, kwargs = t.loss_args(emb, batch)
-  return mrl(*args, **kwargs, **dict(loss_cfg[task]))
+  args_kwargs = jax.tree.map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), t.loss_args(emb, batch))
+  loss_G, per_dim_GL = jax.vmap(lambda a, kw: mrl(*a, **kw, **dict(loss_cfg[task])))(*args_kwargs)
+  return jnp.mean(loss_G), jnp.mean(per_dim_GL, axis=0)
+
+
+def step_loss(embs, batch, mix, loss_cfg):
+  """(loss, (per-MRL-dim losses, {task: its groups' mean loss})) of a step of mix ((task, groups), ...)
+  from the embeddings of texts(batch)."""
+  total = sum(n for _, n in mix)
+  loss, per_dim, by_task = 0.0, 0.0, {}
+  for task, n in mix:
+    part = batch.get(task, batch)  # A mixed batch keeps each task's arrays under its name.
+    by_task[task], dims = task_loss(task, fields_of(embs, part), part, loss_cfg, n)
+    loss, per_dim = loss + n / total * by_task[task], per_dim + n / total * dims
+  return loss, (per_dim, by_task)
 
 
 def text_fields(batch) -> list[str]:
@@ -49,10 +69,12 @@ def fields_of(embs, batch) -> dict:
   return {f: emb_ND[batch[f + "_idx"]] for f in text_fields(batch)}
 
 
-def value_and_grad(graphdef, rngs, params, batch, task, loss_cfg, key=None, chunk_size=0):
-  """((loss, per-MRL-dim losses), grads) of a global batch, padded or packed; with chunk_size > 0 by
-  gradient caching (piccolo_jax.gradcache), chunk_size rows at a time. key: the dropout key."""
-  loss_of = lambda embs: task_loss(task, fields_of(embs, batch), batch, loss_cfg)
+def value_and_grad(graphdef, rngs, params, batch, mix, loss_cfg, key=None, chunk_size=0):
+  """((loss, (per-MRL-dim losses, {task: loss})), grads) of a global batch, padded or packed; with
+  chunk_size > 0 by gradient caching (piccolo_jax.gradcache), chunk_size rows at a time. mix: the step's
+  ((task, groups), ...), or a task name for one group. key: the dropout key."""
+  mix = ((mix, 1),) if isinstance(mix, str) else mix
+  loss_of = lambda embs: step_loss(embs, batch, mix, loss_cfg)
   if chunk_size:
     grad_fn = gradcache.cached_value_and_grad(gradcache.nnx_embed_fn(graphdef, rngs, embed), loss_of, chunk_size)
     return grad_fn(params, texts(batch), key)
@@ -67,16 +89,17 @@ def value_and_grad(graphdef, rngs, params, batch, task, loss_cfg, key=None, chun
 
 
 def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
-  """The jitted step (state, batch, rngs, task) -> (state, metrics); non-finite updates are skipped.
+  """The jitted step (state, batch, rngs, mix) -> (state, metrics); non-finite updates are skipped.
 
   Dropout keys depend only on (seed, step), so a resumed run replays the same masks. chunk_size > 0
   gets the same gradient by gradient caching (piccolo_jax.gradcache), chunk_size rows at a time (texts, or
   packed rows).
   """
 
-  def train_step(state, batch, rngs, task):
+  def train_step(state, batch, rngs, mix):
     key = dropout_key(seed, state["step"])
-    (loss, per_dim), grads = value_and_grad(graphdef, rngs, state["params"], batch, task, loss_cfg, key, chunk_size)
+    (loss, (per_dim, by_task)), grads = value_and_grad(graphdef, rngs, state["params"], batch, mix, loss_cfg, key,
+                                                       chunk_size)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -88,6 +111,6 @@ def make_train_step(graphdef, tx, loss_cfg, seed, chunk_size=0):
     # whole state (BENCHMARKS.md, stella shape).
     new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
     new["step"] = state["step"] + 1  # A skipped update still consumes its batch and step.
-    return new, {"loss": loss, "loss_per_dim": per_dim, "grad_norm": grad_norm, "ok": ok}
+    return new, {"loss": loss, "loss_per_dim": per_dim, "task_loss": by_task, "grad_norm": grad_norm, "ok": ok}
 
-  return jax.jit(train_step, static_argnames="task", donate_argnums=0)
+  return jax.jit(train_step, static_argnames="mix", donate_argnums=0)

@@ -1,6 +1,6 @@
 """Piccolo2 multi-task training: python -m piccolo_jax.train --config=NAME --workdir=DIR.
 
-NAME is a file in configs/ (finetune, demo, stsb) or a path to a config file; override any
+NAME is a file in configs/ (finetune, piccolo2, demo, stsb) or a path to a config file; override any
 field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
 """
 import json
@@ -109,14 +109,14 @@ def row_multiple(chunk_size) -> int:
   return math.lcm(jax.device_count(), max(chunk_size, 1))
 
 
-def load_data(c, tokenizer):
+def load_data(c, tokenizer, groups):
   """The prepared datasets; process 0 prepares missing ones first, so that processes sharing a
   prepared_dir prepare each once (with local dirs, every process prepares its own)."""
   if jax.process_index() == 0:
-    tables = data_lib.load_tables(c, tokenizer)
+    tables = data_lib.load_tables(c, tokenizer, groups)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("piccolo_jax: prepared data")
-  return tables if jax.process_index() == 0 else data_lib.load_tables(c, tokenizer)
+  return tables if jax.process_index() == 0 else data_lib.load_tables(c, tokenizer, groups)
 
 
 def train(config, workdir) -> dict:
@@ -126,20 +126,22 @@ def train(config, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh.fsdp)
   mcfg, params, tok_dir = state_lib.init_params(config)
   tokenizer = encode.load_tokenizer(tok_dir)
-  tables = load_data(config.data, tokenizer)
+  groups = config.loss.groups
+  tables = load_data(config.data, tokenizer, groups)
   workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
   rundir.write_config(workdir, config)
-  total = config.train.max_steps or data_lib.steps_per_epoch(config.data, tables) * config.train.epochs
-  tx, schedule = state_lib.make_optimizer(config.optim, params, total)
+  total = config.train.max_steps or data_lib.steps_per_epoch(config.data, tables, groups) * config.train.epochs
+  tx, schedule = state_lib.make_optimizer(config.optim, params, total, train_positions=config.model.max_position > 0)
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
   data_it = data_lib.make_iterator(config.data, tables, jax.process_index(), jax.process_count(),
-                                   row_multiple(config.train.chunk_size))
+                                   row_multiple(config.train.chunk_size), groups)
   # Every exit waits for the save in flight; signals are handled only while training.
   with Preemption() as preempt, checkpoint.manager(workdir, config.checkpoint) as mngr:
     is_main = jax.process_index() == 0
     state, start = checkpoint.restore_latest(mngr, state, shardings, data_it)
-    log.info("%s steps of global batch %d on %d devices %s%s", total, config.data.global_batch_size,
-             jax.device_count(), dict(mesh.shape), f", resuming at step {start}" if start else "")
+    log.info("%s steps of global batch %d (loss groups %d, data.mix %s) on %d devices %s%s", total,
+             config.data.global_batch_size, groups, config.data.mix, jax.device_count(), dict(mesh.shape),
+             f", resuming at step {start}" if start else "")
     train_step = step_lib.make_train_step(graphdef, tx, config.loss, config.seed, config.train.chunk_size)
     evaluator = make_evaluator(config.eval, graphdef, rngs, tokenizer)
     best = Best(workdir, config.eval.best_metric, mcfg, tok_dir)
@@ -180,7 +182,7 @@ def train(config, workdir) -> dict:
 
     while step < total and not preempt.requested:
       arrays, meta = next(data_it)
-      state, metrics = train_step(state, sharding.put_batch(arrays, mesh), rngs, meta["task"])
+      state, metrics = train_step(state, sharding.put_batch(arrays, mesh), rngs, meta["mix"])
       if pending:  # Fetching the previous step's metrics keeps one step in flight.
         finish(pending)
       pending, step = (step + 1, meta["task"], metrics, meta), step + 1

@@ -217,7 +217,7 @@ def test_epochs_reshuffle_rows_once_per_copy(small, small_tables, tok):
   (ds0, rows0), (ds1, _) = batcher.plan(0), batcher.plan(1)
   assert not np.array_equal(ds0, ds1)
   for d, t in enumerate(small_tables):
-    batches = rows0[ds0 == d]
+    batches = rows0[ds0[:, 0] == d]
     assert all(len(set(r)) == G for r in batches)
     assert max(collections.Counter(batches.ravel()).values()) <= t.repeat
 
@@ -309,8 +309,9 @@ def test_negatives_fixed_k_and_cls_padding(small, small_tables, tok):
     t = small_tables[d]
     if t.task == "retrieval":
       assert b["neg_ids"].shape[0] == 3 * G
-    if t.name == "retri.dataset":  # 1 negative per row: cycled to K=3
-      assert (sel["neg"] == sel["neg"][:, :1]).all()
+    if t.name == "retri.dataset":  # 1 negative per row: padded to K=3 and masked, as the original
+      assert (sel["neg"][:, 0] >= 0).all() and (sel["neg"][:, 1:] == -1).all()
+      assert b["neg_valid"].tolist() == [[True, False, False]] * G
     if t.name.startswith("tfds"):  # 3 negatives per row: all, without replacement
       assert all(sorted(r) == sorted(t.neg_ids[t.neg_off[q]:t.neg_off[q + 1]])
                  for q, r in zip(sel["query"], sel["neg"]))
@@ -422,11 +423,11 @@ def test_skipped_rows_counted_strict_and_too_small(tmp_path, tok, caplog):
   cfg = config.section("data", datasets=({"kind": "jsonl", "path": str(path)},), global_batch_size=8)
   with caplog.at_level("INFO", logger="piccolo_jax.data"):
     (t,) = data.load_tables(cfg, tok)
-  assert len(t) == 8 and t.skipped == {"empty text": 1, "no positive": 3, "no negative": 1}
+  assert len(t) == 9 and t.skipped == {"empty text": 1, "no positive": 3}  # no negative: kept
   assert "s.jsonl: skipped rows {'empty text': 1, 'no positive': 3" in caplog.text
   with pytest.raises(data.DataError, match=r"s\.jsonl: line 9: field 'query': empty text"):
     data.load_tables(config.replace(cfg, strict=True), tok)
-  with pytest.raises(data.DataError, match="8 usable rows, fewer than one global batch of 16"):
+  with pytest.raises(data.DataError, match="9 usable rows, fewer than one global batch of 16"):
     data.load_tables(config.replace(cfg, global_batch_size=16), tok)
 
 

@@ -76,7 +76,7 @@ def test_cached_step_equals_plain_step(task):
   out, hlo = {}, {}
   for chunk in (0, CHUNK):
     st, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0)
-    compiled = step_lib.make_train_step(graphdef, tx, _loss_cfg(), 0, chunk).lower(st, batch, rngs, task=task).compile()
+    compiled = step_lib.make_train_step(graphdef, tx, _loss_cfg(), 0, chunk).lower(st, batch, rngs, mix=task).compile()
     out[chunk], hlo[chunk] = compiled(st, batch, rngs), compiled.as_text()
   (new, m), (new_c, m_c) = out[0], out[CHUNK]
   assert m["ok"] and m_c["ok"] and int(new_c["step"]) == 1

@@ -22,8 +22,9 @@ def _env(devices):
               HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
 
 
-def _train(workdir, devices, *extra):
-  return subprocess.run(["bash", "launch/local.sh", *extra, "tests/tiny_config.py", str(workdir), *OVERRIDES],
+def _train(workdir, devices, *extra, overrides=()):
+  return subprocess.run(["bash", "launch/local.sh", *extra, "tests/tiny_config.py", str(workdir), *OVERRIDES,
+                         *overrides],
                         cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=900)
 
 
@@ -53,6 +54,20 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
   resumed = _train(tmp_path / "resumed", 4)
   assert resumed.returncode == 0 and "resuming at step 2" in resumed.stderr, resumed.stderr
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _params(tmp_path / "resumed"), final)
+
+
+def test_two_processes_train_mixed_steps_like_one(tmp_path):
+  """data.mix=groups: each process packs its rows of the same plan and holds the task arrays whole."""
+  mixed = ["--config.data.mix=groups", "--config.loss.groups=4"]
+  single = _train(tmp_path / "single", 4, overrides=mixed)
+  assert single.returncode == 0, single.stdout + single.stderr
+  multi = _train(tmp_path / "multi", 2, "--processes", "2", "--port", "12393", overrides=mixed)
+  assert multi.returncode == 0, multi.stdout + multi.stderr
+  a, b = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _params(tmp_path / "multi"),
+               _params(tmp_path / "single"))
 
 
 @pytest.mark.parametrize("script", ["local.sh", "slurm.sh", "tpu_pod.sh"])

@@ -127,9 +127,9 @@ def test_cli_on_real_rows_trains_directly(minilm_path, data_dir, tmp_path, capsy
   assert "rows with fewer than 3 negatives" in capsys.readouterr().out
   assert json.loads((tmp_path / "out.stats.json").read_text())["rows"] == report["rows"] == 12
   entry = {"kind": "jsonl", "path": str(tmp_path / "out.jsonl")}
-  rows = list(sources.read(entry, config.section("data", neg_num=0)))
-  trainer = sources.read(entry, config.section("data", neg_num=3))  # Skips rows left without a negative.
-  assert len(list(trainer)) == 12 - report["rows_without"] and sum(trainer.skipped.values()) == report["rows_without"]
+  trainer = sources.read(entry, config.section("data", neg_num=3))
+  rows = list(trainer)  # Rows left without a negative are kept (in-batch negatives only).
+  assert len(rows) == 12 and not trainer.skipped and sum(not n for *_, n, _ in rows) == report["rows_without"]
   given = [json.loads(line) for line in (data_dir / "retrieval-zh/triplets.train.jsonl").open().readlines()[:12]]
   assert [(q, p) for q, p, _, _ in rows] == [(g["query"], g["pos"]) for g in given]
   assert all(not set(n) & set(p) for _, p, n, _ in rows) and sum(len(n) for _, _, n, _ in rows) == report["negatives"]
