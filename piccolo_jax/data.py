@@ -87,8 +87,9 @@ def load_tables(c, tokenizer, groups=1) -> list[prepare.Prepared]:
   out, unit = prepare.open_all(c, tokenizer), unit_rows(c, groups)
   for t in out:
     if len(t) < unit:
-      raise DataError(f"{t.name}: {len(t)} usable rows, fewer than one {'group' if unit < c.global_batch_size else 'global batch'} "
-                      f"of {unit} (skipped: {t.skipped or 'none'})")
+      what = "group" if unit < c.global_batch_size else "global batch"
+      raise DataError(f"{t.name}: {len(t)} usable rows, fewer than one {what} of {unit} "
+                      f"(skipped: {t.skipped or 'none'})")
     log.info("data: %s: task %s, %d rows, repeat %d, %d batches of %d rows/epoch, skipped %s",
              t.name, t.task, len(t), t.repeat, t.repeat * (len(t) // unit), unit, t.skipped or "none")
     if t.skipped:
