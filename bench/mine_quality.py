@@ -52,7 +52,7 @@ def train(root, variant, seed) -> pathlib.Path:
   workdir = root / f"{variant}-seed{seed}"
   entry = {"kind": "jsonl", "path": str(root / data), "task": "retrieval"}
   run(["-m", "piccolo_jax.train", "--config=demo", f"--workdir={workdir}", f"--config.seed={seed}",
-       f"--config.data.datasets=({entry!r},)", f"--config.data.neg_num={neg_num}", "--config.eval.tasks=()",
+       f"--config.data.datasets=({entry!r},)", f"--config.tasks.retrieval.neg_num={neg_num}", "--config.eval.tasks=()",
        "--config.eval.best_metric="], root / f"train-{variant}-seed{seed}.log")
   return workdir / "export"
 

@@ -1,33 +1,32 @@
-"""Sequence packing vs length buckets vs the PyTorch original's pad-to-longest, over full epochs of real
-data: real (non-padding) tokens per second of the MiniLM train step and the padding share; then the
-attention share of the packed step at L = 512."""
+"""Sequence packing vs the PyTorch original's pad-to-longest, over full epochs of real data: real (non-padding)
+tokens per second of the MiniLM train step and the padding share; then the attention share of the packed
+step at L = 512. (Length buckets, the third layout of earlier runs: BENCHMARKS.md, commit 35a04ec.)"""
 import os
 
-import jax
 import numpy as np
 
 from bench import harness, step as bench_step, torch_ref
-from piccolo_jax import config, data, encode, sharding, state as state_lib
+from piccolo_jax import config, data, encode, packing, sharding, state as state_lib
 from piccolo_jax.configs import demo
 
 RETRIEVAL_ZH = {"kind": "jsonl", "path": "data/retrieval-zh/triplets.train.jsonl"}
-DATA = {  # name -> data config: the demo's, and retrieval-zh at the original's lengths (64/512).
-    "demo": lambda: demo.get_config().data,
-    "retrieval-zh 64/512": lambda: config.section("data", datasets=(RETRIEVAL_ZH,), global_batch_size=32,
-                                                  query_max_len=64, passage_max_len=512, neg_num=1)}
 
 
-def to_longest(batch):
-  """A padded batch with each field cut to its longest text: the original's pad-to-longest per forward."""
-  out = dict(batch)
-  for k in [k for k in batch if k.endswith("_mask")]:
-    n = int(batch[k].sum(1).max())
-    out[k], out[k[:-5] + "_ids"] = batch[k][:, :n], batch[k[:-5] + "_ids"][:, :n]
-  return out
+def retrieval_zh():
+  c = config.base()
+  c.data.update(datasets=(RETRIEVAL_ZH,), global_batch_size=32)
+  c.tasks.retrieval.update(query_max_len=64, passage_max_len=512, neg_num=1)
+  return c
 
 
-def tokens(batch):
-  return sum(int(v.size) for k, v in batch.items() if k.endswith("_mask")) or batch["pack_tok"].size
+DATA = {"demo": demo.get_config, "retrieval-zh 64/512": retrieval_zh}  # The demo's, and the original's lengths.
+
+
+def to_longest(b):
+  """The batch's texts as the original feeds them: each field padded to its longest text, + extras."""
+  (task, _), = b.mix
+  out = {f"{f}_{k}": x for f in b.slots[task] for k, x in zip(("ids", "mask"), packing.unpacked(b, task, f))}
+  return out | b.extras[task]
 
 
 def jax_runner(cfg, params, dims):
@@ -36,54 +35,56 @@ def jax_runner(cfg, params, dims):
   holder = [state]
 
   def run(batch, task):
-    holder[0], metrics = step(holder[0], sharding.put_batch(batch, mesh), rngs, mix=task)
+    holder[0], metrics = step(holder[0], sharding.put_batch(batch, mesh), rngs)
     return float(metrics["loss"])
 
   return run
 
 
 def limited(c, limit):
-  return config.replace(c, datasets=tuple(dict(d, limit=limit) for d in c.datasets)) if limit else c
+  if limit:
+    c = config.replace(c)
+    c.data.datasets = tuple(dict(d, limit=limit) for d in c.data.datasets)
+  return c
 
 
 def epoch(name, c, cfg, params, dims, tok, block, threads):
   """(table rows, figures) of one epoch of each run; the runs alternate in turns of `block` steps."""
-  tables = data.load_tables(c, tok)
-  batchers = {"packed": data.Batcher(c, tables), "buckets": data.Batcher(config.replace(c, packing=False), tables)}
-  steps = range(batchers["packed"].steps_per_epoch)
-  batches = {k: [b(s) for s in steps] for k, b in batchers.items()}
-  batches["torch pad-to-longest"] = [(to_longest(a), m) for a, m in batches["buckets"]]
+  tables = data.load_tables(c.data, c.tasks, tok)
+  (assemble, menus_s) = harness.timed(lambda: data.assembler(c.data, c.tasks, tables))
+  batches = {"packed": [assemble(s) for s in range(assemble.plan.steps_per_epoch)]}
+  batches["torch pad-to-longest"] = [(to_longest(b), m) for b, m in batches["packed"]]
   real = sum(m["tokens"] for _, m in batches["packed"])
-  runs = {"packed": jax_runner(cfg, params, dims), "buckets": jax_runner(cfg, params, dims),
+  runs = {"packed": jax_runner(cfg, params, dims),
           "torch pad-to-longest": torch_ref.torch_trainer(cfg, params, dims, threads=threads)[0]}
-  compile_s = {}
-  for k in ("packed", "buckets"):  # Every shape once, untimed: compile time is reported apart.
-    shapes = {tuple(sorted((n, v.shape) for n, v in a.items())): (a, m["task"]) for a, m in batches[k]}
-    _, compile_s[k] = harness.timed(lambda: [runs[k](a, t) for a, t in shapes.values()])
+  shapes = {(m["task"], b.tokens.shape): (b, m["task"]) for b, m in batches["packed"]}
+  _, compile_s = harness.timed(lambda: [runs["packed"](b, t) for b, t in shapes.values()])  # Untimed, apart.
   secs = dict.fromkeys(runs, 0.0)
-  for first in range(0, len(steps), block):
+  for first in range(0, len(batches["packed"]), block):
     for k, run in runs.items():
-      run(*(lambda a, m: (a, m["task"]))(*batches[k][first]))  # Settles after the other runs (untimed).
-      for a, m in batches[k][first:first + block]:
-        secs[k] += harness.timed(lambda: run(a, m["task"]))[1]
-  padded = {k: sum(tokens(a) for a, _ in b) for k, b in batches.items()}
+      run(batches[k][first][0], batches[k][first][1]["task"])  # Settles after the other run (untimed).
+      for b, m in batches[k][first:first + block]:
+        secs[k] += harness.timed(lambda: run(b, m["task"]))[1]
+  padded = {"packed": sum(b.tokens.size for b, _ in batches["packed"]),
+            "torch pad-to-longest": sum(x.size for b, _ in batches["torch pad-to-longest"]
+                                        for k, x in b.items() if k.endswith("_mask"))}
   rows = [(name, k, f"{1 - real / padded[k]:.1%}", f"{secs[k]:.0f}", f"{real / secs[k]:.0f}",
-           f"{secs['torch pad-to-longest'] / secs[k]:.2f}", f"{compile_s.get(k, 0):.0f}" if k in compile_s else "-",
-           str(len({(m["task"], m["bucket"], m["rows"]) for _, m in batches[k]})) if k in compile_s else "-")
-          for k in runs]
-  return rows, {"steps": len(steps), "real_tokens": real, "secs": secs, "padded": padded, "compile_s": compile_s}
+           f"{secs['torch pad-to-longest'] / secs[k]:.2f}", f"{compile_s:.0f}" if k == "packed" else "-",
+           str(len(shapes)) if k == "packed" else "-") for k in runs]
+  return rows, {"steps": len(batches["packed"]), "real_tokens": real, "secs": secs, "padded": padded,
+                "compile_s": compile_s, "menus": assemble.menus, "menus_s": menus_s}
 
 
 def attention_share(cfg, params, dims, tok, reps, limit):
   """Packed retrieval-zh batches at L = 512 and L = 128, alternating: t = a * R * L + b * R * L^2 per batch
   gives the attention's (the L^2 term's) share of the step at L = 512."""
   c = limited(DATA["retrieval-zh 64/512"](), limit)
-  tables = data.load_tables(c, tok)
-  batch = {L: data.Batcher(config.replace(c, pack_length=L), tables)(0)[0] for L in (512, 128)}
+  tables = data.load_tables(c.data, c.tasks, tok)
+  batch = {L: data.assembler(config.replace(c.data, pack_length=L), c.tasks, tables)(0)[0] for L in (512, 128)}
   runs = {L: (lambda r=jax_runner(cfg, params, dims), b=b: r(b, "retrieval")) for L, b in batch.items()}
   times, *_ = harness.alternate(runs, reps)
   t = {L: harness.median(v) for L, v in times.items()}
-  RL = {L: b["pack_tok"].size for L, b in batch.items()}
+  RL = {L: b.tokens.size for L, b in batch.items()}
   a, b = np.linalg.solve([[RL[L], RL[L] * L] for L in (512, 128)], [t[L] for L in (512, 128)])
   return t, RL, b * RL[512] * 512 / t[512]
 
@@ -109,7 +110,7 @@ def main():
   t, RL, share = attention_share(cfg, params, dims, tok, args.reps, args.limit) if args.reps else ({}, {}, None)
   steps = ", ".join(f"{k}: {v['steps']} steps" for k, v in out.items())
   notes = [f"one epoch each ({steps}), global batch 32, "
-           f"{args.model} fp32 with its dropout, MRL dims {dims}; the three runs train the same batches (same rows and "
+           f"{args.model} fp32 with its dropout, MRL dims {dims}; both runs train the same batches (same rows and "
            f"negatives), alternating in turns of {args.block} steps, each turn after one untimed step",
            "real tokens: the texts' own tokens (cls padding negatives excluded), the same count for every run; "
            "padding: the share of the tokens computed that are not real; compile time and programs apart",

@@ -1,48 +1,54 @@
-"""Train-step time, MFU and memory: the JAX step (piccolo_jax.step) against the PyTorch original, alternating."""
+"""Train-step time, MFU and memory: the JAX step (piccolo_jax.step, packed rows) against the PyTorch original
+(padded), alternating, on the same texts; `--group NAME` runs a grid of configurations, each in a fresh process."""
+import datetime
 import os
+import sys
 
 import jax
 import numpy as np
 
 from bench import harness
-from piccolo_jax import config, sharding, state as state_lib, step as step_lib, tasks
+from piccolo_jax import batch as batch_lib, config, sharding, state as state_lib, step as step_lib, tasks
 
 
-def synthetic_batch(task, B, Lq, Lp, K, vocab, seed=0) -> dict:
-  """The trainer's layout from the task registry: {field}_ids/_mask int32 [B or B*K, Lq or Lp] + extras."""
+def synthetic(task, B, Lq, Lp, K, vocab, seed=0) -> tuple:
+  """(packed Batch, the same texts padded as {field}_ids/_mask + extras for torch): B rows of random tokens,
+  queries (and STS texts) Lq long, passages Lp, K negatives a row."""
   t, rng = tasks.TASKS[task], np.random.default_rng(seed)
-  d = config.section("data", query_max_len=Lq, cls_query_max_len=Lq, sts_max_len=Lq, sts_pair_max_len=Lq,
-                     passage_max_len=Lp, neg_num=K, cls_neg_num=K, buckets=(max(Lq, Lp),))
-  batch = {}
-  for f, L in tasks.fields(t, d):
-    shape = (B * K if f.slot == "neg" else B, L)
-    batch[f.name + "_ids"] = rng.integers(1000, vocab, shape, dtype=np.int32)
-    batch[f.name + "_mask"] = np.ones(shape, np.int32)
-  extras = {"label": lambda: rng.integers(0, 6, B).astype(np.float32), "neg_valid": lambda: np.ones((B, K), bool)}
-  return batch | {k: extras[k]() for k in t.extras}
+  length = {"query": Lq, "pos": Lq if task == "sts" else Lp, "neg": Lp}
+  texts = {f: rng.integers(1000, vocab, (B * K if slot == "neg" else B, length[slot]), dtype=np.int32)
+           for f, slot in tasks.fields(t, K)}
+  extras = {"label": rng.integers(0, 6, B).astype(np.float32), "neg_valid": np.ones((B, K), bool)}
+  extras = {k: extras[k] for k in t.extras if k != "neg_valid" or K}
+  batch = batch_lib.of_texts(task, {f: list(x) for f, x in texts.items()}, extras, max(length.values()),
+                             multiple=jax.device_count())
+  padded = {f"{f}_{k}": x if k == "ids" else np.ones_like(x) for f, x in texts.items() for k in ("ids", "mask")}
+  return batch, padded | extras
 
 
-def model_flops(cfg, batch, remat=False) -> float:
-  """Analytic training FLOPs: 3x the forward matmuls (4x with remat); embeddings and softmax left out."""
-  D, F, fwd = cfg.hidden_size, cfg.intermediate_size, 0.0
-  for N, L in (v.shape for k, v in batch.items() if k.endswith("_mask")):
-    fwd += cfg.num_layers * N * L * 2 * (4 * D * D + 2 * D * F + 2 * L * D) + 2 * N * D * (cfg.dense_out or 0)
-  return fwd * (4 if remat else 3)
+def model_flops(cfg, lens_N, remat=False) -> float:
+  """Analytic training FLOPs of texts of lens_N tokens, each alone (what packing or padding adds is not
+  counted): 3x the forward matmuls and attention (4x with remat); embeddings and softmax left out."""
+  D, F, lens_N = cfg.hidden_size, cfg.intermediate_size, np.asarray(lens_N, np.float64)
+  fwd = cfg.num_layers * (2 * lens_N.sum() * (4 * D * D + 2 * D * F) + 4 * (lens_N ** 2).sum() * D)
+  return (fwd + 2 * len(lens_N) * D * (cfg.dense_out or 0)) * (4 if remat else 3)
 
 
 def train_step(cfg, params, dims, seed=0, chunk_size=0):
   """(jitted step, state, rngs, mesh): the real train step, data-parallel, with the configs' AdamW and losses."""
   (tx, _), mesh = state_lib.make_optimizer(config.section("optim"), params, 1000), sharding.make_mesh(1)
   state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, seed)
-  step = step_lib.make_train_step(graphdef, tx, config.section("loss", mrl_dims=tuple(dims)), seed, chunk_size)
+  c = config.base()
+  c.seed, c.loss.mrl_dims = seed, tuple(dims)
+  step = step_lib.make_train_step(graphdef, tx, c, chunk_size)
   return step, state, rngs, mesh
 
 
-def jax_step(cfg, params, batch, task, dims, compiler_options=None, chunk_size=0):
+def jax_step(cfg, params, batch, dims, compiler_options=None, chunk_size=0):
   """(run() -> loss, info): the real jitted train step, compiled ahead of time for this batch."""
   step, state, rngs, mesh = train_step(cfg, params, dims, chunk_size=chunk_size)
   arrays = sharding.put_batch(batch, mesh)
-  compiled, compile_s = harness.timed(lambda: step.lower(state, arrays, rngs, mix=task).compile(compiler_options))
+  compiled, compile_s = harness.timed(lambda: step.lower(state, arrays, rngs).compile(compiler_options))
   cost, mem = compiled.cost_analysis(), compiled.memory_analysis()
   info = {"compile_s": compile_s, "compiled": compiled,
           "xla_flops": float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))}
@@ -73,7 +79,7 @@ def parser(doc, reps, threads=False):
   """The parser of bench.step and bench.profile_step: the model, the synthetic batch, --reps, --append."""
   p = harness.parser(doc, reps=reps, append=True, threads=threads)
   p.add_argument("--model", default="minilm", help="minilm, stella-shape (random init), a piccolo_jax, ST or HF dir")
-  p.add_argument("--task", choices=sorted(tasks.ALIASES), default="cosent", help="cosent is sts (CoSENT)")
+  p.add_argument("--task", choices=tasks.names(), default="cosent", help="cosent is sts (CoSENT)")
   p.add_argument("--batch", type=int, default=32, help="queries (retrieval, cls) or pairs (sts) per step")
   p.add_argument("--seq", type=int, default=64, help="query / STS text length in tokens")
   p.add_argument("--pseq", type=int, default=0, help="passage and negative length (default: --seq)")
@@ -85,39 +91,95 @@ def parser(doc, reps, threads=False):
 
 
 def setup(args) -> tuple:
-  """(model config, host params, task, K, MRL dims (E/3, 2E/3, E or stella's), batch) of the options; sets pseq."""
+  """(model config, host params, task, K, MRL dims (E/3, 2E/3, E or stella's), (Batch, padded)) of the options;
+  sets pseq."""
   cfg, params, _ = state_lib.load_init(args.model)
   drop = {"dropout": args.dropout, "attention_dropout": args.dropout} if args.dropout >= 0 else {}
   cfg = cfg.replace(dtype=args.dtype, remat=args.remat, **drop)
-  task, args.pseq, E = tasks.ALIASES[args.task], args.pseq or args.seq, cfg.embed_dim
-  K = args.neg if args.neg is not None else tasks.negatives(tasks.TASKS[task], config.section("data", neg_num=0))
+  task, args.pseq, E = tasks.lookup(args.task).name, args.pseq or args.seq, cfg.embed_dim
+  K = args.neg if args.neg is not None else {"cls": 10}.get(task, 0)
   dims = config.MRL_DIMS if E == config.MRL_DIMS[-1] else (E // 3, 2 * E // 3, E)
-  return cfg, params, task, K, dims, synthetic_batch(task, args.batch, args.seq, args.pseq, K, cfg.vocab_size)
+  return cfg, params, task, K, dims, synthetic(task, args.batch, args.seq, args.pseq, K, cfg.vocab_size)
+
+
+MINILM = "--model minilm --batch 32 --seq 64"
+LARGE = "--model stella-shape --batch 4 --seq 64"
+GPU = "--model stella-shape --task retrieval --batch 64 --seq 64 --pseq 512 --neg 1 --dtype bfloat16"
+GROUPS = {  # Each under ~10 minutes on a quiet 2-core CPU (--reps 3 for the large ones); gpu: the finetune recipe.
+    "minilm": [f"{MINILM} --task cosent", f"{MINILM} --task retrieval --pseq 128"],
+    "minilm-more": [f"{MINILM} --task retrieval --pseq 128 --neg 1",
+                    "--model minilm --task cls --batch 8 --seq 64 --neg 4", f"{MINILM} --task cosent --dtype bfloat16"],
+    "large": [f"{LARGE} --task cosent"],
+    "large-retrieval": [f"{LARGE} --task retrieval --pseq 128"],
+    "large-remat": [f"{LARGE} --task retrieval --pseq 128 --remat"],
+    "large-bf16": [f"{LARGE} --task retrieval --pseq 128 --dtype bfloat16 --remat"],
+    "gpu": [f"{GPU} --remat", GPU]}
+HEADER = ["`bench.step` args", "JAX compile s", "JAX step s", "torch step s", "torch/JAX", "JAX tokens/s",
+          "torch tokens/s", "MFU % JAX / torch", "cores busy JAX / torch", "step s after a switch JAX / torch",
+          "XLA temp MB", "step memory MB JAX / torch", "max batch JAX / torch"]
+
+
+def row(args, o):
+  """One markdown table row from a bench.step JSON line."""
+  fmt = lambda k, spec=".2f": "-" if o.get(k) is None else format(o[k], spec)
+  tok = lambda k: f"{o['tokens'] / o[k]:.0f}" if o.get(k) else "-"
+  mem = lambda k: f"{o[f'{k}_mem_peak_mb'] - o[f'{k}_mem_rest_mb']:.0f}" if o.get(f"{k}_mem_peak_mb") else "-"
+  both = lambda k, spec=".2f": f"{fmt(f'jax_{k}', spec)} / {fmt(f'torch_{k}', spec)}"
+  return [args, fmt("jax_compile_s", ".0f"), fmt("jax_step_s", ".3f"), fmt("torch_step_s", ".3f"),
+          f"**{fmt('ratio')}**", tok("jax_step_s"), tok("torch_step_s"), both("mfu_pct", ".0f"), both("cores"),
+          both("switch_s", ".3f"), fmt("jax_xla_temp_mb", ".0f"), f"{mem('jax')} / {mem('torch')}",
+          f"{o.get('jax_max_batch') or '-'} / {o.get('torch_max_batch') or '-'}"]
+
+
+def suite(args):
+  """The grid `args.group`: bench.step per configuration, each in its own process, one table."""
+  step_args = f"--reps {args.reps} --memory --budget-gb {args.budget_gb or 16.0}"
+  rows, outs = [HEADER], []
+  for cfg in GROUPS[args.group]:
+    outs.append(harness.run_json(["-m", "bench.step", *cfg.split(), *step_args.split()]))
+    if "error" in outs[-1]:
+      sys.exit(f"failed: bench.step {cfg} {step_args}\n{outs[-1]['stderr']}")
+    rows.append(row(cfg, outs[-1]))
+  o, loads = outs[0], ", ".join(x["machine"].split("load avg ")[1].split(";")[0] for x in outs)
+  harness.emit([
+      f"\n### Train step, JAX vs PyTorch: group `{args.group}`\n",
+      f"{datetime.date.today()}, {o['machine']} (at the first configuration); torch {o.get('torch_threads')} "
+      f"threads, {o.get('torch_attn')} attention, fp32 unless stated. Command: `{harness.command()}` (each row: "
+      f"`python -m bench.step ARGS {step_args}` in its own process, JAX and PyTorch steps alternating).\n",
+      *harness.table_md(rows),
+      "\nStep times are medians of the timed steps; each framework's turn first runs one untimed step, the one "
+      "right after the other framework ran (its median is the 'after a switch' column). torch/JAX > 1 means the "
+      f"JAX step is faster. Load average at each row's end: {loads}."], args.append)
 
 
 def main(argv=None):
   p = parser(__doc__, reps=5, threads=True)
+  p.add_argument("--group", choices=sorted(GROUPS), default=None, help="run this grid of configurations instead")
   p.add_argument("--compare", choices=("none", "torch"), default="torch")
   p.add_argument("--settle", type=int, default=1, help="untimed steps before each timed one (reported apart)")
   p.add_argument("--memory", action="store_true", help="one more step each, recording its peak memory")
   p.add_argument("--budget-gb", type=float, default=0.0, help="with --memory: the largest batch under this")
   args = p.parse_args(argv)
+  if args.group:
+    return suite(args)
   base_mb, dev = harness.rss_mb(), "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
-  cfg, params, task, K, dims, batch = setup(args)
+  cfg, params, task, K, dims, (batch, padded) = setup(args)
   runs, info = {}, {}
-  runs["jax"], info["jax"] = jax_step(cfg, params, batch, task, dims)
+  runs["jax"], info["jax"] = jax_step(cfg, params, batch, dims)
   if args.compare == "torch":
     from bench import torch_ref
-    runs["torch"], info["torch"] = torch_ref.torch_step(cfg, params, batch, task, dims, dev, args.dtype, args.remat,
+    runs["torch"], info["torch"] = torch_ref.torch_step(cfg, params, padded, task, dims, dev, args.dtype, args.remat,
                                                         args.threads or os.cpu_count())
   del params
   times, cores, settled, first = harness.alternate(runs, args.reps, args.settle)
   mem = {k: harness.peak_mb(run, k) for k, run in runs.items()} if args.memory else {}
   peak = matmul_gflops(*((8192, "bfloat16") if dev == "cuda" else (2048, "float32")), dev if "torch" in runs else None)
-  flops, n_tok = info["jax"]["xla_flops"], sum(v.size for k, v in batch.items() if k.endswith("_mask"))
+  lens = [m.sum() for k, v in padded.items() if k.endswith("_mask") for m in v]
+  flops, n_tok = model_flops(cfg, lens, args.remat), int(sum(lens))
   out = {k: getattr(args, k) for k in ("model", "batch", "seq", "pseq", "dtype", "remat")} | {
       "task": task, "neg": K, "dropout": cfg.dropout, "mrl_dims": list(dims), "tokens": n_tok,
-      "model_flops": model_flops(cfg, batch, args.remat), "peak_gflops": peak, "rss_base_mb": base_mb}
+      "model_flops": flops, "xla_flops": info["jax"]["xla_flops"], "packed_rows": list(batch.tokens.shape),
+      "peak_gflops": peak, "rss_base_mb": base_mb}
   rows = [("", "compile s", "first step s", "step s (median)", "examples/s", "tokens/s", "MFU %", "cores busy",
            "step memory MB (rest -> peak)")]
   for k in runs:
@@ -133,7 +195,8 @@ def main(argv=None):
     rows.append((k, f"{out[f'{k}_compile_s']:.1f}" if k == "jax" else "-", f"{first[k][1]:.2f}", f"{s:.3f}",
                  f"{args.batch / s:.1f}", f"{n_tok / s:.0f}", f"{out[f'{k}_mfu_pct']:.1f}",
                  f"{out[f'{k}_cores']:.2f}", f"{m[0]:.0f} -> {m[1]:.0f}" if m else "-"))
-  notes = [f"XLA flops/step {flops / 1e9:.1f} G (analytic model {out['model_flops'] / 1e9:.1f} G); peak matmul "
+  notes = [f"MFU: analytic FLOPs of the real tokens {flops / 1e9:.1f} G/step (XLA counts {out['xla_flops'] / 1e9:.1f} G "
+           f"on {batch.tokens.shape[0]} packed rows of {batch.tokens.shape[1]}); peak matmul "
            f"GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}; {args.reps} alternating reps"]
   if args.settle and len(runs) > 1:
     out |= {f"{k}_switch_s": harness.median(v) for k, v in settled.items()}

@@ -4,13 +4,19 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from piccolo_jax import config, export, losses, step as step_lib
+from piccolo_jax import config, export, losses
 
 
-def torch_losses(task, emb, batch, loss_cfg):
-  """The Piccolo2 losses in torch (the math of the original's piccolo/criteria.py), averaged over MRL dims."""
+def text_fields(batch) -> list[str]:
+  """The fields of a padded batch ({field}_ids / {field}_mask)."""
+  return sorted(k[:-4] for k in batch if k.endswith("_ids"))
+
+
+def torch_losses(task, emb, batch, cfg):
+  """The Piccolo2 losses in torch (the math of the original's piccolo/criteria.py), averaged over MRL dims.
+  cfg: a config with `tasks` (temperature, weight) and `loss` (mrl_dims) sections."""
   norm = lambda x: F.normalize(x.float(), dim=-1, eps=losses.EPS)
-  c = loss_cfg[task]
+  c = cfg.tasks[task]
 
   def one(d):
     e = {f: x[..., :d] for f, x in emb.items()}
@@ -30,7 +36,7 @@ def torch_losses(task, emb, batch, loss_cfg):
     logits = logits.masked_fill(~keep, float("-inf"))
     return c.weight * F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
-  return sum(one(d) for d in loss_cfg.mrl_dims) / len(loss_cfg.mrl_dims)
+  return sum(one(d) for d in cfg.loss.mrl_dims) / len(cfg.loss.mrl_dims)
 
 
 def torch_step(cfg, params, batch, task, dims, device="cpu", amp=None, remat=False, threads=0, seed=0):
@@ -66,7 +72,7 @@ def torch_ddp_grads(cfg, params, workers, loss_cfg):
   total = 0.0
   for task, batch in workers:
     tb = {k: torch.from_numpy(v) for k, v in batch.items()}
-    loss = torch_losses(task, {f: torch_embed(enc, dense, tb, f) for f in step_lib.text_fields(batch)}, tb, loss_cfg)
+    loss = torch_losses(task, {f: torch_embed(enc, dense, tb, f) for f in text_fields(batch)}, tb, loss_cfg)
     (loss / len(workers)).backward()  # DDP: the mean of the workers' gradients.
     total += loss.item() / len(workers)
   grads = {k: v.grad.numpy() for k, v in enc.named_parameters() if v.grad is not None}
@@ -87,13 +93,14 @@ def torch_trainer(cfg, params, dims, device="cpu", amp=None, remat=False, thread
   mods = torch.nn.ModuleList([enc] + ([dense] if dense else [])).to(device).train()
   trainable, o = [p for p in mods.parameters() if p.requires_grad], config.section("optim")
   opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
-  loss_cfg = config.section("loss", mrl_dims=dims)
+  loss_cfg = config.base()
+  loss_cfg.loss.mrl_dims = tuple(dims)
   dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp)
 
   def step(batch, task):
     tb = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
     with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
-      emb = {f: torch_embed(enc, dense, tb, f) for f in step_lib.text_fields(batch)}
+      emb = {f: torch_embed(enc, dense, tb, f) for f in text_fields(batch)}
     loss = torch_losses(task, emb, tb, loss_cfg)  # Outside autocast: in float32.
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, o.clip_norm)

@@ -14,12 +14,9 @@ def get_config():
       {"kind": "piccolo", "path": "data/piccolo_example/cls.dataset", "repeat": 4},
   )
   c.data.global_batch_size = 32
-  c.data.query_max_len = 32
-  c.data.passage_max_len = 64
-  c.data.cls_query_max_len = 64
-  c.data.sts_max_len = 32
-  c.data.sts_pair_max_len = 32
-  c.data.buckets = (32, 64)
+  c.tasks.retrieval.update(query_max_len=32, passage_max_len=64)
+  c.tasks.sts.update(query_max_len=32, passage_max_len=32)
+  c.tasks.cls.update(query_max_len=64, passage_max_len=64)
   c.loss.mrl_dims = (128, 256, 384)
   c.optim.lr = 5e-5
   c.optim.warmup_ratio = 0.1

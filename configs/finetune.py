@@ -19,9 +19,7 @@ def get_config():
   c.optim.lr = 1e-5
   c.optim.warmup_ratio = 0.05
   c.data.global_batch_size = 256
-  c.data.neg_num = 1
-  c.data.query_max_len = 64
-  c.data.passage_max_len = 512
+  c.tasks.retrieval.update(neg_num=1, query_max_len=64, passage_max_len=512)
   c.train.epochs = 3
   c.checkpoint.every = 1000
   return c

@@ -8,11 +8,8 @@ def get_config():
   c.model.dropout = 0.1
   c.data.datasets = ({"kind": "tsv", "path": "data/sts-b-en/sts-b-en.train.tsv", "task": "sts"},)
   c.data.global_batch_size = 16
-  c.data.sts_max_len = 128
-  c.data.sts_pair_max_len = 128
-  c.data.buckets = (32, 64, 128)
+  c.tasks.sts.update(query_max_len=128, passage_max_len=128, temperature=0.05, weight=1.0)
   c.loss.mrl_dims = (384,)
-  c.loss.sts = dict(temperature=0.05, weight=1.0)
   c.optim.lr = 2e-5
   c.optim.warmup_ratio = 0.1
   c.optim.weight_decay = 0.0

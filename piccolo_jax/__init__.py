@@ -1,11 +1,9 @@
 """piccolo_jax: Piccolo2's multi-task embedding training in JAX / Flax NNX.
 
-Map: config (schema) -> sources (formats -> rows) -> prepare (rows -> memory-mapped tokens, once)
--> data (plans, batches) -> sharding (host -> device) -> step (the jitted train step; task losses
-from tasks + losses) -> train (loop, preemption, eval, export; CLI). Models: model, convert (PyTorch -> ours), modeldir
-(model directories), export (-> sentence-transformers), encode, evaluate. state: init and optimizer;
-checkpoint: the training CheckpointManager; gradcache: chunked exact gradients. How to add a task,
-a data format, an eval kind or a config: docs/extending.md.
+Map (README.md "Layout"; docs/training.md): config (schema), cli, tasks (registry) -> sources (formats ->
+rows) -> prepare (rows -> memory-mapped tokens, once) -> plan (which rows each step trains) -> batch (the
+Batch contract, packed) -> data (grain loader) -> sharding (host -> device) -> step (the jitted step) ->
+train (the loop). Models: model, convert, modeldir, export, encode, evaluate. How to extend: docs/extending.md.
 
 Shape suffixes (`q_BD`, `logits_BN`), everywhere:
   B batch rows (queries or pairs)   L tokens per text         D hidden / embedding width

@@ -15,13 +15,12 @@ import tqdm
 from flax import nnx
 from transformers import AutoTokenizer
 
-from piccolo_jax import config
 from piccolo_jax import convert
 from piccolo_jax import model as model_lib
 from piccolo_jax import modeldir
 from piccolo_jax import packing
 
-DEFAULT_BUCKETS = config.BUCKETS
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512)  # Row lengths: one compiled program per bucket.
 CHUNK = 4096  # Texts tokenized at a time: the tokenizer holds ~21 KB per 110-token text (BENCHMARKS.md).
 
 

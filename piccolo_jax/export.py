@@ -51,8 +51,45 @@ def export(model_dir, out_dir, truncate_dim: int | None = None):
   write_sentence_transformers(cfg, modeldir.load_params(model_dir, cfg), model_dir, out_dir, truncate_dim)
 
 
-def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_dim=None):
-  """Writes params as a sentence-transformers directory (single process; no Orbax)."""
+def prompts(tasks_cfg) -> dict:
+  """sentence-transformers prompts of the training prefixes: `query` and `passage` (retrieval's), and
+  TASK_query / TASK_passage for another task whose prefix differs."""
+  out = {}
+  for name, settings in tasks_cfg.items():
+    for kind in ("query", "passage"):
+      p = settings.get(f"{kind}_prefix")
+      if p is not None and (name == "retrieval" or p != tasks_cfg["retrieval"][f"{kind}_prefix"]):
+        out[kind if name == "retrieval" else f"{name}_{kind}"] = p
+  return out
+
+
+def model_card(cfg, *, base, step, tables, config, evals) -> str:
+  """README.md of an exported model: what it is, how to use it, its training data and config, its evals."""
+  dims = sorted({int(k.rsplit("@", 1)[1]) for k in evals if "@" in k})
+  rows = [f"| {t.name} | {t.task} | {len(t)} | {t.repeat} |" for t in tables]
+  metrics = sorted({k.rsplit("@", 1)[0] for k in evals if "@" in k})
+  table = [f"| metric | {' | '.join(f'dim {d}' for d in dims)} |", "|---|" + "---|" * len(dims)] + [
+      "| " + " | ".join([m] + [f"{evals[k]:.2f}" if (k := f"{m}@{d}") in evals else "" for d in dims]) + " |"
+      for m in metrics]
+  return "\n".join([
+      "---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+      "tags: [sentence-transformers, piccolo_jax]", "---", "",
+      "# A piccolo_jax embedding model", "",
+      f"Trained with [piccolo_jax](https://arxiv.org/abs/2405.06932)'s multi-task hybrid loss from `{base}`, "
+      f"{step} steps. {cfg.embed_dim}-dim embeddings ({cfg.pooling} pooling, {cfg.num_layers} layers, "
+      f"{cfg.max_seq_length} tokens).", "",
+      "```python", "from sentence_transformers import SentenceTransformer",
+      "model = SentenceTransformer(PATH)  # this directory",
+      "q = model.encode(queries, prompt_name=\"query\")  # the training query prefix",
+      "p = model.encode(passages, prompt_name=\"passage\")", "```", "",
+      "## Training data", "", "| dataset | task | rows | repeat |", "|---|---|---|---|", *rows, "",
+      f"## Evaluation (step {step})", "", *(table if metrics else ["None configured (eval.tasks)."]), "",
+      "## Training config", "", "```json", config, "```", ""])
+
+
+def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_dim=None, prompts=None, card=None):
+  """Writes params as a sentence-transformers directory (single process; no Orbax); prompts: name -> prefix;
+  card: its README.md."""
   if truncate_dim is not None and not 0 < truncate_dim <= cfg.embed_dim:
     raise ValueError(f"--truncate-dim {truncate_dim} out of range: embeddings have {cfg.embed_dim} dims")
   weights = to_weights(cfg, params)
@@ -86,7 +123,9 @@ def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_di
     _write_json(tmp / "modules.json", [
         {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
         for i, (kind, path) in enumerate(modules)])
-    st_config = {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    st_config = {"prompts": prompts or {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    if card:
+      (tmp / "README.md").write_text(card)
     if truncate_dim:
       st_config["truncate_dim"] = truncate_dim
     _write_json(tmp / "config_sentence_transformers.json", st_config)

@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 
 class MetricLogger:
-  """Fetches step metrics, updates the bar, writes every `every` steps to metrics.jsonl and tb/."""
+  """Fetches step metrics one step late (the step after is already dispatched, so the host never waits
+  on the device between steps), updates the bar, writes every `every` steps to metrics.jsonl and tb/."""
 
   def __init__(self, workdir, total_steps, start_step, global_batch, mrl_dims, schedule, every,
                enabled=True):
@@ -27,17 +28,26 @@ class MetricLogger:
     # purge_step: TensorBoard drops the earlier run's events from start_step + 1 on.
     self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1 if start_step else None) \
         if enabled else None
-    self.tick, self.task_loss, self.last, self.skipped = time.perf_counter(), {}, {}, 0
+    self.tick, self.task_loss, self.last, self.skipped, self.pending = time.perf_counter(), {}, {}, 0, None
 
-  def step(self, step, task, metrics, meta) -> dict:
-    """Host metrics of one finished step (blocks on its device values)."""
-    m = jax.device_get(metrics)
+  def push(self, step, metrics, info) -> dict | None:
+    """Holds a dispatched step's device metrics; returns the host metrics of the one held before (or None)."""
+    done, self.pending = self.flush(), (step, metrics, info)
+    return done
+
+  def flush(self) -> dict | None:
+    """The host metrics of the step held (None if none); blocks on its device values."""
+    if self.pending is None:
+      return None
+    (step, metrics, meta), self.pending = self.pending, None
+    task, m = meta["task"], jax.device_get(metrics)
     now = time.perf_counter()
     dt, self.tick = now - self.tick, now
     tokens = meta["tokens"] * jax.process_count()  # Real tokens, not padding.
     self.task_loss |= {t: float(v) for t, v in m["task_loss"].items()}
     self.skipped += not bool(m["ok"])
-    host = {"task": task, "dataset": meta["dataset"], "bucket": meta["bucket"], "rows": meta["rows"],
+    host = {"step": step, "task": task, "dataset": meta["dataset"], "row_length": meta["row_length"],
+            "rows": meta["rows"],
             "ok": bool(m["ok"]),
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
             **{f"loss/{t}": float(v) for t, v in m["task_loss"].items() if t != task},
@@ -61,7 +71,7 @@ class MetricLogger:
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
     for k, v in metrics.items():
-      if isinstance(v, (int, float)) and not isinstance(v, bool):
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
         self.tb.add_scalar(k, v, step)
     if echo:
       self.bar.write(f"step {step}: " + "  ".join(

@@ -13,8 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from piccolo_jax import config
-
+MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)  # stella-v3.5's Matryoshka dims.
 EPS = 1e-8  # Norm floor, as torch.cosine_similarity: x / max(||x||, eps).
 
 
@@ -109,7 +108,7 @@ def _check_dims(dims, weights):
   return dims
 
 
-def matryoshka(loss_fn, dims=config.MRL_DIMS, weights=None, *, return_per_dim=False):
+def matryoshka(loss_fn, dims=MRL_DIMS, weights=None, *, return_per_dim=False):
   """Wraps loss_fn to average it over nested embedding prefixes.
 
   Contract: positional array arguments with ndim >= 2 are embeddings and get

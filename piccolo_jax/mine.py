@@ -21,7 +21,6 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from piccolo_jax import config
 from piccolo_jax import encode
 from piccolo_jax import model as model_lib
 from piccolo_jax import search
@@ -185,9 +184,9 @@ def _with_task(entry) -> dict:
 def read_rows(entries, limit=0) -> tuple[list, dict]:
   """([(query, pos, neg)] of every entry, {dataset: skipped reason counts}); rows without negatives are kept,
   datasets of other tasks skipped."""
-  rows, skipped, data_cfg = [], {}, config.section("data", neg_num=0)
+  rows, skipped = [], {}
   for entry in entries:
-    reader = sources.read({**entry, "limit": limit} if limit else entry, data_cfg)
+    reader = sources.read({**entry, "limit": limit} if limit else entry)
     for q, p, n, _ in reader:
       if reader.task.name != "retrieval":
         reader.skipped = {f"task {reader.task.name}, not retrieval": "all"}
@@ -327,8 +326,7 @@ def parse_args(argv=None):
 def run(args, opts) -> dict:
   """Mines and writes args.output (process 0); returns the stats."""
   if args.coordinator_address or args.num_processes > 1:
-    from piccolo_jax import train  # pylint: disable=g-import-not-at-top  (slow to import)
-    train.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   main_process, t0 = jax.process_index() == 0, time.perf_counter()
   rows, skipped = read_rows([e for spec in args.input for e in input_entries(spec)], args.limit)
   if not rows:
@@ -378,7 +376,7 @@ def format_report(r) -> str:
       f"candidates in range {r['in_range']}: {r['same_text']} a positive's or the query's text, "
       f"{r['filtered']} removed by the false-negative filter",
       f"rows with fewer than {asked} negatives: {r['rows_short']} ({r['rows_without']} with none" +
-      ("; the trainer skips rows without negatives when neg_num > 0: a wider --range or smaller margins keep more)"
+      ("; those train on in-batch negatives only: a wider --range or smaller margins give them some)"
        if r["rows_without"] else ")"),
       "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items())])
 

@@ -1,15 +1,14 @@
 """Sequence packing, host side: many texts per fixed-length row, first-fit decreasing, few shapes.
 
-A packed batch holds `pack_tok`, `pack_seg`, `pack_pos` int32 [R, L] and `pack_len` int32 [R, S]:
-text s of row r is the tokens with pack_seg == s + 1 (0 is padding), at positions pack_pos counted
-from 0 at its first token, pack_len[r, s] tokens long (0: an empty slot). Each text field f gets
-`f_idx` int32 [N]: its text n is slot idx[n] = r * S + s of the model's [R * S, D] output
-(model.Bert.packed), so the loss sees the fields in their unpacked order.
+Rows: `pack_tok`, `pack_seg`, `pack_pos` int32 [R, L] and `pack_len` int32 [R, S] (batch.Batch's
+tokens, segments, positions, lengths): text s of row r is the tokens with pack_seg == s + 1 (0 is
+padding), at positions pack_pos counted from 0 at its first token, pack_len[r, s] tokens long (0: an
+empty slot); model.Bert.packed embeds it as slot r * S + s of its [R * S, D] output.
 
-Shapes. L is fixed per task; R comes from a per-task menu of at most `size` row counts chosen
-from the rows that sampled batches need (`row_menu`), so a run compiles at most `size` programs
-per task while padding stays a few percent. A batch that needs more rows than the menu's largest
-takes the next value of a 12.5% geometric grid above it (a new program, rarely).
+Shapes. L is fixed per task; R comes from a per-task menu of at most `size` row counts chosen from the
+rows that planned batches need (`row_menu`), so a run compiles at most `size` programs per task while
+padding stays a few percent. A batch that needs more rows than the menu's largest takes the next value
+of a 12.5% geometric grid above it (a new program, rarely).
 """
 import math
 
@@ -22,19 +21,32 @@ GROWTH = 1.125  # Row counts past the menu: max(menu) * GROWTH**k.
 
 def first_fit(lens_N, L, S):
   """(row_N, slot_N, rows): first-fit decreasing of texts of lens_N tokens into rows of L tokens,
-  at most S texts a row; texts fill a row left to right in slot order."""
+  at most S texts a row; texts fill a row left to right in slot order.
+
+  Texts of one length, taken in index order, fill the first rows with room for them one row at a
+  time, so each length is placed in one vectorised pass (at most L passes, not one per text).
+  """
   lens_N = np.asarray(lens_N, np.int64)
   if len(lens_N) and (lens_N.max() > L or lens_N.min() < 1):
     raise ValueError(f"packing: text lengths must be in 1..{L} (row length), got {lens_N.min()}..{lens_N.max()}")
   n = len(lens_N)
   row_N, slot_N = np.zeros(n, np.int64), np.zeros(n, np.int64)
-  free_R, count_R, rows = np.full(n + 1, L), np.zeros(n + 1, np.int64), 0
-  for i in np.argsort(-lens_N, kind="stable"):
-    r = int(np.argmax((free_R[:rows + 1] >= lens_N[i]) & (count_R[:rows + 1] < S)))  # Row `rows` is empty.
-    row_N[i], slot_N[i] = r, count_R[r]
-    free_R[r] -= lens_N[i]
-    count_R[r] += 1
-    rows = max(rows, r + 1)
+  free_R, count_R, rows = np.full(n, L), np.zeros(n, np.int64), 0
+  order = np.argsort(-lens_N, kind="stable")
+  first = np.flatnonzero(np.diff(lens_N[order], prepend=-1))  # Where each length starts.
+  for a, b in zip(first, np.r_[first[1:], n]):
+    l, items = int(lens_N[order[a]]), order[a:b]
+    room_R = np.minimum(free_R[:rows] // l, S - count_R[:rows])  # Texts of length l each open row takes.
+    before_R = np.cumsum(room_R) - room_R
+    old = min(b - a, int(room_R.sum()))
+    r_old = np.searchsorted(before_R + room_R, np.arange(old), side="right")
+    per_row, j = min(L // l, S), np.arange(b - a - old)  # The rest open rows of per_row texts each.
+    row_N[items] = np.r_[r_old, rows + j // per_row]
+    slot_N[items] = np.r_[count_R[r_old] + np.arange(old) - before_R[r_old], j % per_row]
+    rows += -(-(b - a - old) // per_row)
+    placed_R = np.bincount(row_N[items], minlength=rows)
+    free_R[:rows] -= l * placed_R
+    count_R[:rows] += placed_R
   return row_N, slot_N, rows
 
 
@@ -93,3 +105,15 @@ def pack(tokens_T, lens_N, row_N, slot_N, R, L, S):
   out = {k: np.zeros(R * L, np.int32) for k in ("pack_tok", "pack_seg", "pack_pos")}
   out["pack_tok"][at_T], out["pack_seg"][at_T], out["pack_pos"][at_T] = tokens_T, seg_T, pos_T
   return {k: v.reshape(R, L) for k, v in out.items()} | {"pack_len": len_RS}
+
+
+def unpacked(batch, task, field, length=None, pad_id=0):
+  """(ids, mask) int32 [N, length or the longest] of a Batch's field, one text a row, padded: the layout
+  of the unpacked model call (model.Bert.__call__), the parity reference of the packed one."""
+  S = batch.lengths.shape[-1]
+  texts = [batch.tokens[s // S][batch.segments[s // S] == s % S + 1] for s in np.asarray(batch.slots[task][field])]
+  length = length or max(len(t) for t in texts)
+  ids, mask = np.full((len(texts), length), pad_id, np.int32), np.zeros((len(texts), length), np.int32)
+  for i, t in enumerate(texts):
+    ids[i, :len(t)], mask[i, :len(t)] = t, 1
+  return ids, mask

@@ -19,7 +19,7 @@ Files (raw little-endian arrays, opened with np.memmap; n rows, m distinct passa
   neg_off, neg_ids  its negatives, the same way (cls label rows: every other class)
   labels float32 [n]  STS scores (zeros otherwise)
   manifest.json  name, task, rows, passages, skipped rows by reason, longest query and passage,
-         the empty text's tokens (cls padding), pad id, token dtype, and the fingerprint.
+         pad id, token dtype, and the fingerprint.
 """
 import dataclasses
 import hashlib
@@ -40,7 +40,7 @@ import tqdm
 from piccolo_jax import sources
 from piccolo_jax import tasks as tasks_lib
 
-FORMAT = 1
+FORMAT = 2
 CHUNK = 1024  # rows per tokenizer batch: ~50 KB per passage while in flight (Encoding objects)
 ARRAYS = {"q_tok": None, "q_off": np.int64, "p_tok": None, "p_off": np.int64, "pos_off": np.int64,
           "pos_ids": np.int32, "neg_off": np.int64, "neg_ids": np.int32, "labels": np.float32}
@@ -93,20 +93,21 @@ def tokenizer_hash(tokenizer) -> str:
   return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
-def fingerprint(entry, c, tokenizer) -> dict:
+def fingerprint(entry, c, tasks_cfg, tokenizer) -> dict:
   """What a prepared dataset's contents depend on (`repeat` and `neg_num` apply when it is read)."""
   stat = lambda p: [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), None]
   return {"format": FORMAT,
           "entry": {k: v for k, v in sorted(entry.items()) if k not in READ_KEYS},
           "files": [stat(p) for p in source_files(entry)],
           "tokenizer": tokenizer_hash(tokenizer),
-          "caps": sorted([*k, v] for k, v in tasks_lib.caps(c).items()),
-          "strict": bool(c.strict), "query_prefix": c.query_prefix, "passage_prefix": c.passage_prefix}
+          "caps": sorted([*k, v] for k, v in tasks_lib.caps(tasks_cfg).items()),
+          "prefixes": {name: [tasks_cfg[name].get(k, "") for k in tasks_lib.PREFIXES] for name in tasks_lib.TASKS},
+          "strict": bool(c.strict)}
 
 
-def location(entry, c, tokenizer, root=None) -> tuple[pathlib.Path, dict]:
+def location(entry, c, tasks_cfg, tokenizer, root=None) -> tuple[pathlib.Path, dict]:
   """(directory, fingerprint) of an entry's prepared dataset."""
-  fp = fingerprint(entry, c, tokenizer)
+  fp = fingerprint(entry, c, tasks_cfg, tokenizer)
   key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
   name = entry.get("name") or pathlib.Path(entry["path"]).name
   root = pathlib.Path(root or c.get("prepared_dir") or default_dir())
@@ -139,14 +140,14 @@ class _Offsets(_Flat):
     self.end = int(ends[-1]) if len(ends) else self.end
 
 
-def _write(reader, c, enc, tmp):
+def _write(reader, caps, enc, tmp):
   """Streams the reader's rows into tmp's arrays; returns the manifest's counts."""
   tok_dt = np.uint16 if enc.vocab_size <= 65535 else np.int32
   q_tok, p_tok = _Flat(tmp / "q_tok.bin", tok_dt), _Flat(tmp / "p_tok.bin", tok_dt)
   q_off, p_off, pos_off, neg_off = (_Offsets(tmp / f"{k}.bin") for k in ("q_off", "p_off", "pos_off", "neg_off"))
   pos_ids, neg_ids = _Flat(tmp / "pos_ids.bin", np.int32), _Flat(tmp / "neg_ids.bin", np.int32)
   labels = _Flat(tmp / "labels.bin", np.float32)
-  pool, longest, n, caps = {}, [0, 0], 0, tasks_lib.caps(c)
+  pool, longest, n = {}, [0, 0], 0
   rows = iter(reader)
   bar = tqdm.tqdm(desc=f"prepare {reader.name}", unit=" rows", disable=None, file=sys.stderr)
   while chunk := list(itertools.islice(rows, CHUNK)):  # the first row sets reader.task
@@ -178,7 +179,7 @@ def _write(reader, c, enc, tmp):
         others = np.broadcast_to(np.arange(k, dtype=np.int32), (len(own[s:s + CHUNK]), k))
         f.write(others[others != own[s:s + CHUNK, None]].tobytes())
   return {"rows": n, "passages": len(pool), "longest_query": longest[0], "longest_passage": longest[1],
-          "token_dtype": np.dtype(tok_dt).name, "empty": enc([""], caps[reader.task.name, "pos"])[0]}
+          "token_dtype": np.dtype(tok_dt).name}
 
 
 def _passage_id(pool, new, text):
@@ -190,18 +191,18 @@ def _passage_id(pool, new, text):
   return j
 
 
-def prepare(entry, c, tokenizer, root=None) -> pathlib.Path:
+def prepare(entry, c, tasks_cfg, tokenizer, root=None) -> pathlib.Path:
   """The prepared directory of one dataset entry under data config c, preparing it if missing."""
-  final, fp = location(entry, c, tokenizer, root)
+  final, fp = location(entry, c, tasks_cfg, tokenizer, root)
   if (final / "manifest.json").is_file():
     return final
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:
-    start, enc = time.perf_counter(), Encoders(tokenizer, tasks_lib.caps(c).values())
-    reader = sources.read(entry, c)
-    counts = _write(reader, c, enc, tmp)
+    start, caps = time.perf_counter(), tasks_lib.caps(tasks_cfg)
+    enc, reader = Encoders(tokenizer, caps.values()), sources.read(entry, tasks_cfg, c.strict)
+    counts = _write(reader, caps, enc, tmp)
     manifest = {"name": reader.name, "task": reader.task.name, **counts, "skipped": reader.skipped,
                 "pad_id": enc.pad_id, "fingerprint": fp}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
@@ -227,14 +228,14 @@ class Prepared:
   """A prepared dataset, memory-mapped: the arrays above as attributes, manifest fields too."""
   path: pathlib.Path
   repeat: int = 1
-  neg_num: int | None = None  # Negatives per row (None: the data config's for its task).
+  neg_num: int | None = None  # Negatives per row (None: its task's tasks.TASK.neg_num).
 
   def __post_init__(self):
     self.path = pathlib.Path(self.path)
     m = json.loads((self.path / "manifest.json").read_text())
     self.name, self.task, self.rows, self.skipped = m["name"], m["task"], m["rows"], m["skipped"]
     self.longest_query, self.longest_passage = m["longest_query"], m["longest_passage"]
-    self.pad_id, self.empty = m["pad_id"], np.array(m["empty"], np.int32)
+    self.pad_id = m["pad_id"]
     for k, dtype in ARRAYS.items():
       setattr(self, k, _map(self.path / f"{k}.bin", dtype or m["token_dtype"]))
 
@@ -251,10 +252,9 @@ class Prepared:
     return (self.p_off[ids + 1] - self.p_off[ids]).astype(np.int32)
 
   def tokens(self, slot, i):
-    """Token ids of query i (slot "query") or passage i (else; -1: the empty text)."""
-    if slot == "query":
-      return self.q_tok[self.q_off[i]:self.q_off[i + 1]]
-    return self.p_tok[self.p_off[i]:self.p_off[i + 1]] if i >= 0 else self.empty
+    """Token ids of query i (slot "query") or passage i (else)."""
+    tok, off = (self.q_tok, self.q_off) if slot == "query" else (self.p_tok, self.p_off)
+    return tok[off[i]:off[i + 1]]
 
   def flat(self, slot, ids):
     """int32 token ids of queries or passages `ids` (>= 0), concatenated."""
@@ -262,21 +262,10 @@ class Prepared:
     start, n = off[ids], off[ids + 1] - off[ids]
     return tok[np.repeat(start - np.cumsum(n) + n, n) + np.arange(n.sum())].astype(np.int32)
 
-  def padded(self, slot, ids, length):
-    """ids, mask: int32 [len(ids), length] of queries or passages `ids` (-1: the empty text), right-padded."""
-    ids = np.asarray(ids, np.int64)
-    tok, off = (self.q_tok, self.q_off) if slot == "query" else (self.p_tok, self.p_off)
-    start, end = off[np.maximum(ids, 0)], off[np.maximum(ids, 0) + 1]
-    mask_NL = np.arange(length) < np.where(ids >= 0, end - start, len(self.empty))[:, None]
-    ids_NL = np.where(mask_NL, tok[np.where(mask_NL, start[:, None] + np.arange(length), 0)], self.pad_id)
-    if (ids < 0).any():
-      ids_NL[ids < 0, :len(self.empty)] = self.empty
-    return ids_NL.astype(np.int32), mask_NL.astype(np.int32)
 
-
-def open_all(c, tokenizer, root=None) -> list[Prepared]:
+def open_all(c, tasks_cfg, tokenizer, root=None) -> list[Prepared]:
   """Every dataset of data config c, prepared where missing and memory-mapped."""
-  return [Prepared(prepare(e, c, tokenizer, root), int(e.get("repeat", 1)), e.get("neg_num"))
+  return [Prepared(prepare(e, c, tasks_cfg, tokenizer, root), int(e.get("repeat", 1)), e.get("neg_num"))
           for e in sources.expand(c.datasets)]
 
 
@@ -294,26 +283,25 @@ def shard_entries(entries, shard, num_shards) -> list:
 
 def main():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  from piccolo_jax import config as config_lib, state  # pylint: disable=g-import-not-at-top
-  config_flag = config_flags.DEFINE_config_file("config", None, "config name (configs/NAME.py) or path")
+  from piccolo_jax import cli, config, encode, state  # pylint: disable=g-import-not-at-top
+  config_flag = cli.define_config_flag()
   flags.DEFINE_integer("shard", 0, "this process's shard of the datasets (several hosts or processes)")
   flags.DEFINE_integer("num_shards", 1, "number of shards: each prepares its share of the datasets")
-  flags.DEFINE_bool("verbose", False, "show tracebacks for errors in the input")
   flags.mark_flags_as_required(["config"])
 
   def run():
     f, c = flags.FLAGS, config_flag.value
+    config.check(c)
     if not 0 <= f.shard < f.num_shards:
       raise ValueError(f"--shard={f.shard} is not in [0, --num_shards={f.num_shards})")
-    tokenizer = AutoTokenizer.from_pretrained(state.tokenizer_dir(c.model))
+    tokenizer = encode.load_tokenizer(state.tokenizer_dir(c.model))
     for e in shard_entries(sources.expand(c.data.datasets), f.shard, f.num_shards):
-      t = Prepared(prepare(e, c.data, tokenizer))
+      t = Prepared(prepare(e, c.data, c.tasks, tokenizer))
       print(f"{t.name}: {t.task}, {len(t)} rows, {t.p_off.size - 1} passages, "
             f"skipped {t.skipped or 'none'} -> {t.path}")
 
-  config_lib.run_cli(run)
+  cli.run(run)
+
 
 if __name__ == "__main__":
   main()

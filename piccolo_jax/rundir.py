@@ -1,4 +1,4 @@
-"""The run directory: its identity (the resolved config), and the final model and export it holds.
+"""The run directory: its identity (the resolved config), its best model, and the final model and export.
 
 A workdir belongs to one run. Resuming with a config that changes the model, data, loss or
 optimizer is refused; the fields in RESUMABLE may change (with a warning). `model/` and `export/`
@@ -6,6 +6,7 @@ are always those of the run's final step: rebuilt when missing or when the run w
 """
 import json
 import logging
+import math
 import pathlib
 import shutil
 
@@ -70,10 +71,43 @@ def _replace(new: pathlib.Path, final: pathlib.Path):
   shutil.rmtree(old, ignore_errors=True)
 
 
-def export_final(workdir, step, mcfg, params, tok_dir, truncate_dim=0):
-  """Writes workdir/model (collective) and workdir/export (sentence-transformers) of step, unless
-  they already hold that step."""
-  workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
+class Best:
+  """Keeps workdir/best (a model dir) and best.json at the best value of eval metric `metric`
+  (every metric here is higher-is-better); no metric, no tracking."""
+
+  def __init__(self, workdir, metric, mcfg, tok_dir):
+    self.dir, self.mcfg, self.tok_dir = workdir / "best", mcfg.replace(dtype="float32", remat=False), tok_dir
+    self.json, self.metric = workdir / "best.json", metric
+    old = json.loads(self.json.read_text()) if self.json.is_file() else {}
+    self.value, self.step = old.get("value", -math.inf), old.get("step", -1)
+
+  def improved(self, step, metrics) -> bool:
+    """Records metrics[metric] at step; True if it is a new best."""
+    if self.metric not in metrics:
+      raise KeyError(f"best metric {self.metric!r} is not among the eval metrics {sorted(metrics)}")
+    if metrics[self.metric] <= self.value:
+      return False
+    self.value, self.step = float(metrics[self.metric]), step
+    return True
+
+  def update(self, step, metrics, params):
+    """Saves params as the best model if metrics improve on the best so far."""
+    if not self.metric or not self.improved(step, metrics):
+      return
+    if jax.process_index() == 0:
+      shutil.rmtree(self.dir, ignore_errors=True)
+    modeldir.sync("best: removed")
+    modeldir.save_model_dir(self.dir, self.mcfg, params, self.tok_dir)
+    if jax.process_index() == 0:
+      self.json.write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}) + "\n")
+      log.info("new best %s = %.4f at step %d -> %s", self.metric, self.value, step, self.dir)
+
+
+def export_final(run, step, params, evals):
+  """Writes run.workdir/model (collective) and run.workdir/export (sentence-transformers, with a model card
+  and the training prefixes as prompts) of step, unless they already hold that step. run: a train.Run;
+  evals: the step's eval metrics."""
+  workdir, is_main, mcfg, tok_dir = run.workdir, jax.process_index() == 0, run.mcfg, run.tok_dir
   stamp = workdir / STAMP
   done = stamp.is_file() and json.loads(stamp.read_text()).get("step") == step
   if done and (workdir / "model").is_dir() and (workdir / "export").is_dir():
@@ -86,7 +120,11 @@ def export_final(workdir, step, mcfg, params, tok_dir, truncate_dim=0):
   modeldir.sync("export: cleared")
   modeldir.save_model_dir(new_model, mcfg, params, tok_dir)
   if is_main:
-    export_lib.write_sentence_transformers(mcfg, params, tok_dir, new_export, truncate_dim or None)
+    c = run.config
+    card = export_lib.model_card(mcfg, base=c.model.init or "random init", step=step, tables=run.tables,
+                                 config=c.to_json_best_effort(indent=1), evals=evals)
+    export_lib.write_sentence_transformers(mcfg, params, tok_dir, new_export, c.export.truncate_dim or None,
+                                           prompts=export_lib.prompts(c.tasks), card=card)
     _replace(new_model, workdir / "model")
     _replace(new_export, workdir / "export")
     stamp.write_text(json.dumps({"step": step}) + "\n")

@@ -1,4 +1,7 @@
-"""Device mesh and shardings: batch over ('data', 'fsdp'), parameters ZeRO-style over 'fsdp'."""
+"""Device mesh and shardings: batch over ('data', 'fsdp'), parameters ZeRO-style over 'fsdp'; processes."""
+import dataclasses
+import os
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -20,15 +23,14 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def put_batch(arrays: dict, mesh) -> dict:
-  """The one place host data becomes device arrays: each process's numpy rows -> global jax.Arrays
-  sharded on the leading axis over every device (process slices concatenate in process order). A nested
-  dict (a mixed step's per-task index arrays) holds global arrays, replicated."""
-  def put(v, sharding):
-    if isinstance(v, dict):
-      return {k: put(x, replicated(mesh)) for k, x in v.items()}
-    return jax.make_array_from_process_local_data(sharding, v)
-  return {k: put(v, batch_sharding(mesh)) for k, v in arrays.items()}
+def put_batch(batch, mesh):
+  """The one place host data becomes device arrays (batch.Batch's contract): each process's packed rows ->
+  global arrays sharded by row over every device (process slices concatenate in process order); the
+  per-task arrays, whole on every process, replicated."""
+  rows = {f: jax.make_array_from_process_local_data(batch_sharding(mesh), getattr(batch, f))
+          for f in ("tokens", "segments", "positions", "lengths")}
+  whole = lambda tree: jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated(mesh), x), tree)
+  return dataclasses.replace(batch, slots=whole(batch.slots), extras=whole(batch.extras), **rows)
 
 
 def replicated(mesh) -> NamedSharding:
@@ -49,3 +51,11 @@ def state_shardings(mesh, tree):
   """NamedShardings for a pytree of arrays (params, optimizer state) under the fsdp rule."""
   n = mesh.shape["fsdp"]
   return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(np.shape(x), n)), tree)
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int):
+  """jax.distributed.initialize(): explicit flags, else auto-detected on TPU pods and SLURM."""
+  if coordinator:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()

@@ -153,8 +153,10 @@ def read_meta_list(entry):
     parts = line.split()
     if len(parts) != 2 or not parts[1].isdigit():
       raise DataError(f"{entry['path']}: line {n}: expected 'dataset_name repeat'")
-    out.append({**rest, "kind": "piccolo", "name": parts[0], "repeat": int(parts[1]),
-                "path": os.path.join(entry["root"], parts[0])})
+    path = os.path.join(entry["root"], parts[0])
+    if not os.path.isdir(path):
+      raise DataError(f"{entry['path']}: line {n}: dataset {parts[0]!r}: no directory {path} (root {entry['root']})")
+    out.append({**rest, "kind": "piccolo", "name": parts[0], "repeat": int(parts[1]), "path": path})
   return out
 
 
@@ -190,10 +192,10 @@ def expand(datasets):
 
 
 def _task(where, value, field) -> tasks_lib.Task:
-  if value not in tasks_lib.ALIASES:
-    raise DataError(f"{where}: field '{field}': unknown task type {value!r}, "
-                    f"expected one of {sorted(tasks_lib.ALIASES)}")
-  return tasks_lib.TASKS[tasks_lib.ALIASES[value]]
+  task = tasks_lib.lookup(value)
+  if task is None:
+    raise DataError(f"{where}: field '{field}': unknown task type {value!r}, expected one of {tasks_lib.names()}")
+  return task
 
 
 def _infer_task(where, row) -> tasks_lib.Task:
@@ -242,7 +244,8 @@ class Reader:
   set as iteration goes; the first row fixes the task and the layout. `limit` ends it early.
   """
   entry: dict
-  data_cfg: object
+  tasks_cfg: object  # The config's `tasks` section (prefixes).
+  strict: bool = False  # Empty texts and rows without a positive are errors, not counted skips.
   name: str = ""
   task: tasks_lib.Task = None
   label_layout: bool = False
@@ -258,7 +261,7 @@ class Reader:
       self.task = _task(self.name, self.entry["task"], "task")
 
   def prefix(self, key):
-    return self.entry.get(key, self.data_cfg[key]) if self.task.prefixes else ""
+    return tasks_lib.prefix(self.task, self.tasks_cfg, self.entry, key)
 
   def __iter__(self):
     limit, layout, columns, kept = self.entry.get("limit") or float("inf"), None, (), 0
@@ -276,7 +279,7 @@ class Reader:
         raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
                         f"dataset's task {self.task.name!r} (set by its first row)")
       q, p, n, label, reason = _parse(where, self.task, layout, row)
-      if reason and self.data_cfg.strict:
+      if reason and self.strict:
         raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
       if reason:
         self.skipped[reason[0]] = self.skipped.get(reason[0], 0) + 1
@@ -289,7 +292,6 @@ class Reader:
       raise DataError(f"{self.name}: no rows")
 
 
-def read(entry, data_cfg=None) -> Reader:
-  """A Reader of one dataset entry (a mapping); data_cfg (default: config.base().data) gives
-  `strict`, the negative counts and the prefixes."""
-  return Reader(dict(entry), config.section("data") if data_cfg is None else data_cfg)
+def read(entry, tasks_cfg=None, strict=False) -> Reader:
+  """A Reader of one dataset entry (a mapping); tasks_cfg (default: config.base().tasks) gives the prefixes."""
+  return Reader(dict(entry), config.section("tasks") if tasks_cfg is None else tasks_cfg, strict)

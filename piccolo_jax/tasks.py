@@ -1,17 +1,9 @@
 """The task registry: everything task-specific about reading, batching and the loss, one entry each.
 
-Adding a task is one `Task(...)` in TASKS plus its loss in `losses`:
-- `layouts`: column layouts it reads (canonical slot -> column); the best-matching one is used.
-  Slots: `query` (first text), `pos` (str or list), `neg` (list), `label` (STS score as a number,
-  or for cls the class name, which becomes the positive with the other classes as negatives).
-- `fields`: the batch's text fields, each from a slot, with the data-config key of its token cap.
-  A `neg` field holds K texts per row (rows i*K .. i*K+K-1 belong to row i).
-- `neg_num`: the data-config key of K (a dataset entry's `neg_num` overrides it for that dataset;
-  the task's K is the largest). A row draws up to its dataset's K of its candidates, as the
-  original, and pads the rest with "" masked out by `neg_valid`: a row with no candidate has only
-  the batch's other texts as negatives.
-- `extras`: non-text batch arrays (`label` float32 [B], `neg_valid` bool [B, K]).
-- `loss` and `loss_args(emb, batch)` -> (positional embeddings/labels, keyword arrays).
+Adding a task is one `Task(...)` in TASKS plus its loss in `losses` (docs/extending.md). Its config
+section `tasks.NAME` is built from `defaults`: token caps of its `query` slot (a row's first text) and
+`passage` slot (its positives and negatives), `neg_num` K (tasks with negatives), the loss's
+`temperature` and `weight`, and `query_prefix` / `passage_prefix` (tasks that take prefixes).
 """
 import dataclasses
 from typing import Callable
@@ -20,76 +12,68 @@ from piccolo_jax import losses
 
 
 @dataclasses.dataclass(frozen=True)
-class Field:
-  name: str  # batch field: {name}_ids / {name}_mask
-  slot: str  # query | pos | neg
-  cap: str  # data config key of its max length
-
-
-@dataclasses.dataclass(frozen=True)
 class Task:
   name: str
-  aliases: tuple
-  layouts: tuple
-  fields: tuple
-  loss: Callable
-  loss_args: Callable
-  neg_num: str = ""
-  extras: tuple = ()
-  label: str = ""  # "score": the label slot is a number; "class": a class name (see above)
-  pos_list: bool = True  # the pos slot may hold a list of positives (else exactly one string)
-  prefixes: bool = True  # query_prefix / passage_prefix apply (the original puts none on cls texts)
+  aliases: tuple  # Other `type` values rows may carry.
+  layouts: tuple  # Column layouts it reads (slot -> column); the best-matching one is used.
+  fields: tuple  # (batch field, slot) of its texts, slot query | pos | neg; K `neg` texts a row.
+  loss: Callable  # A loss of losses.py: embeddings positional, temperature and weight keywords.
+  loss_args: Callable  # ({field: emb [N, D]}, the task's arrays) -> (positional args, keyword args).
+  defaults: dict  # Its config section tasks.NAME.
+  extras: tuple = ()  # Its non-text arrays: label float32 [B], neg_valid bool [B, K].
+  label: str = ""  # "score": the label slot is a number; "class": a class name, which becomes the
+  # positive, with the other classes as negatives.
+  pos_list: bool = True  # The pos slot may hold a list of positives (else exactly one string).
 
 
 PICCOLO_TRIPLET = {"query": "text", "pos": "text_pos", "neg": "text_neg"}
+PREFIXES = dict(query_prefix="", passage_prefix="")
 
 TASKS = {t.name: t for t in (
     Task("retrieval", aliases=("retri_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
-         fields=(Field("query", "query", "query_max_len"), Field("pos", "pos", "passage_max_len"),
-                 Field("neg", "neg", "passage_max_len")),
-         neg_num="neg_num", extras=("neg_valid",),
+         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid",),
          loss=losses.retrieval_infonce,
-         loss_args=lambda e, b: ((e["query"], e["pos"], e.get("neg")), {"n_mask": b.get("neg_valid")})),
+         loss_args=lambda e, b: ((e["query"], e["pos"], e.get("neg")), {"n_mask": b.get("neg_valid")}),
+         defaults=dict(query_max_len=64, passage_max_len=512, neg_num=1, temperature=0.01, weight=1.0, **PREFIXES)),
     Task("sts", aliases=("cosent",),
          layouts=({"query": "text", "pos": "text_pair", "label": "label"},
                   {"query": "sentence1", "pos": "sentence2", "label": "label"},
                   {"query": "sentence1", "pos": "sentence2", "label": "score"}),
-         fields=(Field("text_a", "query", "sts_max_len"), Field("text_b", "pos", "sts_pair_max_len")),
-         extras=("label",), label="score", pos_list=False,
+         fields=(("text_a", "query"), ("text_b", "pos")), extras=("label",), label="score", pos_list=False,
          loss=losses.cosent,
-         loss_args=lambda e, b: ((e["text_a"], e["text_b"], b["label"]), {})),
+         loss_args=lambda e, b: ((e["text_a"], e["text_b"], b["label"]), {}),
+         defaults=dict(query_max_len=64, passage_max_len=512, temperature=0.05, weight=0.04, **PREFIXES)),
     Task("cls", aliases=("cls_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "text", "label": "label"}),
-         fields=(Field("query", "query", "cls_query_max_len"), Field("pos", "pos", "passage_max_len"),
-                 Field("neg", "neg", "passage_max_len")),
-         neg_num="cls_neg_num", extras=("neg_valid",), label="class",
-         prefixes=False,
+         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid",), label="class",
          loss=losses.cls_contrast,
-         loss_args=lambda e, b: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]})),
+         loss_args=lambda e, b: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]}),
+         defaults=dict(query_max_len=512, passage_max_len=512, neg_num=10, temperature=0.05, weight=0.2)),
 )}
-ALIASES = {a: t.name for t in TASKS.values() for a in (t.name, *t.aliases)}
 
 
-def negatives(task: Task, data_cfg) -> int:
-  """K: negatives per row under the data config (0: the task has no `neg` field)."""
-  return int(data_cfg[task.neg_num]) if task.neg_num else 0
+def names() -> list[str]:
+  """Every task name and alias."""
+  return sorted(a for t in TASKS.values() for a in (t.name, *t.aliases))
 
 
-def fields(task: Task, data_cfg, k=None) -> list[tuple[Field, int]]:
-  """[(field, token cap)] of the task's text fields under the data config (capped at the largest bucket);
-  k: its negatives per row (default: the data config's; 0: no `neg` field)."""
-  k = negatives(task, data_cfg) if k is None else k
-  return [(f, min(int(data_cfg[f.cap]), max(data_cfg.buckets))) for f in task.fields if f.slot != "neg" or k]
+def lookup(name: str) -> Task | None:
+  """The task of a name or alias (None if none)."""
+  return next((t for t in TASKS.values() if name in (t.name, *t.aliases)), None)
 
 
-def caps(data_cfg) -> dict:
-  """(task, slot) -> token cap; a task's neg slot shares its pos cap (one passage store per dataset)."""
-  out = {}
-  for task in TASKS.values():
-    for f, cap in fields(task, data_cfg, k=1):
-      if out.setdefault((task.name, f.slot), cap) != cap:
-        raise ValueError(f"task {task.name}: fields of slot {f.slot!r} have different caps")
-    if out.get((task.name, "neg"), out[task.name, "pos"]) != out[task.name, "pos"]:
-      raise ValueError(f"task {task.name}: neg and pos caps differ; they share one passage store")
-  return out
+def fields(task: Task, k: int) -> list[tuple[str, str]]:
+  """(field, slot) of the task's texts with k negatives a row (k = 0: no `neg` field)."""
+  return [(f, slot) for f, slot in task.fields if slot != "neg" or k]
+
+
+def caps(tasks_cfg) -> dict:
+  """(task, slot) -> token cap of its `query` and `pos` slots (negatives share the positives' store)."""
+  return {(name, slot): int(tasks_cfg[name][f"{kind}_max_len"]) for name in TASKS
+          for slot, kind in (("query", "query"), ("pos", "passage"))}
+
+
+def prefix(task: Task, tasks_cfg, entry, key) -> str:
+  """A dataset's query_prefix or passage_prefix: its entry's, else its task's ("" where the task takes none)."""
+  return entry.get(key, tasks_cfg[task.name][key]) if key in task.defaults else ""

@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 # The tiny CLI run that resume and fault tests repeat (12 steps, checkpoints every 2).
 TINY_RUN = ["--config=tests/tiny_config.py", "--config.checkpoint.every=2", "--config.train.epochs=2",
-            "--config.data.buckets=(64,)", "--config.data.pack_menu=1"]  # One program per task.
+            "--config.data.pack_menu=1"]  # One program per task.
 
 
 def run_tiny(workdir, cache_dir, *extra, module="piccolo_jax.train", args=None):

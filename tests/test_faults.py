@@ -87,7 +87,7 @@ def test_nonfinite_with_grad_accum_waits_for_the_save(tmp_path):
 
 def test_nonfinite_steps_are_skipped_below_the_limit(tmp_path):
   c = _sts_only(max_steps=3, max_nonfinite_steps=5)
-  c.loss.sts.temperature = 0.0  # cos / 0: every step NaN.
+  c.tasks.sts.temperature = 0.0  # cos / 0: every step NaN.
   train.train(c, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["nonfinite_skipped"] for r in rows if "task" in r] == [1, 2, 3]

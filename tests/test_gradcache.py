@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import tiny_config
+from piccolo_jax import batch as batch_lib
 from piccolo_jax import config
 from piccolo_jax import gradcache, losses, sharding, train
 from piccolo_jax import step as step_lib
@@ -26,8 +27,8 @@ def _cfg(dropout=0.0):
 
 
 def _loss_cfg():
-  c = config.base().loss
-  c.mrl_dims = (16, 32)
+  c = config.base()
+  c.loss.mrl_dims = (16, 32)
   return c
 
 
@@ -38,16 +39,13 @@ def _texts(rng, n, length=L):
 
 
 def _batch(task, rng, b=B, length=L):
+  """A packed Batch of random texts of 1..length tokens, 4 a row, rows a multiple of the 8 devices."""
   rows = {"retrieval": {"query": b, "pos": b, "neg": b * K}, "sts": {"text_a": b, "text_b": b},
           "cls": {"query": b, "pos": b, "neg": b * K}}[task]
-  batch = {}
-  for f, n in rows.items():
-    batch[f + "_ids"], batch[f + "_mask"] = _texts(rng, n, length)
-  if task == "sts":
-    batch["label"] = rng.integers(0, 6, b).astype(np.float32)
-  if task == "cls":
-    batch["neg_valid"] = (rng.random((b, K)) < 0.7) | (np.arange(K) == 0)  # No row without negatives (zero loss).
-  return batch
+  texts = {f: [rng.integers(1, 1000, rng.integers(1, length + 1)) for _ in range(n)] for f, n in rows.items()}
+  extras = {"sts": {"label": rng.integers(0, 6, b).astype(np.float32)},
+            "cls": {"neg_valid": (rng.random((b, K)) < 0.7) | (np.arange(K) == 0)}}.get(task, {})  # No row without negatives.
+  return batch_lib.of_texts(task, texts, extras, length, S=4, multiple=CHUNK)
 
 
 def _assert_grads_close(grads, ref_grads):
@@ -76,7 +74,7 @@ def test_cached_step_equals_plain_step(task):
   out, hlo = {}, {}
   for chunk in (0, CHUNK):
     st, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0)
-    compiled = step_lib.make_train_step(graphdef, tx, _loss_cfg(), 0, chunk).lower(st, batch, rngs, mix=task).compile()
+    compiled = step_lib.make_train_step(graphdef, tx, _loss_cfg(), chunk).lower(st, batch, rngs).compile()
     out[chunk], hlo[chunk] = compiled(st, batch, rngs), compiled.as_text()
   (new, m), (new_c, m_c) = out[0], out[CHUNK]
   assert m["ok"] and m_c["ok"] and int(new_c["step"]) == 1
@@ -88,8 +86,9 @@ def test_cached_step_equals_plain_step(task):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-2 * optim.lr)
   assert new_c["params"]["embeddings"]["word"]["embedding"].sharding.spec == P("fsdp")
   # Data parallel inside the chunk loops: each device embeds CHUNK / 8 rows of every chunk.
-  assert re.search(rf"s32\[{B // CHUNK},{CHUNK // 8},{L}\]", hlo[CHUNK])
-  assert not re.search(rf"s32\[{B // CHUNK},{CHUNK},{L}\]", hlo[CHUNK])
+  R = batch.tokens.shape[0]
+  assert re.search(rf"s32\[{R // CHUNK},{CHUNK // 8},{L}\]", hlo[CHUNK])
+  assert not re.search(rf"s32\[{R // CHUNK},{CHUNK},{L}\]", hlo[CHUNK])
 
 
 def _retrieval_loss(emb):

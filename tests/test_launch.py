@@ -13,7 +13,7 @@ import pytest
 from piccolo_jax import modeldir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-OVERRIDES = ["--config.train.epochs=1", "--config.data.buckets=(64,)", "--config.data.pack_menu=1",
+OVERRIDES = ["--config.train.epochs=1", "--config.data.pack_menu=1",
              "--config.checkpoint.every=2", "--config.checkpoint.keep=10"]
 
 

@@ -127,7 +127,7 @@ def test_cli_on_real_rows_trains_directly(minilm_path, data_dir, tmp_path, capsy
   assert "rows with fewer than 3 negatives" in capsys.readouterr().out
   assert json.loads((tmp_path / "out.stats.json").read_text())["rows"] == report["rows"] == 12
   entry = {"kind": "jsonl", "path": str(tmp_path / "out.jsonl")}
-  trainer = sources.read(entry, config.section("data", neg_num=3))
+  trainer = sources.read(entry)
   rows = list(trainer)  # Rows left without a negative are kept (in-batch negatives only).
   assert len(rows) == 12 and not trainer.skipped and sum(not n for *_, n, _ in rows) == report["rows_without"]
   given = [json.loads(line) for line in (data_dir / "retrieval-zh/triplets.train.jsonl").open().readlines()[:12]]

@@ -1,5 +1,5 @@
-"""Sequence packing: the row layout, the row-count menus, packed batches of real data, and packed ==
-padded through all-MiniLM-L6-v2 and the train step's gradient (dropout off), on 1 device and 8."""
+"""Sequence packing: the row layout, the row-count menus, packed batches split over processes, and packed ==
+unpacked through all-MiniLM-L6-v2 and the train step's gradient (dropout off), on 1 device and 8."""
 import itertools
 import re
 
@@ -12,15 +12,27 @@ from flax import nnx
 import tiny_config
 from piccolo_jax import config
 from piccolo_jax import data
+from piccolo_jax import encode
 from piccolo_jax import packing
 from piccolo_jax import sharding
 from piccolo_jax import state as state_lib
 from piccolo_jax import step as step_lib
 
 
+def _first_fit_loop(lens_N, L, S):
+  """First-fit decreasing, one text at a time: the reference of packing.first_fit."""
+  row_N, slot_N, free, count = np.zeros(len(lens_N), int), np.zeros(len(lens_N), int), [], []
+  for i in np.argsort(-np.asarray(lens_N), kind="stable"):
+    r = next((r for r in range(len(free)) if free[r] >= lens_N[i] and count[r] < S), len(free))
+    if r == len(free):
+      free.append(L), count.append(0)
+    row_N[i], slot_N[i], free[r], count[r] = r, count[r], free[r] - lens_N[i], count[r] + 1
+  return row_N, slot_N, len(free)
+
+
 def test_first_fit_puts_every_text_once_in_its_row():
   rng = np.random.default_rng(0)
-  for L, S, n in ((64, 4, 50), (32, 64, 200), (128, 8, 7)):
+  for L, S, n in ((64, 4, 50), (32, 64, 200), (128, 8, 7), (16, 1, 9), (512, 64, 0)):
     lens = rng.integers(1, L + 1, n)
     row, slot, R = packing.first_fit(lens, L, S)
     assert sorted(set(row)) == list(range(R))  # no empty row
@@ -34,6 +46,10 @@ def test_first_fit_puts_every_text_once_in_its_row():
       assert np.ptp(np.flatnonzero(m)) == lens[i] - 1 and b["pack_len"][row[i], slot[i]] == lens[i]
     assert (b["pack_seg"] > 0).sum() == lens.sum() == b["pack_len"].sum()
     assert R <= np.ceil(1.23 * lens.sum() / L) + 1 or S < 64  # FFD: within 11/9 OPT + 1
+  for L, S in itertools.product((16, 128), (1, 3, 64)):  # Placed a length at a time = one text at a time.
+    for lens in (rng.integers(1, L + 1, 300), rng.integers(1, L // 4, 300), rng.choice([1, L // 2, L // 2 + 1, L], 99)):
+      got, want = packing.first_fit(lens, L, S), _first_fit_loop(lens, L, S)
+      assert all(np.array_equal(a, b) for a, b in zip(got, want))
   with pytest.raises(ValueError, match="lengths must be in 1..8"):
     packing.first_fit([3, 9], 8, 4)
 
@@ -56,49 +72,30 @@ def test_rows_past_the_menu_grow_geometrically():
 
 
 @pytest.fixture(scope="module")
-def dcfg():
-  return tiny_config.get_config().data  # Real bundled data, three tasks; packing is the default.
+def c():
+  return tiny_config.get_config()  # Real bundled data, three tasks.
 
 
 @pytest.fixture(scope="module")
-def tables(dcfg, minilm_path):
-  from piccolo_jax import encode
-  return data.load_tables(dcfg, encode.load_tokenizer(minilm_path))
+def tables(c, minilm_path):
+  return data.load_tables(c.data, c.tasks, encode.load_tokenizer(minilm_path))
 
 
-def _padded_texts(arrays, field):
-  return [ids[m == 1].tolist() for ids, m in zip(arrays[f"{field}_ids"], arrays[f"{field}_mask"])]
-
-
-def _packed_texts(per_process, field):
-  """Each text of the global field, read from the packed rows of the process that holds its slot."""
-  R, S = per_process[0]["pack_len"].shape
-  out = []
-  for a in per_process:
-    for slot in a[f"{field}_idx"]:
-      b, (r, s) = per_process[slot // S // R], divmod(slot % (R * S), S)
-      out.append(b["pack_tok"][r][b["pack_seg"][r] == s + 1].tolist())
-  return out
-
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_packed_batches_hold_the_padded_batches_texts(dcfg, tables, processes):
-  padded = data.Batcher(config.replace(dcfg, packing=False), tables)
-  packers = [data.Batcher(dcfg, tables, p, processes, row_multiple=2) for p in range(processes)]
-  assert all(b.menus == packers[0].menus for b in packers)
-  for step in range(2 * padded.steps_per_epoch):
-    (want, meta), got = padded(step), [b(step) for b in packers]
-    assert len({m["rows"] for _, m in got}) == 1 and got[0][1]["rows"] % 2 == 0
-    assert got[0][1]["rows"] in packers[0].menus[meta["task"]]  # every step here is in the menus' sample
-    arrays = [a for a, _ in got]
-    for field in step_lib.text_fields(want):
-      texts = _packed_texts(arrays, field)
-      keep = want["neg_valid"].reshape(-1) if field == "neg" and "neg_valid" in want else np.ones(len(texts), bool)
-      assert [t for t, k in zip(texts, keep) if k] == [t for t, k in zip(_padded_texts(want, field), keep) if k]
-    for k in ("label", "neg_valid"):
-      if k in want:
-        np.testing.assert_array_equal(np.concatenate([a[k] for a in arrays]), want[k])
-    assert sum(m["tokens"] for _, m in got) <= meta["tokens"]
+def test_processes_split_the_rows_of_one_packing(c, tables):
+  """Two processes plan the same packing from token lengths; each holds its half of the rows and every
+  slot and extra whole. The menus, chosen from the first epoch, hold every step of it."""
+  one = data.assembler(c.data, c.tasks, tables, row_multiple=2)
+  two = [data.assembler(c.data, c.tasks, tables, p, 2, row_multiple=2) for p in range(2)]
+  assert all(a.menus == one.menus for a in two) and set(one.menus) == {"retrieval", "sts", "cls"}
+  for step in range(2 * one.plan.steps_per_epoch):
+    (b, info), halves = one(step), [a(step) for a in two]
+    assert info["rows"] == halves[0][1]["rows"] == halves[1][1]["rows"] and info["rows"] % 2 == 0
+    assert step >= one.plan.steps_per_epoch or info["rows"] in one.menus[info["task"]]
+    for i, x in enumerate(b.rows()):
+      np.testing.assert_array_equal(np.concatenate([h.rows()[i] for h, _ in halves]), x)
+    for h, hinfo in halves:
+      jax.tree.map(np.testing.assert_array_equal, (h.slots, h.extras), (b.slots, b.extras))
+    assert sum(hinfo["tokens"] for _, hinfo in halves) == info["tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +105,12 @@ def minilm():
 
 
 @pytest.fixture(scope="module")
-def task_batches(dcfg, tables):
-  """task -> (padded, packed) global batch: the first of each task, packed rows a multiple of 8."""
-  padded, packed, out = data.Batcher(config.replace(dcfg, packing=False), tables), data.Batcher(
-      dcfg, tables, row_multiple=8), {}
-  for step in range(padded.steps_per_epoch):
-    (a, meta), (b, _) = padded(step), packed(step)
-    out.setdefault(meta["task"], (a, b))
+def task_batches(c, tables):
+  """task -> the first global batch of each task, packed rows a multiple of 8."""
+  assemble, out = data.assembler(c.data, c.tasks, tables, row_multiple=8), {}
+  for step in range(assemble.plan.steps_per_epoch):
+    b, info = assemble(step)
+    out.setdefault(info["task"], b)
   return out
 
 
@@ -124,24 +120,40 @@ def _split(cfg, params):
   return state_lib.init_state(cfg, params, tx, sharding.make_mesh(1), 0)[2:]
 
 
-def _grads_fn(cfg, params):
-  graphdef, rngs = _split(cfg, params)
-  loss_cfg = config.section("loss", mrl_dims=(128, 256, 384))
-  return jax.jit(lambda p, b, task: step_lib.value_and_grad(graphdef, rngs, p, b, task, loss_cfg),
-                 static_argnames="task"), graphdef, rngs
+def _loss_config(dims):
+  c = config.base()
+  c.loss.mrl_dims = dims
+  return c
+
+
+def _unpacked_value_and_grad(graphdef, rngs, lc):
+  """The parity reference: each text embedded alone, padded (model.Bert.__call__), then the same task loss."""
+  def loss_fn(p, padded, b):
+    model = nnx.merge(graphdef, p, rngs)
+    (task, groups), = b.mix
+    emb = {f: model(*x) for f, x in padded.items()}
+    loss, per_dim = step_lib.task_loss(task, emb, b.extras[task], lc, groups)
+    return loss, (per_dim, {task: loss})
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+
+
+def _padded(b):
+  (task, _), = b.mix
+  return {f: packing.unpacked(b, task, f) for f in b.slots[task]}
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_packed_embeddings_equal_padded_through_minilm(minilm, task_batches, pooling):
+def test_packed_embeddings_equal_unpacked_through_minilm(minilm, task_batches, pooling):
   cfg, params = minilm
-  _, graphdef, rngs = _grads_fn(cfg.replace(pooling=pooling), params)
-  embed = jax.jit(lambda p, b: step_lib.fields_of(
-      {f: step_lib.embed(nnx.merge(graphdef, p, rngs), x) for f, x in step_lib.texts(b).items()}, b))
-  for task, (a, b) in task_batches.items() if pooling == "mean" else [("cls", task_batches["cls"])]:
-    want, got = embed(params, a), embed(params, b)
-    for f in want:
-      keep = a["neg_valid"].reshape(-1) if f == "neg" and "neg_valid" in a else slice(None)
-      np.testing.assert_allclose(got[f][keep], want[f][keep], atol=1e-5, err_msg=f"{task} {f}")
+  graphdef, rngs = _split(cfg.replace(pooling=pooling), params)
+  packed = jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs).packed(*x))
+  unpacked = jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs)(*x))
+  for task, b in task_batches.items() if pooling == "mean" else [("cls", task_batches["cls"])]:
+    emb_ND = np.asarray(packed(params, *b.rows())).reshape(-1, cfg.hidden_size)
+    for f, (ids, mask) in _padded(b).items():
+      keep = b.extras[task]["neg_valid"].reshape(-1) if f == "neg" else slice(None)
+      np.testing.assert_allclose(emb_ND[b.slots[task][f]][keep], unpacked(params, ids, mask)[keep], atol=1e-5,
+                                 err_msg=f"{task} {f}")
 
 
 def _assert_close(got, want):
@@ -159,46 +171,45 @@ def _assert_close(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
-def test_packed_step_gradient_equals_padded_on_1_and_8_devices(minilm, task_batches):
+def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(minilm, task_batches):
   cfg, params = minilm
-  grads, _, _ = _grads_fn(cfg, params)
+  graphdef, rngs = _split(cfg, params)
+  lc = _loss_config((128, 256, 384))
+  grads = jax.jit(lambda p, b: step_lib.value_and_grad(graphdef, rngs, p, b, lc))
+  reference = _unpacked_value_and_grad(graphdef, rngs, lc)
   mesh = sharding.make_mesh(1)
   sharded = jax.device_put(params, sharding.replicated(mesh))
-  for task, (a, b) in task_batches.items():
-    want = grads(params, a, task=task)
-    _assert_close(grads(params, b, task=task), want)
+  for task, b in task_batches.items():
+    want = reference(params, _padded(b), b)
+    _assert_close(grads(params, b), want)
     on_mesh = sharding.put_batch(b, mesh)
-    _assert_close(grads(sharded, on_mesh, task=task), want)
-    if task == "retrieval":  # Slots are gathered across devices; the activations are not.
-      hlo = grads.lower(sharded, on_mesh, task=task).compile().as_text()
-      R, L = b["pack_tok"].shape
-      gathered = [np.prod([int(d) for d in dims.split(",") if d]) for dims in
-                  re.findall(r"\[([\d,]*)\][^ ]* all-gather\(", hlo)]
-      assert gathered and max(gathered) <= R * b["pack_len"].shape[1] * cfg.hidden_size < R * L * cfg.hidden_size
+    _assert_close(grads(sharded, on_mesh), want)
+    if task == "retrieval":  # Slot embeddings cross devices; the activations do not.
+      hlo = grads.lower(sharded, on_mesh).compile().as_text()
+      (R, L), S, D = b.tokens.shape, b.lengths.shape[1], cfg.hidden_size
+      results = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(", hlo)
+      moved = sum(np.prod([int(d) for d in dims.split(",") if d]) for r in results
+                  for dims in re.findall(r"f32\[([\d,]*)\]", r))
+      beyond_grads = moved - sum(x.size for x in jax.tree.leaves(params))  # The gradients' all-reduce.
+      assert 0 < beyond_grads <= R * S * D < R * L * D
 
 
-def test_packed_gradient_caching_remat_and_bf16(dcfg, tables):
-  """On packed batches of the three tasks (tiny random BERT, 8 devices): gradient caching and remat give
-  the plain gradient; bfloat16 compute stays close to it."""
-  c = tiny_config.get_config()
+def test_packed_gradient_caching_remat_and_bf16(c, task_batches):
+  """On packed batches of the three tasks (tiny random BERT): gradient caching and remat give the plain
+  gradient; bfloat16 compute stays close to it."""
   cfg, params, _ = state_lib.init_params(c)
   cfg, mesh = cfg.replace(dropout=0.0, attention_dropout=0.0), sharding.make_mesh(1)
-  loss_cfg = config.section("loss", mrl_dims=(16, 32))
+  lc = _loss_config((16, 32))
 
-  def grads(cfg, b, task, chunk=0):
+  def grads(cfg, b, chunk=0):
     graphdef, rngs = _split(cfg, params)
-    return jax.jit(lambda p: step_lib.value_and_grad(graphdef, rngs, p, b, task, loss_cfg, chunk_size=chunk))(params)
+    return jax.jit(lambda p: step_lib.value_and_grad(graphdef, rngs, p, b, lc, chunk_size=chunk))(params)
 
-  packed, tasks = data.Batcher(dcfg, tables, row_multiple=8), set()
-  for step in range(packed.steps_per_epoch):
-    b, meta = packed(step)
-    if meta["task"] in tasks:
-      continue
-    tasks.add(meta["task"])
-    b, task = sharding.put_batch(b, mesh), meta["task"]
-    plain = grads(cfg, b, task)
-    _assert_close(grads(cfg, b, task, chunk=8), plain)
-    _assert_close(grads(cfg.replace(remat=True), b, task), plain)
-    (loss, _), g = grads(cfg.replace(dtype="bfloat16"), b, task)
+  for b in task_batches.values():
+    b = sharding.put_batch(b, mesh)
+    plain = grads(cfg, b)
+    _assert_close(grads(cfg, b, chunk=8), plain)
+    _assert_close(grads(cfg.replace(remat=True), b), plain)
+    (loss, _), g = grads(cfg.replace(dtype="bfloat16"), b)
     np.testing.assert_allclose(loss, plain[0][0], rtol=2e-2)
     assert abs(float(optax.tree.norm(g)) / float(optax.tree.norm(plain[1])) - 1) < 0.1

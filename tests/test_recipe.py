@@ -1,5 +1,6 @@
 """The original's step (issue [recipe]): loss groups, steps that mix tasks, rows without negatives,
 per-dataset neg_num, trainable extended positions; parity with a PyTorch DDP reference."""
+import dataclasses
 import json
 import math
 import shutil
@@ -11,8 +12,8 @@ import pytest
 from flax import nnx
 
 import tiny_config
-from piccolo_jax import config, data, export, losses, model as model_lib, sharding, state as state_lib
-from piccolo_jax import step as step_lib, train
+from piccolo_jax import config, data, encode, export, losses, model as model_lib, packing, sharding
+from piccolo_jax import plan as plan_lib, state as state_lib, step as step_lib, train
 
 G = 4  # Loss groups of the tests' global batch of 16: 4 rows each.
 
@@ -22,7 +23,7 @@ def test_compositions_give_exact_shares_in_few_programs():
   for _ in range(400):
     groups = int(rng.choice([1, 3, 4, 8, 32]))
     units_T = rng.integers(0, 300, rng.integers(1, 6))
-    comp_ST = data.compositions(units_T, groups)
+    comp_ST = plan_lib.compositions(units_T, groups)
     S, T = comp_ST.shape
     assert S == units_T.sum() // groups and T == len(units_T)
     if not S:
@@ -57,45 +58,45 @@ def mixed_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tables(mixed_cfg):
-  return data.load_tables(mixed_cfg.data, train.encode.load_tokenizer(mixed_cfg.model.tokenizer), G)
+  return data.load_tables(mixed_cfg.data, mixed_cfg.tasks, encode.load_tokenizer(mixed_cfg.model.tokenizer), G)
+
+
+def _assembler(c, tables, p=0, P=1, multiple=2):
+  return data.assembler(c.data, c.tasks, tables, p, P, multiple, G)
 
 
 def test_mixed_plan_deals_each_group_once_and_processes_agree(mixed_cfg, tables):
-  c = mixed_cfg.data
-  one = data.Batcher(c, tables, row_multiple=2, groups=G)
-  two = [data.Batcher(c, tables, p, 2, row_multiple=2, groups=G) for p in range(2)]
-  assert one.steps_per_epoch == 6  # 3 datasets x 32 rows = 24 groups of 4, 4 a step
+  one = _assembler(mixed_cfg, tables)
+  two = [_assembler(mixed_cfg, tables, p, 2) for p in range(2)]
+  assert one.plan.steps_per_epoch == 6  # 3 datasets x 32 rows = 24 groups of 4, 4 a step
   for epoch in (0, 1):
-    ds_SU, rows_SB = one.plan(epoch)
+    ds_SU, rows_SB = one.plan.epoch(epoch)
     for d, t in enumerate(tables):  # every row of every dataset once an epoch
       assert sorted(rows_SB.reshape(-1, 4)[ds_SU.ravel() == d].ravel()) == list(range(len(t)))
-  assert not np.array_equal(one.plan(0)[1], one.plan(1)[1])
-  for step in range(one.steps_per_epoch):
-    arrays, meta = one(step)
-    assert meta["task"] == "mixed" and [t for t, _ in meta["mix"]] == ["cls", "retrieval", "sts"]
-    assert sorted(n for _, n in meta["mix"]) == [1, 1, 2]  # 4 groups: a third each, one extra
-    assert meta["rows"] in one.menus["mixed"]
-    assert arrays["retrieval"]["query_idx"].shape == (sum(n for t, n in meta["mix"] if t == "retrieval") * 4,)
-    assert arrays["retrieval"]["neg_valid"].shape[1] == 2  # the dataset's neg_num
-    halves = [b(step)[0] for b in two]
-    for k in ("pack_tok", "pack_seg", "pack_pos", "pack_len"):
-      np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), arrays[k])
-    for task, _ in meta["mix"]:
-      jax.tree.map(np.testing.assert_array_equal, halves[0][task], arrays[task])
-      jax.tree.map(np.testing.assert_array_equal, halves[1][task], arrays[task])
-  with pytest.raises(ValueError, match="needs data.packing=True"):
-    data.Batcher(config.replace(c, packing=False), tables, groups=G)
+  assert not np.array_equal(one.plan.epoch(0)[1], one.plan.epoch(1)[1])
+  for step in range(one.plan.steps_per_epoch):
+    b, info = one(step)
+    assert info["task"] == "mixed" and [t for t, _ in b.mix] == ["cls", "retrieval", "sts"]
+    assert sorted(n for _, n in b.mix) == [1, 1, 2]  # 4 groups: a third each, one extra
+    assert info["rows"] in one.menus["mixed"]
+    assert b.slots["retrieval"]["query"].shape == (dict(b.mix)["retrieval"] * 4,)
+    assert b.extras["retrieval"]["neg_valid"].shape[1] == 2  # the dataset's neg_num
+    halves = [a(step)[0] for a in two]
+    for i, x in enumerate(b.rows()):
+      np.testing.assert_array_equal(np.concatenate([h.rows()[i] for h in halves]), x)
+    for h in halves:
+      jax.tree.map(np.testing.assert_array_equal, (h.slots, h.extras), (b.slots, b.extras))
   with pytest.raises(ValueError, match="not divisible by loss.groups=3"):
-    data.Batcher(c, tables, groups=3)
+    plan_lib.Plan(mixed_cfg.data, mixed_cfg.tasks, tables, groups=3)
 
 
 def test_rows_without_negatives_are_kept_with_in_batch_negatives_only(mixed_cfg, tables):
   t = next(t for t in tables if t.task == "retrieval")
   assert len(t) == 32 and not t.skipped
-  batcher = data.Batcher(mixed_cfg.data, tables, groups=G)
+  plan = plan_lib.Plan(mixed_cfg.data, mixed_cfg.tasks, tables, G)
   d = tables.index(t)
-  for step in range(batcher.steps_per_epoch):
-    for u, sel in batcher.units(step):
+  for step in range(plan.steps_per_epoch):
+    for u, sel in plan.units(step):
       if u == d:
         have = np.minimum(t.neg_off[sel["query"] + 1] - t.neg_off[sel["query"]], 2)
         np.testing.assert_array_equal(sel["neg_valid"].sum(1), have)
@@ -127,32 +128,35 @@ def test_grouped_mixed_step_equals_torch_ddp_of_the_original(mixed_cfg, tables):
   torch_ref = pytest.importorskip("bench.torch_ref")
   cfg, params, _ = state_lib.load_init("minilm")
   cfg = cfg.replace(dropout=0.0, attention_dropout=0.0)
-  loss_cfg = config.section("loss", mrl_dims=(128, 256, 384))
-  batcher = data.Batcher(mixed_cfg.data, tables, row_multiple=8, groups=G)
-  step = next(s for s in range(batcher.steps_per_epoch) if len(batcher(s)[1]["mix"]) == 3)
-  arrays, meta = batcher(step)
-  workers = []
-  for d, sel in batcher.units(step):  # each group as the original's GPU sees it: padded, its own rows
-    t = tables[d]
-    padded, _ = batcher.padded(t, sel, batcher.lengths(t, sel))
-    workers.append((t.task, padded | batcher.extras(t, sel)))
-  assert sorted({w[0] for w in workers}) == ["cls", "retrieval", "sts"]
-  want_loss, want = torch_ref.torch_ddp_grads(cfg, params, workers, loss_cfg)
+  lc = config.replace(mixed_cfg)
+  lc.loss.mrl_dims = (128, 256, 384)
+  assemble = _assembler(mixed_cfg, tables, multiple=8)
+  step = next(s for s in range(assemble.plan.steps_per_epoch) if len(assemble(s)[0].mix) == 3)
+  b, _ = assemble(step)
+  workers = []  # each group as the original's GPU sees it: its own rows, each text padded
+  for task, n in b.mix:
+    padded = {f: packing.unpacked(b, task, f) for f in b.slots[task]}
+    for g in range(n):
+      part = lambda x: np.split(x, n)[g]
+      workers.append((task, {f"{f}_{k}": part(x) for f, xs in padded.items() for k, x in zip(("ids", "mask"), xs)}
+                      | {k: part(x) for k, x in b.extras[task].items()}))
+  assert sorted({w[0] for w in workers}) == ["cls", "retrieval", "sts"] and len(workers) == G
+  want_loss, want = torch_ref.torch_ddp_grads(cfg, params, workers, lc)
 
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 10)
   graphdef, rngs = state_lib.init_state(cfg, params, tx, sharding.make_mesh(1), 0)[2:]
-  grads = jax.jit(lambda p, b: step_lib.value_and_grad(graphdef, rngs, p, b, meta["mix"], loss_cfg))
+  grads = jax.jit(lambda p, b: step_lib.value_and_grad(graphdef, rngs, p, b, lc))
   for devices in (1, 8):
     mesh = sharding.make_mesh(1) if devices == 1 else jax.make_mesh(
         (8, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    (loss, _), g = grads(jax.device_put(params, sharding.replicated(mesh)), sharding.put_batch(arrays, mesh))
+    (loss, _), g = grads(jax.device_put(params, sharding.replicated(mesh)), sharding.put_batch(b, mesh))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     got = export.to_weights(cfg, jax.tree.map(np.asarray, g))
     _assert_grads_close(got, {k: want[k] for k in got}, f"{devices} devices")
   # One group is not G: the grouping changes the loss (retrieval's in-batch negatives).
-  (whole, _), _ = step_lib.value_and_grad(graphdef, rngs, params, arrays, tuple((t, 1) for t, _ in meta["mix"]),
-                                          loss_cfg)
-  assert abs(float(whole) - want_loss) > 1e-3
+  whole = dataclasses.replace(b, mix=tuple((t, 1) for t, _ in b.mix))
+  (loss, _), _ = step_lib.value_and_grad(graphdef, rngs, params, whole, lc)
+  assert abs(float(loss) - want_loss) > 1e-3
 
 
 def test_extended_positions_train_all_rows():
@@ -220,4 +224,4 @@ def test_neg_num_entry_is_checked(mixed_cfg, tables):
   sts = next(t for t in tables if t.task == "sts")
   odd = data.prepare.Prepared(sts.path, neg_num=2)
   with pytest.raises(data.DataError, match="neg_num=2 is set, but task sts takes no negatives"):
-    data.Batcher(mixed_cfg.data, [t if t is not sts else odd for t in tables], groups=G)
+    plan_lib.Plan(mixed_cfg.data, mixed_cfg.tasks, [t if t is not sts else odd for t in tables], G)

@@ -13,7 +13,7 @@ import conftest
 import tiny_config
 from piccolo_jax.configs import finetune
 from piccolo_jax import model as model_lib
-from piccolo_jax import config, modeldir, sharding, state, step as step_lib, train
+from piccolo_jax import cli, config, encode, modeldir, rundir, sharding, state, step as step_lib, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,7 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   monkeypatch.setattr(step_lib, "make_train_step", spy)
   c = tiny_config.get_config()
   c.model.dropout, c.optim.lr, c.train.epochs = 0.0, 5e-3, 8
+  c.tasks.retrieval.query_prefix = "query: "
   c.eval.update(tasks=(f"sts:{tiny_config.DATA}/sts-b-en/sts-b-en.dev.tsv",), every=24, dims=(16, 32),
                 best_metric="sts-b-en/spearman@32")
   train.train(c, tmp_path)
@@ -51,7 +52,7 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
     losses = [m[f"loss/{task}"] for m in rows if m["task"] == task]
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), (task, losses)  # Last vs first 2 epochs.
     assert {f"loss/{task}/dim16", f"loss/{task}/dim32"} <= set(next(m for m in rows if m["task"] == task))
-  assert steps[0]._cache_size() == len({(m["task"], m["bucket"], m["rows"]) for m in rows})
+  assert steps[0]._cache_size() == len({(m["task"], m["row_length"], m["rows"]) for m in rows})
   assert steps[0]._cache_size() <= 3 * c.data.pack_menu  # Packed: at most pack_menu row counts per task.
   # Frozen position embeddings are bit-identical; word embeddings moved.
   init = state.random_params(state.init_params(c)[0], c.seed)
@@ -60,7 +61,13 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   np.testing.assert_array_equal(final["embeddings"]["position"]["embedding"],
                                 init["embeddings"]["position"]["embedding"])
   assert np.abs(final["embeddings"]["word"]["embedding"] - init["embeddings"]["word"]["embedding"]).max() > 1e-4
-  assert (tmp_path / "export" / "modules.json").is_file()
+  # The export documents itself and embeds queries as training did: the prefix is its "query" prompt.
+  st = pytest.importorskip("sentence_transformers").SentenceTransformer(str(tmp_path / "export"), device="cpu")
+  assert st.prompts == {"query": "query: ", "passage": ""}
+  card = (tmp_path / "export" / "README.md").read_text()
+  assert "## Evaluation (step 48)" in card and "| sts-b-en/spearman | " in card and "retrieval | 32 | 1 |" in card
+  want = encode.Embedder.load(tmp_path / "model").encode(["query: a question"], normalize=False)
+  np.testing.assert_allclose(st.encode(["a question"], prompt_name="query"), want, atol=1e-5)
 
 
 def _run_cli(workdir, cache_dir):
@@ -101,7 +108,7 @@ def test_killed_run_resumes_bit_identical(straight_run, tmp_path, sig):
 
 def test_non_finite_loss_stops_with_step_and_task(tmp_path):
   c = tiny_config.get_config()
-  c.loss.sts.temperature = 0.0  # cos / 0: Inf and NaN logits.
+  c.tasks.sts.temperature = 0.0  # cos / 0: Inf and NaN logits.
   c.data.datasets = c.data.datasets[1:2]
   c.train.max_nonfinite_steps = 0
   with pytest.raises(train.NonFiniteError, match=r"step 1 \(task sts, dataset .*sts-b-en.*: loss nan.*"
@@ -130,11 +137,11 @@ def test_fsdp_shards_state_and_matches_data_parallel(tmp_path):
 
 
 def test_config_by_name_and_overrides():
-  assert config.resolve_config_path("finetune").endswith("configs/finetune.py")
-  assert config.resolve_argv(["--config=demo", "--config.optim.lr=2e-5"]) == [
+  assert cli.resolve_config_path("finetune").endswith("configs/finetune.py")
+  assert cli.resolve_argv(["--config=demo", "--config.optim.lr=2e-5"]) == [
       f"--config={REPO / 'configs/demo.py'}", "--config.optim.lr=2e-5"]
   with pytest.raises(SystemExit, match="no config 'nope'"):
-    config.resolve_config_path("nope")
+    cli.resolve_config_path("nope")
   c = finetune.get_config()
   assert c.model.dense_out == 1792 and c.loss.mrl_dims[-1] == 1792 and c.model.dtype == "bfloat16"
   assert c.optim.lr == 1e-5 and c.train.epochs == 3 and "embeddings/position" in c.optim.freeze
@@ -142,19 +149,19 @@ def test_config_by_name_and_overrides():
 
 def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # No ./configs here: the installed piccolo_jax.configs serve.
-  assert config.resolve_config_path("finetune") == str(REPO / "configs" / "finetune.py")
+  assert cli.resolve_config_path("finetune") == str(REPO / "configs" / "finetune.py")
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "finetune.py").write_text("")  # A user's own configs/ comes first.
-  assert config.resolve_config_path("finetune") == str(tmp_path / "configs" / "finetune.py")
+  assert cli.resolve_config_path("finetune") == str(tmp_path / "configs" / "finetune.py")
   (tmp_path / "configs" / "finetune.py").unlink()
-  spec = importlib.util.spec_from_file_location("stsb", config.resolve_config_path("stsb"))
+  spec = importlib.util.spec_from_file_location("stsb", cli.resolve_config_path("stsb"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # As config_flags loads it: by path, outside the repository.
-  assert module.get_config().loss.sts.weight == 1.0
+  assert module.get_config().tasks.sts.weight == 1.0
 
 
 def test_best_tracker(tmp_path):
-  best = train.Best(tmp_path, "sts/spearman@384", model_lib.Config(), "")
+  best = rundir.Best(tmp_path, "sts/spearman@384", model_lib.Config(), "")
   assert best.improved(100, {"sts/spearman@384": 80.0})
   assert not best.improved(200, {"sts/spearman@384": 79.0})
   assert best.improved(300, {"sts/spearman@384": 81.0}) and (best.step, best.value) == (300, 81.0)

@@ -19,8 +19,9 @@ def get_config():
       {"kind": "piccolo", "path": str(DATA / "piccolo_example/cls.dataset"), "limit": 32},
   )
   c.data.global_batch_size = 16
-  c.data.update(query_max_len=32, passage_max_len=64, cls_query_max_len=64, sts_max_len=32,
-                sts_pair_max_len=32, buckets=(32, 64), cls_neg_num=4)
+  c.tasks.retrieval.update(query_max_len=32, passage_max_len=64)
+  c.tasks.sts.update(query_max_len=32, passage_max_len=32)
+  c.tasks.cls.update(query_max_len=64, passage_max_len=64, neg_num=4)
   c.loss.mrl_dims = (16, 32)
   c.optim.update(lr=3e-3, warmup_steps=0)
   c.train.update(epochs=4, log_every=1)

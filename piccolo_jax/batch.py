@@ -1,0 +1,141 @@
+"""The batch contract between the data side and the train step, and its assembly from prepared data.
+
+A `Batch` is one global step, whatever its tasks (a step of one dataset is a mix of one task):
+- `tokens`, `segments`, `positions` int32 [R, L] and `lengths` int32 [R, S]: the step's texts packed
+  into R rows (piccolo_jax/packing.py), sharded by row over every device; each process holds its R / P.
+- `slots`: {task: {field: int32 [N]}}: text n of a field is slot r * S + s of the model's [R * S, D]
+  output, in the unpacked order the loss expects (a `neg` field holds K texts a row, rows i*K .. i*K+K-1
+  belonging to row i; padding negatives read slot 0 and are masked by `neg_valid`).
+- `extras`: {task: {name: array}}: its non-text arrays (`label` float32 [B], `neg_valid` bool [B, K]).
+  Slots and extras are whole on every process (replicated).
+- `mix`: ((task, loss groups), ...), static: the step compiles one program per mix and row shape.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+
+from piccolo_jax import packing
+from piccolo_jax import tasks as tasks_lib
+
+PLANNED = 256  # Steps of the run whose rows choose the packing menus (spread over the run).
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  tokens: np.ndarray
+  segments: np.ndarray
+  positions: np.ndarray
+  lengths: np.ndarray
+  slots: dict
+  extras: dict
+  mix: tuple
+
+  def rows(self) -> tuple:
+    """model.Bert.packed's arguments."""
+    return self.tokens, self.segments, self.positions, self.lengths
+
+
+jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "segments", "positions", "lengths", "slots", "extras"],
+                                 meta_fields=["mix"])
+
+
+def menu_key(plan, units) -> tuple[str, list]:
+  """(menu key, tasks) of a step's units: its one task, or "mixed" (all tasks) under data.mix="groups"."""
+  if plan.mix == "groups":
+    return "mixed", plan.tasks
+  task = plan.tables[units[0][0]].task
+  return task, [task]
+
+
+def row_length(plan, tasks, pack_length) -> int:
+  """L of the rows of a step of these tasks: pack_length, or their longest text."""
+  return max(pack_length, *(plan.longest[task, slot] for task in tasks
+                            for _, slot in tasks_lib.fields(tasks_lib.TASKS[task], plan.k[task])))
+
+
+def step_texts(plan, units) -> tuple[list, np.ndarray]:
+  """([(unit, field, slot, ids [n], keep [n])] of the units' texts in packing order, token lengths of the kept
+  ones [N]); keep is False for padding negatives, which are not packed (the loss masks them)."""
+  out, lens = [], []
+  for u, (d, sel) in enumerate(units):
+    t = plan.tables[d]
+    for field, slot in tasks_lib.fields(tasks_lib.TASKS[t.task], plan.k[t.task]):
+      ids = sel[slot].reshape(-1)
+      keep = sel["neg_valid"].reshape(-1) if slot == "neg" else np.ones(len(ids), bool)
+      out.append((u, field, slot, ids, keep))
+      lens.append(t.q_len(ids) if slot == "query" else t.p_len(ids[keep]))
+  return out, np.concatenate(lens)
+
+
+def choose_menus(plan, c, multiple=1, steps=None) -> dict:
+  """{menu key: at most c.pack_menu row counts}: the least-padding menus for the rows that the run's `steps`
+  steps need (default: an epoch's), PLANNED of them spread over the run where it has more; from the token
+  lengths of the prepared data alone, a function of the datasets, seed and run length."""
+  needed, steps = {}, steps or plan.steps_per_epoch
+  for step in np.unique(np.linspace(0, steps - 1, min(steps, PLANNED)).astype(int)):
+    units = plan.units(int(step))
+    key, tasks = menu_key(plan, units)
+    rows = packing.first_fit(step_texts(plan, units)[1], row_length(plan, tasks, c.pack_length), c.pack_segments)[2]
+    needed.setdefault(key, []).append(rows)
+  return {key: packing.row_menu(n, c.pack_menu, multiple) for key, n in needed.items()}
+
+
+class Assembler:
+  """step -> (Batch of this process's rows, host info): a Plan's units packed from the prepared datasets.
+
+  Every process packs the whole global batch from token lengths alone (the same layout whatever the
+  process count, so the same dropout masks) and copies the tokens of its own R / P rows only.
+  """
+
+  def __init__(self, c, plan, menus, process_index=0, process_count=1, row_multiple=1, groups=1):
+    """c: the data config; menus: choose_menus'; row_multiple: R is a multiple of it (the devices)."""
+    if c.global_batch_size % process_count or row_multiple % process_count:
+      raise ValueError(f"global batch {c.global_batch_size} and packed rows multiple {row_multiple} must be "
+                       f"divisible by {process_count} processes")
+    self.c, self.plan, self.menus, self.p, self.P, self.multiple = c, plan, menus, process_index, process_count, row_multiple
+    self.groups_per_unit = plan.unit * groups // c.global_batch_size
+
+  def __call__(self, step, _=None) -> tuple[Batch, dict]:
+    units, S, tables = self.plan.units(step), self.c.pack_segments, self.plan.tables
+    key, tasks = menu_key(self.plan, units)
+    L, (texts, lens_N) = row_length(self.plan, tasks, self.c.pack_length), step_texts(self.plan, units)
+    row_N, slot_N, needed = packing.first_fit(lens_N, L, S)
+    R = packing.rows_for(needed, self.menus.get(key, ()), self.multiple) // self.P
+    local_N, at, tokens, order, slots = row_N // R == self.p, 0, [], [], [{} for _ in units]
+    for u, field, slot, ids, keep in texts:
+      n = np.arange(at, at + keep.sum())  # This field's kept texts, in lens_N.
+      tokens.append(tables[units[u][0]].flat(slot, ids[keep][local_N[n]]))
+      order.append(n[local_N[n]])
+      slots[u][field] = np.zeros(len(ids), np.int32)  # Padding negatives read slot 0.
+      slots[u][field][keep] = row_N[n] * S + slot_N[n]
+      at += len(n)
+    order = np.concatenate(order)
+    rows = packing.pack(np.concatenate(tokens), lens_N[order], row_N[order] - self.p * R, slot_N[order], R, L, S)
+    extras = [extra_arrays(tables[d], sel) for d, sel in units]
+    task_U = [tables[d].task for d, _ in units]
+    mix = tuple((task, task_U.count(task) * self.groups_per_unit) for task in sorted(set(task_U)))
+    by_task = lambda per_unit: {task: {k: np.concatenate([a[k] for a, t in zip(per_unit, task_U) if t == task])
+                                       for k in per_unit[task_U.index(task)]} for task, _ in mix}
+    real = int(lens_N[local_N].sum())
+    info = dict(step=step, task=key, dataset=",".join(sorted({tables[d].name for d, _ in units})),
+                row_length=L, rows=R * self.P, tokens=real, pad_frac=float(1 - real / (R * L)))
+    return Batch(*(rows[k] for k in packing.ARRAYS), by_task(slots), by_task(extras), mix), info
+
+
+def extra_arrays(t, sel) -> dict:
+  """A unit's non-text arrays: `label` (STS scores) and `neg_valid`, where its task has them."""
+  out = {"neg_valid": sel["neg_valid"]} if "neg_valid" in sel else {}
+  return out | ({"label": np.asarray(t.labels[sel["query"]])} if "label" in tasks_lib.TASKS[t.task].extras else {})
+
+
+def of_texts(task, texts, extras, L, S=packing.SEGMENTS, multiple=1, groups=1) -> Batch:
+  """A Batch of one task's texts given as token ids, {field: [ids, ...]}, packed into rows of L tokens,
+  R a multiple of `multiple` (benchmarks and tests)."""
+  flat = [np.asarray(t, np.int32) for ids in texts.values() for t in ids]
+  lens_N = np.array([len(t) for t in flat])
+  row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
+  packed = packing.pack(np.concatenate(flat), lens_N, row_N, slot_N, packing.round_up(rows, multiple), L, S)
+  slots = np.split((row_N * S + slot_N).astype(np.int32), np.cumsum([len(ids) for ids in texts.values()])[:-1])
+  return Batch(*(packed[k] for k in packing.ARRAYS), {task: dict(zip(texts, slots))}, {task: extras},
+               ((task, groups),))
