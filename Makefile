@@ -21,5 +21,7 @@ install: $(BIN)/.installed
 demo: install
 	$(CPU_ENV) HF_HUB_OFFLINE=1 $(BIN)/python -m piccolo_jax.train --config=demo --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers, a test file each at a time (its module fixtures, and test_faults' one straight run,
+# built once): much of a test is single-threaded (imports, tracing, compiling, starting subprocesses).
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests

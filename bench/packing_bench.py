@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from bench import harness, step as bench_step, torch_ref
-from piccolo_jax import config, data, encode, packing, sharding, state as state_lib
+from piccolo_jax import config, data, encode, sharding, state as state_lib
 from piccolo_jax.configs import demo
 
 RETRIEVAL_ZH = {"kind": "jsonl", "path": "data/retrieval-zh/triplets.train.jsonl"}
@@ -25,7 +25,7 @@ DATA = {"demo": demo.get_config, "retrieval-zh 64/512": retrieval_zh}  # The dem
 def to_longest(b):
   """The batch's texts as the original feeds them: each field padded to its longest text, + extras."""
   (task, _), = b.mix
-  out = {f"{f}_{k}": x for f in b.slots[task] for k, x in zip(("ids", "mask"), packing.unpacked(b, task, f))}
+  out = {f"{f}_{k}": x for f in b.slots[task] for k, x in zip(("ids", "mask"), torch_ref.unpacked(b, task, f))}
   return out | b.extras[task]
 
 

@@ -37,7 +37,7 @@ def run(workdir, name, seed, tasks) -> dict:
   subprocess.run([sys.executable, "-m", "piccolo_jax.train", "--config=demo", f"--workdir={workdir}",
                   f"--config.seed={seed}", f"--config.train.max_steps={STEPS}", "--config.eval.tasks=()",
                   *RUNS[name]], cwd=harness.ROOT, check=True)
-  scores = evaluate.evaluate_tasks(encode.load_embedder(pathlib.Path(workdir) / "model"), tasks, dims=(384,))
+  scores = evaluate.evaluate_tasks(encode.Embedder.load(pathlib.Path(workdir) / "model"), tasks, dims=(384,))
   return {"sts": scores["sts-b-zh/spearman@384"], "ndcg": scores["retrieval-heldout/ndcg_at_10@384"]}
 
 
@@ -48,7 +48,7 @@ def main():
   args = p.parse_args()
   root = pathlib.Path(args.workdir).absolute() / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
   tasks = held_out(root)
-  base = evaluate.evaluate_tasks(encode.load_embedder(state.resolve_init("minilm")), tasks, dims=(384,))
+  base = evaluate.evaluate_tasks(encode.Embedder.load(state.resolve_init("minilm")), tasks, dims=(384,))
   rows = [("run", "seed", "STS-B-zh valid Spearman@384", "held-out retrieval nDCG@10@384", "wall s")]
   rows.append(("all-MiniLM-L6-v2 (before)", "-", f"{base['sts-b-zh/spearman@384']:.2f}",
                f"{base['retrieval-heldout/ndcg_at_10@384']:.2f}", "-"))

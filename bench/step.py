@@ -8,20 +8,34 @@ import jax
 import numpy as np
 
 from bench import harness
-from piccolo_jax import batch as batch_lib, config, sharding, state as state_lib, step as step_lib, tasks
+from piccolo_jax import batch as batch_lib, config, packing, sharding, state as state_lib, step as step_lib, tasks
+
+
+def of_texts(texts, extras, L, S=packing.SEGMENTS, multiple=1, groups=1) -> batch_lib.Batch:
+  """A batch.Batch of texts given as token ids, {task: {field: [ids, ...]}}, with {task: extras}, packed into
+  rows of L tokens, R a multiple of `multiple`; each task `groups` loss groups."""
+  fields = [(task, f, len(ids)) for task, by_field in texts.items() for f, ids in by_field.items()]
+  flat = [np.asarray(t, np.int32) for by_field in texts.values() for ids in by_field.values() for t in ids]
+  lens_N = np.array([len(t) for t in flat])
+  row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
+  packed = packing.pack(np.concatenate(flat), lens_N, row_N, slot_N, packing.round_up(rows, multiple), L, S)
+  slots = {}
+  for (task, f, _), s in zip(fields, np.split((row_N * S + slot_N).astype(np.int32), np.cumsum([n for *_, n in fields])[:-1])):
+    slots.setdefault(task, {})[f] = s
+  return batch_lib.Batch(*(packed[k] for k in packing.ARRAYS), slots, extras, tuple((t, groups) for t in texts))
 
 
 def synthetic(task, B, Lq, Lp, K, vocab, seed=0) -> tuple:
   """(packed Batch, the same texts padded as {field}_ids/_mask + extras for torch): B rows of random tokens,
   queries (and STS texts) Lq long, passages Lp, K negatives a row."""
-  t, rng = tasks.TASKS[task], np.random.default_rng(seed)
+  spec, rng = tasks.TASKS[task], np.random.default_rng(seed)
   length = {"query": Lq, "pos": Lq if task == "sts" else Lp, "neg": Lp}
   texts = {f: rng.integers(1000, vocab, (B * K if slot == "neg" else B, length[slot]), dtype=np.int32)
-           for f, slot in tasks.fields(t, K)}
+           for f, slot in tasks.fields(spec, K)}
   extras = {"label": rng.integers(0, 6, B).astype(np.float32), "neg_valid": np.ones((B, K), bool)}
-  extras = {k: extras[k] for k in t.extras if k != "neg_valid" or K}
-  batch = batch_lib.of_texts(task, {f: list(x) for f, x in texts.items()}, extras, max(length.values()),
-                             multiple=jax.device_count())
+  extras = {k: extras[k] for k in spec.extras if k != "neg_valid" or K}
+  batch = of_texts({task: {f: list(x) for f, x in texts.items()}}, {task: extras}, max(length.values()),
+                   multiple=jax.device_count())
   padded = {f"{f}_{k}": x if k == "ids" else np.ones_like(x) for f, x in texts.items() for k in ("ids", "mask")}
   return batch, padded | extras
 

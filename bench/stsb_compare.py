@@ -35,7 +35,7 @@ def run_piccolo_jax(workdir, seed):
   subprocess.run([sys.executable, "-m", "piccolo_jax.train", "--config=stsb", f"--workdir={workdir}",
                   f"--config.seed={seed}", "--config.eval.tasks=()"],  # The ST trainer evaluates nothing.
                  cwd=harness.ROOT, check=True)
-  return dev_spearman(encode.load_embedder(pathlib.Path(workdir) / "export"))
+  return dev_spearman(encode.Embedder.load(pathlib.Path(workdir) / "export"))
 
 
 def main():

@@ -1,10 +1,23 @@
 """The PyTorch reference: the Piccolo2 losses in torch and the train step as the original runs it, on one
 GPU (torch_trainer) or as its DDP step over simulated workers (torch_ddp_grads)."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 
 from piccolo_jax import config, export, losses
+
+
+def unpacked(batch, task, field, length=None, pad_id=0):
+  """(ids, mask) int32 [N, length or the longest] of a Batch's field, one text a row, padded: the layout
+  of the unpacked model call (model.Bert.__call__), the parity reference of the packed one."""
+  S = batch.lengths.shape[-1]
+  texts = [batch.tokens[s // S][batch.segments[s // S] == s % S + 1] for s in np.asarray(batch.slots[task][field])]
+  length = length or max(len(t) for t in texts)
+  ids, mask = np.full((len(texts), length), pad_id, np.int32), np.zeros((len(texts), length), np.int32)
+  for i, t in enumerate(texts):
+    ids[i, :len(t)], mask[i, :len(t)] = t, 1
+  return ids, mask
 
 
 def text_fields(batch) -> list[str]:

@@ -128,14 +128,3 @@ def extra_arrays(t, sel) -> dict:
   out = {"neg_valid": sel["neg_valid"]} if "neg_valid" in sel else {}
   return out | ({"label": np.asarray(t.labels[sel["query"]])} if "label" in tasks_lib.TASKS[t.task].extras else {})
 
-
-def of_texts(task, texts, extras, L, S=packing.SEGMENTS, multiple=1, groups=1) -> Batch:
-  """A Batch of one task's texts given as token ids, {field: [ids, ...]}, packed into rows of L tokens,
-  R a multiple of `multiple` (benchmarks and tests)."""
-  flat = [np.asarray(t, np.int32) for ids in texts.values() for t in ids]
-  lens_N = np.array([len(t) for t in flat])
-  row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
-  packed = packing.pack(np.concatenate(flat), lens_N, row_N, slot_N, packing.round_up(rows, multiple), L, S)
-  slots = np.split((row_N * S + slot_N).astype(np.int32), np.cumsum([len(ids) for ids in texts.values()])[:-1])
-  return Batch(*(packed[k] for k in packing.ARRAYS), {task: dict(zip(texts, slots))}, {task: extras},
-               ((task, groups),))

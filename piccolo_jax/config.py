@@ -46,7 +46,7 @@ def base() -> ml_collections.ConfigDict:
       prefetch=4,
       seed=c.get_ref("seed"))
   # Per task (tasks.TASKS): token caps, negatives K, loss temperature and weight, prefixes.
-  c.tasks = {name: dict(t.defaults) for name, t in tasks_lib.TASKS.items()}
+  c.tasks = {name: dict(spec.defaults) for name, spec in tasks_lib.TASKS.items()}
   c.loss = dict(
       groups=1,  # G: each loss is taken within G equal groups of the global batch and averaged, as
       # the original's per-GPU losses under DDP (G = its GPUs); 1: over the whole global batch.
@@ -68,23 +68,20 @@ def base() -> ml_collections.ConfigDict:
 
 
 # Fields that moved or went: a config or flag that sets one stops with a line naming where it went.
-_BOTH = "tasks.retrieval.{0} and tasks.sts.{0}"
-MOVED = {
-    "data.neg_num": "tasks.retrieval.neg_num", "data.cls_neg_num": "tasks.cls.neg_num",
-    "data.query_max_len": "tasks.retrieval.query_max_len", "data.cls_query_max_len": "tasks.cls.query_max_len",
-    "data.passage_max_len": "tasks.retrieval.passage_max_len and tasks.cls.passage_max_len",
-    "data.sts_max_len": "tasks.sts.query_max_len", "data.sts_pair_max_len": "tasks.sts.passage_max_len",
-    "data.query_prefix": _BOTH.format("query_prefix"), "data.passage_prefix": _BOTH.format("passage_prefix"),
-    **{f"loss.{t}": f"tasks.{t}.temperature and tasks.{t}.weight" for t in ("retrieval", "sts", "cls")},
-    "data.packing": "nothing: batches are always packed (data.pack_segments=1 puts one text in a row)",
-    "data.buckets": "nothing: texts are packed into rows of data.pack_length tokens",
-}
+MOVED = {f"data.{k}": f"is now tasks.{v}" for k, v in (
+    ("neg_num", "retrieval.neg_num"), ("cls_neg_num", "cls.neg_num"), ("cls_query_max_len", "cls.query_max_len"),
+    ("query_max_len", "retrieval.query_max_len"), ("passage_max_len", "{retrieval,cls}.passage_max_len"),
+    ("sts_max_len", "sts.query_max_len"), ("sts_pair_max_len", "sts.passage_max_len"),
+    ("query_prefix", "{retrieval,sts}.query_prefix"), ("passage_prefix", "{retrieval,sts}.passage_prefix"))} | {
+    f"loss.{t}": f"is now tasks.{t}.temperature and tasks.{t}.weight" for t in ("retrieval", "sts", "cls")} | {
+    "data.packing": "is gone: batches are always packed (data.pack_segments=1 puts one text in a row)",
+    "data.buckets": "is gone: texts are packed into rows of data.pack_length tokens"}
 
 
 def moved(field: str) -> str:
   """The line for a dotted field that moved or went ("" if it did not)."""
   key = next((k for k in MOVED if field == k or field.startswith(k + ".")), None)
-  return f"{field} is now {MOVED[key]}" if key else ""
+  return f"{field} {MOVED[key]}" if key else ""
 
 
 def check(c: ml_collections.ConfigDict):

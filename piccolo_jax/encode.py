@@ -7,17 +7,15 @@ import collections
 import itertools
 import pathlib
 import sys
-import tempfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
 from transformers import AutoTokenizer
 
-from piccolo_jax import convert
 from piccolo_jax import model as model_lib
-from piccolo_jax import modeldir
 from piccolo_jax import packing
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)  # Row lengths: one compiled program per bucket.
@@ -53,9 +51,15 @@ class Embedder:
     self.model.eval()
 
   @classmethod
-  def load(cls, model_dir, *, dtype=None, buckets=DEFAULT_BUCKETS, packing=True) -> "Embedder":
-    overrides = {"dtype": dtype} if dtype else {}
-    return cls(modeldir.load_model(model_dir, **overrides), load_tokenizer(model_dir), buckets, packing)
+  def load(cls, spec, *, dtype=None, buckets=DEFAULT_BUCKETS, packing=True) -> "Embedder":
+    """Embedder of a piccolo_jax model dir, a sentence-transformers / HF BERT dir (converted in memory) or
+    'minilm' (state.load_init)."""
+    from piccolo_jax import state  # pylint: disable=g-import-not-at-top  (state imports the optimizer)
+    cfg, params, tok_dir = state.load_init(str(spec))
+    model = model_lib.abstract_model(cfg.replace(dtype=dtype) if dtype else cfg)
+    nnx.update(model, jax.tree.map(jnp.asarray, params))
+    nnx.reseed(model, default=0)
+    return cls(model, load_tokenizer(tok_dir), buckets, packing)
 
   @property
   def dim(self) -> int:
@@ -162,19 +166,6 @@ class Embedder:
     if not 0 < dim <= self.dim:
       raise ValueError(f"dim {dim} out of range: the model's embeddings have {self.dim} dims")
     return dim
-
-
-def load_embedder(model_dir, dtype=None) -> Embedder:
-  """Embedder of a piccolo_jax model dir, or of a sentence-transformers / HF dir converted on the fly."""
-  model_dir = pathlib.Path(model_dir)
-  if (model_dir / modeldir.CONFIG_FILE).is_file():
-    return Embedder.load(model_dir, dtype=dtype)
-  if not any((model_dir / f).is_file() for f in ("modules.json", "config.json")):
-    raise FileNotFoundError(f"{model_dir}: not a piccolo_jax model dir ({modeldir.CONFIG_FILE}) nor a "
-                            "sentence-transformers or Hugging Face dir (modules.json / config.json)")
-  with tempfile.TemporaryDirectory() as tmp:
-    convert.convert(model_dir, pathlib.Path(tmp) / "model")
-    return Embedder.load(pathlib.Path(tmp) / "model", dtype=dtype)
 
 
 def read_lines(path):

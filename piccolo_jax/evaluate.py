@@ -10,8 +10,6 @@ import json
 import pathlib
 
 import numpy as np
-from scipy import stats
-from sklearn import cluster, linear_model, metrics
 
 from piccolo_jax import encode
 from piccolo_jax import search
@@ -245,13 +243,17 @@ def unit(emb_ND, rows, d):
   return normalize(emb_ND[rows, :d])
 
 
+# scipy and scikit-learn are imported by the scorers that use them: a training run without evals skips them.
+
 def score_sts(emb_ND, d, a, b, label):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   cos_N = (unit(emb_ND, a, d) * unit(emb_ND, b, d)).sum(1)
   return {"spearman": 100 * stats.spearmanr(cos_N, label)[0],
           "pearson": 100 * stats.pearsonr(cos_N, label)[0]}
 
 
 def score_pair(emb_ND, d, a, b, label):
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
   return {"ap": 100 * metrics.average_precision_score(label, (unit(emb_ND, a, d) * unit(emb_ND, b, d)).sum(1))}
 
 
@@ -277,6 +279,7 @@ def score_retrieval(emb_ND, d, q, n_corpus, qrels):
 
 
 def score_reranking(emb_ND, d, q, cands, rels):
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
   ap, rr = [], []
   for qi, cand, rel in zip(q, cands, rels):
     s_C = unit(emb_ND, cand, d) @ unit(emb_ND, [qi], d)[0]
@@ -287,6 +290,7 @@ def score_reranking(emb_ND, d, q, cands, rels):
 
 
 def score_classification(emb_ND, d, train, train_label, test, test_label, seed=0):
+  from sklearn import linear_model, metrics  # pylint: disable=g-import-not-at-top
   clf = linear_model.LogisticRegression(max_iter=100, random_state=seed).fit(unit(emb_ND, train, d), train_label)
   pred = clf.predict(unit(emb_ND, test, d))
   return {"accuracy": 100 * metrics.accuracy_score(test_label, pred),
@@ -294,6 +298,7 @@ def score_classification(emb_ND, d, train, train_label, test, test_label, seed=0
 
 
 def score_clustering(emb_ND, d, text, text_label, seed=0):
+  from sklearn import cluster, metrics  # pylint: disable=g-import-not-at-top
   km = cluster.MiniBatchKMeans(n_clusters=len(set(text_label)), batch_size=500, n_init="auto", random_state=seed)
   return {"v_measure": 100 * metrics.v_measure_score(text_label, km.fit_predict(unit(emb_ND, text, d)))}
 
@@ -373,7 +378,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   try:
     tasks = [parse_task(s) for s in args.task]  # Data errors surface before the model loads.
-    results = evaluate_tasks(encode.load_embedder(args.model_dir, args.dtype), tasks, args.dims,
+    results = evaluate_tasks(encode.Embedder.load(args.model_dir, dtype=args.dtype), tasks, args.dims,
                              batch_size=args.batch_size, max_length=args.max_length)
   except (OSError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")

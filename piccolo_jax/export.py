@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 from safetensors.numpy import save_file
-from transformers import BertConfig
 
 from piccolo_jax import modeldir
 from piccolo_jax import convert
@@ -19,6 +18,7 @@ ST_ACTIVATIONS = {v: k for k, v in convert.DENSE_ACTIVATION_NAMES.items()}
 
 def hf_config(cfg: model_lib.Config) -> dict:
   """The Hugging Face BertConfig dict of cfg."""
+  from transformers import BertConfig  # pylint: disable=g-import-not-at-top  (imports torch: slow)
   return BertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
       num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -53,12 +53,12 @@ def export(model_dir, out_dir, truncate_dim: int | None = None):
 
 def prompts(tasks_cfg) -> dict:
   """sentence-transformers prompts of the training prefixes: `query` and `passage` (retrieval's), and
-  TASK_query / TASK_passage for another task whose prefix differs."""
+  TASK_query / TASK_passage for another task whose non-empty prefix differs."""
   out = {}
   for name, settings in tasks_cfg.items():
     for kind in ("query", "passage"):
       p = settings.get(f"{kind}_prefix")
-      if p is not None and (name == "retrieval" or p != tasks_cfg["retrieval"][f"{kind}_prefix"]):
+      if p is not None and (name == "retrieval" or p and p != tasks_cfg["retrieval"][f"{kind}_prefix"]):
         out[kind if name == "retrieval" else f"{name}_{kind}"] = p
   return out
 
@@ -75,8 +75,8 @@ def model_card(cfg, *, base, step, tables, config, evals) -> str:
       "---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
       "tags: [sentence-transformers, piccolo_jax]", "---", "",
       "# A piccolo_jax embedding model", "",
-      f"Trained with [piccolo_jax](https://arxiv.org/abs/2405.06932)'s multi-task hybrid loss from `{base}`, "
-      f"{step} steps. {cfg.embed_dim}-dim embeddings ({cfg.pooling} pooling, {cfg.num_layers} layers, "
+      f"Trained by piccolo_jax with Piccolo2's multi-task hybrid loss (arXiv 2405.06932) from `{base}`, {step} "
+      f"steps. {cfg.embed_dim}-dim embeddings ({cfg.pooling} pooling, {cfg.num_layers} layers, "
       f"{cfg.max_seq_length} tokens).", "",
       "```python", "from sentence_transformers import SentenceTransformer",
       "model = SentenceTransformer(PATH)  # this directory",

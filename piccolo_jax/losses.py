@@ -95,16 +95,12 @@ def cls_contrast(q, p, n, *, temperature=0.05, weight=0.2, n_mask=None):
 
 def _check_dims(dims, weights):
   dims = tuple(int(d) for d in dims)
-  if not dims:
-    raise ValueError("Matryoshka dims must be non-empty.")
-  for d in dims:
-    if d <= 0:
-      raise ValueError(f"Matryoshka dim {d} must be positive.")
-  if list(dims) != sorted(set(dims)):
-    raise ValueError(f"Matryoshka dims {dims} must be strictly increasing.")
+  problem = ("must be non-empty" if not dims else f"dim {min(dims)} must be positive" if min(dims) <= 0 else
+             "must be strictly increasing" if list(dims) != sorted(set(dims)) else "")
+  if problem:
+    raise ValueError(f"Matryoshka dims {dims}: {problem}.")
   if weights is not None and len(weights) != len(dims):
-    raise ValueError(f"Got {len(weights)} Matryoshka weights for "
-                     f"{len(dims)} dims {dims}.")
+    raise ValueError(f"Got {len(weights)} Matryoshka weights for {len(dims)} dims {dims}.")
   return dims
 
 

@@ -16,13 +16,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
-from flax import nnx
 
 from piccolo_jax import encode
-from piccolo_jax import model as model_lib
 from piccolo_jax import search
 from piccolo_jax import sharding
 from piccolo_jax import sources
@@ -206,16 +203,6 @@ def corpus_texts(paths):
       yield from (line for _, line in sources.lines(path))
 
 
-def load_embedder(spec, dtype=None) -> encode.Embedder:
-  """An Embedder of a model dir, a sentence-transformers / HF BERT dir or 'minilm', converted in memory
-  (encode.load_embedder saves a converted copy, a collective Orbax save under several processes)."""
-  cfg, params, tok_dir = state.load_init(spec)
-  model = model_lib.abstract_model(cfg.replace(dtype=dtype) if dtype else cfg)
-  nnx.update(model, jax.tree.map(jnp.asarray, params))
-  nnx.reseed(model, default=0)
-  return encode.Embedder(model, encode.load_tokenizer(tok_dir))
-
-
 def model_key(path) -> list:
   """What identifies a model's files: their paths, sizes and modification times."""
   path = pathlib.Path(path).resolve()
@@ -333,7 +320,7 @@ def run(args, opts) -> dict:
     raise sources.DataError(f"{', '.join(args.input)}: no usable rows (skipped: {skipped})")
   corpus = build_corpus(rows, corpus_texts(args.corpus))
   model = state.resolve_init(args.model)
-  embedder = load_embedder(model, args.dtype)
+  embedder = encode.Embedder.load(model, dtype=args.dtype)
   mesh = sharding.make_mesh()
   lo, hi = search.process_rows(len(corpus.texts), mesh)  # Each process embeds the rows on its devices.
   t1 = time.perf_counter()

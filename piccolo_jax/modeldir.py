@@ -96,12 +96,3 @@ def load_params(model_dir, cfg: model_lib.Config):
   abstract = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(cfg), nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore((pathlib.Path(model_dir) / PARAMS_DIR).absolute(), abstract)
-
-
-def load_model(model_dir, *, seed=0, **overrides) -> model_lib.Bert:
-  """Builds a Bert from a model directory; overrides replace config fields (e.g. dtype)."""
-  cfg = load_config(model_dir).replace(**overrides)
-  model = model_lib.abstract_model(cfg)
-  nnx.update(model, load_params(model_dir, cfg))
-  nnx.reseed(model, default=seed)  # Materialises the dropout RNG streams.
-  return model

@@ -42,7 +42,7 @@ class MtebEncoder:
   @classmethod
   def load(cls, model_dir, *, dtype=None, **kwargs) -> "MtebEncoder":
     kwargs.setdefault("name", f"piccolo_jax/{pathlib.Path(model_dir).resolve().name}")
-    return cls(encode.load_embedder(model_dir, dtype), **kwargs)
+    return cls(encode.Embedder.load(model_dir, dtype=dtype), **kwargs)
 
   def encode(self, inputs, *, prompt_type=None, batch_size=None, **unused) -> np.ndarray:
     """Embeds texts; prompt_type 'query'/'document' (or 'passage') selects the configured prefix."""

@@ -106,14 +106,3 @@ def pack(tokens_T, lens_N, row_N, slot_N, R, L, S):
   out["pack_tok"][at_T], out["pack_seg"][at_T], out["pack_pos"][at_T] = tokens_T, seg_T, pos_T
   return {k: v.reshape(R, L) for k, v in out.items()} | {"pack_len": len_RS}
 
-
-def unpacked(batch, task, field, length=None, pad_id=0):
-  """(ids, mask) int32 [N, length or the longest] of a Batch's field, one text a row, padded: the layout
-  of the unpacked model call (model.Bert.__call__), the parity reference of the packed one."""
-  S = batch.lengths.shape[-1]
-  texts = [batch.tokens[s // S][batch.segments[s // S] == s % S + 1] for s in np.asarray(batch.slots[task][field])]
-  length = length or max(len(t) for t in texts)
-  ids, mask = np.full((len(texts), length), pad_id, np.int32), np.zeros((len(texts), length), np.int32)
-  for i, t in enumerate(texts):
-    ids[i, :len(t)], mask[i, :len(t)] = t, 1
-  return ids, mask

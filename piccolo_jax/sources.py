@@ -203,7 +203,7 @@ def _infer_task(where, row) -> tasks_lib.Task:
   if "type" in row:
     return _task(where, row["type"], "type")
   score = {name: max((all(c in row for c in lay.values()), sum(c in row for c in lay.values()))
-                     for lay in t.layouts) for name, t in tasks_lib.TASKS.items()}
+                     for lay in spec.layouts) for name, spec in tasks_lib.TASKS.items()}
   best = max(score.values())
   found = [name for name, s in score.items() if s == best]
   if best[1] == 0 or len(found) > 1:

@@ -31,10 +31,10 @@ def resolve_init(init: str) -> str:
 
 
 def tokenizer_dir(model_cfg) -> str:
-  """The tokenizer directory of config.model: its init's, else model.tokenizer (random init)."""
-  tok_dir = resolve_init(model_cfg.init) if model_cfg.init else model_cfg.tokenizer
-  if not tok_dir or model_cfg.init == "stella-shape":
-    raise ValueError("model.tokenizer must name a tokenizer directory when model.init is empty")
+  """The tokenizer directory of config.model: its init's, else model.tokenizer (random init, stella-shape)."""
+  tok_dir = model_cfg.tokenizer if model_cfg.init in ("", "stella-shape") else resolve_init(model_cfg.init)
+  if not tok_dir:
+    raise ValueError(f"model.tokenizer must name a tokenizer directory with model.init={model_cfg.init!r}")
   return tok_dir
 
 
@@ -44,6 +44,9 @@ def load_init(spec: str, seed: int = 0) -> tuple[model_lib.Config, dict, str]:
   if spec == "stella-shape":
     return STELLA, random_params(STELLA, seed), ""
   path = resolve_init(spec)
+  if not any((pathlib.Path(path) / f).is_file() for f in (modeldir.CONFIG_FILE, "modules.json", "config.json")):
+    raise FileNotFoundError(f"{path}: not a piccolo_jax model dir ({modeldir.CONFIG_FILE}) nor a "
+                            "sentence-transformers or Hugging Face dir (modules.json / config.json)")
   if (pathlib.Path(path) / modeldir.CONFIG_FILE).is_file():
     cfg = modeldir.load_config(path)
     return cfg, jax.tree.map(np.asarray, modeldir.load_params(path, cfg)), path
@@ -73,14 +76,9 @@ def extend_positions(p_PD: np.ndarray, length: int, method: str, alpha: float = 
 
 def init_params(config) -> tuple[model_lib.Config, dict, str]:
   """(model config, host parameters, tokenizer dir) from config.model."""
-  m, init = config.model, config.model.init
-  if init:
-    cfg, params, tok_dir = load_init(init, config.seed)
-  else:
-    cfg, tok_dir = model_lib.Config(**m.arch), m.tokenizer
-    params = random_params(cfg, config.seed)
-  if not tok_dir:
-    raise ValueError("model.tokenizer must name a tokenizer directory when model.init is empty")
+  m, init, tok_dir = config.model, config.model.init, tokenizer_dir(config.model)
+  cfg, params, _ = load_init(init, config.seed) if init else (model_lib.Config(**m.arch), None, "")
+  params = random_params(cfg, config.seed) if params is None else params
   cfg = cfg.replace(dtype=m.dtype, remat=m.remat)
   if m.dropout >= 0:
     cfg = cfg.replace(dropout=m.dropout, attention_dropout=m.dropout)

@@ -23,9 +23,9 @@ def dropout_key(seed, step):
 def task_loss(task, emb, extras, c, groups=1):
   """(loss, per-MRL-dim losses) of one task's rows from its fields' embeddings {field: [N, D]} and extras:
   the mean over `groups` equal groups of consecutive rows. c: a config with `loss` and `tasks` sections."""
-  t, settings = tasks_lib.TASKS[task], c.tasks[task]
-  mrl = losses.matryoshka(t.loss, dims=tuple(c.loss.mrl_dims), weights=c.loss.mrl_weights, return_per_dim=True)
-  args_kwargs = jax.tree.map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), t.loss_args(emb, extras))
+  spec, settings = tasks_lib.TASKS[task], c.tasks[task]
+  mrl = losses.matryoshka(spec.loss, dims=tuple(c.loss.mrl_dims), weights=c.loss.mrl_weights, return_per_dim=True)
+  args_kwargs = jax.tree.map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), spec.loss_args(emb, extras))
   loss_G, per_dim_GL = jax.vmap(lambda a, kw: mrl(*a, **kw, temperature=settings.temperature,
                                                   weight=settings.weight))(*args_kwargs)
   return jnp.mean(loss_G), jnp.mean(per_dim_GL, axis=0)

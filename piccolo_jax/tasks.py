@@ -29,7 +29,7 @@ class Task:
 PICCOLO_TRIPLET = {"query": "text", "pos": "text_pos", "neg": "text_neg"}
 PREFIXES = dict(query_prefix="", passage_prefix="")
 
-TASKS = {t.name: t for t in (
+TASKS = {task.name: task for task in (
     Task("retrieval", aliases=("retri_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
          fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid",),
@@ -55,12 +55,12 @@ TASKS = {t.name: t for t in (
 
 def names() -> list[str]:
   """Every task name and alias."""
-  return sorted(a for t in TASKS.values() for a in (t.name, *t.aliases))
+  return sorted(a for task in TASKS.values() for a in (task.name, *task.aliases))
 
 
 def lookup(name: str) -> Task | None:
   """The task of a name or alias (None if none)."""
-  return next((t for t in TASKS.values() if name in (t.name, *t.aliases)), None)
+  return next((task for task in TASKS.values() if name in (task.name, *task.aliases)), None)
 
 
 def fields(task: Task, k: int) -> list[tuple[str, str]]:

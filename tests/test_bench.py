@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import conftest
 from bench import step as bench_step
 from piccolo_jax import config
 from piccolo_jax import model as model_lib
@@ -28,7 +29,7 @@ def tiny_dir(tmp_path_factory, minilm_path):
 
 def run_cli(module, *args) -> dict:
   """python -m bench.MODULE in a fresh process on the one real CPU device (no fake devices); its last line as JSON."""
-  env = dict(os.environ, XLA_FLAGS="", HF_HUB_OFFLINE="1")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1), HF_HUB_OFFLINE="1")
   r = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from piccolo_jax import batch as batch_lib
+from bench import torch_ref
 from piccolo_jax import config
 from piccolo_jax import data
 from piccolo_jax import losses
-from piccolo_jax import packing
 from piccolo_jax import plan as plan_lib
 from piccolo_jax import prepare
 from piccolo_jax import sharding
@@ -151,7 +150,7 @@ def test_prepared_tokens_are_the_tokenizers(small, small_tables, big, big_tables
 
 def _field_texts(b, task, field):
   """Token ids of each text of a field, read back from the packed rows through its slots."""
-  ids, mask = packing.unpacked(b, task, field)
+  ids, mask = torch_ref.unpacked(b, task, field)
   return [list(i[m == 1]) for i, m in zip(ids, mask)]
 
 
@@ -429,11 +428,13 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
 def test_prepare_cli_shards_are_what_training_opens(tmp_path, tok, monkeypatch):
   import tiny_config  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, PICCOLO_JAX_CACHE=str(tmp_path))
-  for shard in (0, 1):
-    out = subprocess.run([sys.executable, "-m", "piccolo_jax.prepare", "--config=tests/tiny_config.py",
-                          f"--shard={shard}", "--num_shards=2"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert all(" rows, " in line for line in out.stdout.splitlines())
+  shards = [subprocess.Popen([sys.executable, "-m", "piccolo_jax.prepare", "--config=tests/tiny_config.py",
+                              f"--shard={shard}", "--num_shards=2"], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for shard in (0, 1)]
+  for proc in shards:
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert all(" rows, " in line for line in out.splitlines())
   assert len(list(tmp_path.iterdir())) == 3  # every dataset once, over the two shards
   monkeypatch.setenv("PICCOLO_JAX_CACHE", str(tmp_path))
   monkeypatch.setattr(prepare, "_write", lambda *a: pytest.fail("training prepared a dataset again"))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from piccolo_jax import config
 from piccolo_jax import mine
 from piccolo_jax import search
@@ -110,9 +111,9 @@ def test_corpus_dedups_texts_and_normal_forms():
 
 def two_processes(args, output):
   """piccolo_jax.mine in 2 processes of 2 CPU devices each."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(2), JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-m", "piccolo_jax.mine", *args, "--output", str(output),
-                             "--coordinator-address", "127.0.0.1:12391", "--num-processes", "2", "--process-id", str(i)],
+                             "--coordinator-address", "127.0.0.1:12395", "--num-processes", "2", "--process-id", str(i)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in (0, 1)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -135,14 +136,18 @@ def test_cli_on_real_rows_trains_directly(minilm_path, data_dir, tmp_path, capsy
   assert all(not set(n) & set(p) for _, p, n, _ in rows) and sum(len(n) for _, _, n, _ in rows) == report["negatives"]
   cached = list(tmp_path.glob("corpus-*.npy"))
   assert len(cached) == 1
-  mtime = cached[0].stat().st_mtime_ns
-  two_processes(base + ["--cache", str(tmp_path / "two")], tmp_path / "two.jsonl")
-  assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
-  assert len(list((tmp_path / "two").glob("corpus-*.npy"))) == 2  # Each process embeds and caches its rows.
   mine.main(base + ["--output", str(tmp_path / "out.jsonl"), "--originals", "append"])  # Without the cache.
   for a, g in zip([json.loads(line) for line in (tmp_path / "out.jsonl").open()], given):
     assert a["neg"][:len(g["neg"])] == g["neg"] and not set(a["neg"][len(g["neg"]):]) & set(g["neg"] + g["pos"])
-  mine.main(args)  # Reads the cache.
+  two_processes(base + ["--cache", str(tmp_path / "two")], tmp_path / "two.jsonl")
+  halves = sorted((tmp_path / "two").glob("corpus-*.npy"), key=lambda p: int(p.stem.split("-")[-2]))
+  assert len(halves) == 2  # Each process embeds and caches the corpus rows of its devices.
+  whole = np.concatenate([np.load(p) for p in halves])
+  np.testing.assert_allclose(whole, np.load(cached[0]), atol=1e-5)  # Equal up to the packing's rounding.
+  np.save(cached[0], whole)  # Given the same embeddings, 2 processes search and sample exactly as 1:
+  mtime = cached[0].stat().st_mtime_ns
+  mine.main(args)  # reads the cache.
+  assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
   assert cached[0].stat().st_mtime_ns == mtime
 
 

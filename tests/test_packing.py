@@ -1,5 +1,6 @@
 """Sequence packing: the row layout, the row-count menus, packed batches split over processes, and packed ==
-unpacked through all-MiniLM-L6-v2 and the train step's gradient (dropout off), on 1 device and 8."""
+unpacked through all-MiniLM-L6-v2, and the train step's gradient on a step of all three tasks (its first two
+layers, dropout off), on 1 device and 8."""
 import itertools
 import re
 
@@ -9,7 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
+import conftest
 import tiny_config
+from bench import torch_ref
 from piccolo_jax import config
 from piccolo_jax import data
 from piccolo_jax import encode
@@ -105,13 +108,11 @@ def minilm():
 
 
 @pytest.fixture(scope="module")
-def task_batches(c, tables):
-  """task -> the first global batch of each task, packed rows a multiple of 8."""
-  assemble, out = data.assembler(c.data, c.tasks, tables, row_multiple=8), {}
-  for step in range(assemble.plan.steps_per_epoch):
-    b, info = assemble(step)
-    out.setdefault(info["task"], b)
-  return out
+def mixed_batch(c, tables):
+  """A global batch of all three tasks (data.mix=groups, 4 loss groups), packed rows a multiple of 8."""
+  mixed = config.replace(c.data, mix="groups")
+  assemble = data.assembler(mixed, c.tasks, tables, row_multiple=8, groups=4)
+  return next(b for b, _ in map(assemble, range(assemble.plan.steps_per_epoch)) if len(b.mix) == 3)
 
 
 def _split(cfg, params):
@@ -127,30 +128,31 @@ def _loss_config(dims):
 
 
 def _unpacked_value_and_grad(graphdef, rngs, lc):
-  """The parity reference: each text embedded alone, padded (model.Bert.__call__), then the same task loss."""
+  """The parity reference: each text embedded alone, padded (model.Bert.__call__), then each task's loss,
+  weighed by its share of the step's groups."""
   def loss_fn(p, padded, b):
-    model = nnx.merge(graphdef, p, rngs)
-    (task, groups), = b.mix
-    emb = {f: model(*x) for f, x in padded.items()}
-    loss, per_dim = step_lib.task_loss(task, emb, b.extras[task], lc, groups)
-    return loss, (per_dim, {task: loss})
+    model, total = nnx.merge(graphdef, p, rngs), sum(n for _, n in b.mix)
+    out = {task: step_lib.task_loss(task, {f: model(*x) for f, x in padded[task].items()}, b.extras[task], lc, n)
+           for task, n in b.mix}
+    weigh = lambda i: sum(n / total * out[task][i] for task, n in b.mix)
+    return weigh(0), (weigh(1), {task: v[0] for task, v in out.items()})
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
 def _padded(b):
-  (task, _), = b.mix
-  return {f: packing.unpacked(b, task, f) for f in b.slots[task]}
+  return {task: {f: torch_ref.unpacked(b, task, f) for f in b.slots[task]} for task, _ in b.mix}
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_packed_embeddings_equal_unpacked_through_minilm(minilm, task_batches, pooling):
+def test_packed_embeddings_equal_unpacked_through_minilm(minilm, mixed_batch, pooling):
   cfg, params = minilm
   graphdef, rngs = _split(cfg.replace(pooling=pooling), params)
   packed = jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs).packed(*x))
   unpacked = jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs)(*x))
-  for task, b in task_batches.items() if pooling == "mean" else [("cls", task_batches["cls"])]:
-    emb_ND = np.asarray(packed(params, *b.rows())).reshape(-1, cfg.hidden_size)
-    for f, (ids, mask) in _padded(b).items():
+  b = mixed_batch
+  emb_ND = np.asarray(packed(params, *b.rows())).reshape(-1, cfg.hidden_size)
+  for task, fields in _padded(b).items():
+    for f, (ids, mask) in fields.items():
       keep = b.extras[task]["neg_valid"].reshape(-1) if f == "neg" else slice(None)
       np.testing.assert_allclose(emb_ND[b.slots[task][f]][keep], unpacked(params, ids, mask)[keep], atol=1e-5,
                                  err_msg=f"{task} {f}")
@@ -171,32 +173,31 @@ def _assert_close(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
-def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(minilm, task_batches):
-  cfg, params = minilm
+def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch):
+  """A step of all three tasks, 4 loss groups: its loss and every parameter gradient, packed, equal each text
+  embedded alone (all-MiniLM-L6-v2's first two layers, dropout off)."""
+  cfg, params = conftest.minilm_layers(2)
   graphdef, rngs = _split(cfg, params)
   lc = _loss_config((128, 256, 384))
   grads = jax.jit(lambda p, b: step_lib.value_and_grad(graphdef, rngs, p, b, lc))
-  reference = _unpacked_value_and_grad(graphdef, rngs, lc)
-  mesh = sharding.make_mesh(1)
-  sharded = jax.device_put(params, sharding.replicated(mesh))
-  for task, b in task_batches.items():
-    want = reference(params, _padded(b), b)
-    _assert_close(grads(params, b), want)
-    on_mesh = sharding.put_batch(b, mesh)
-    _assert_close(grads(sharded, on_mesh), want)
-    if task == "retrieval":  # Slot embeddings cross devices; the activations do not.
-      hlo = grads.lower(sharded, on_mesh).compile().as_text()
-      (R, L), S, D = b.tokens.shape, b.lengths.shape[1], cfg.hidden_size
-      results = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(", hlo)
-      moved = sum(np.prod([int(d) for d in dims.split(",") if d]) for r in results
-                  for dims in re.findall(r"f32\[([\d,]*)\]", r))
-      beyond_grads = moved - sum(x.size for x in jax.tree.leaves(params))  # The gradients' all-reduce.
-      assert 0 < beyond_grads <= R * S * D < R * L * D
+  b, mesh = mixed_batch, sharding.make_mesh(1)
+  want = _unpacked_value_and_grad(graphdef, rngs, lc)(params, _padded(b), b)
+  _assert_close(grads(params, b), want)
+  sharded, on_mesh = jax.device_put(params, sharding.replicated(mesh)), sharding.put_batch(b, mesh)
+  compiled = grads.lower(sharded, on_mesh).compile()
+  _assert_close(compiled(sharded, on_mesh), want)
+  # Slot embeddings cross devices; the activations do not.
+  (R, L), S, D = b.tokens.shape, b.lengths.shape[1], cfg.hidden_size
+  results = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(",
+                       compiled.as_text())
+  moved = sum(np.prod([int(d) for d in dims.split(",") if d]) for r in results for dims in re.findall(r"f32\[([\d,]*)\]", r))
+  beyond_grads = moved - sum(x.size for x in jax.tree.leaves(params))  # The gradients' all-reduce.
+  assert 0 < beyond_grads <= R * S * D < R * L * D
 
 
-def test_packed_gradient_caching_remat_and_bf16(c, task_batches):
-  """On packed batches of the three tasks (tiny random BERT): gradient caching and remat give the plain
-  gradient; bfloat16 compute stays close to it."""
+def test_packed_gradient_caching_remat_and_bf16(c, mixed_batch):
+  """On the step of all three tasks (tiny random BERT): gradient caching and remat give the plain gradient;
+  bfloat16 compute stays close to it."""
   cfg, params, _ = state_lib.init_params(c)
   cfg, mesh = cfg.replace(dropout=0.0, attention_dropout=0.0), sharding.make_mesh(1)
   lc = _loss_config((16, 32))
@@ -205,11 +206,10 @@ def test_packed_gradient_caching_remat_and_bf16(c, task_batches):
     graphdef, rngs = _split(cfg, params)
     return jax.jit(lambda p: step_lib.value_and_grad(graphdef, rngs, p, b, lc, chunk_size=chunk))(params)
 
-  for b in task_batches.values():
-    b = sharding.put_batch(b, mesh)
-    plain = grads(cfg, b)
-    _assert_close(grads(cfg, b, chunk=8), plain)
-    _assert_close(grads(cfg.replace(remat=True), b), plain)
-    (loss, _), g = grads(cfg.replace(dtype="bfloat16"), b)
-    np.testing.assert_allclose(loss, plain[0][0], rtol=2e-2)
-    assert abs(float(optax.tree.norm(g)) / float(optax.tree.norm(plain[1])) - 1) < 0.1
+  b = sharding.put_batch(mixed_batch, mesh)
+  plain = grads(cfg, b)
+  _assert_close(grads(cfg, b, chunk=8), plain)
+  _assert_close(grads(cfg.replace(remat=True), b), plain)
+  (loss, _), g = grads(cfg.replace(dtype="bfloat16"), b)
+  np.testing.assert_allclose(loss, plain[0][0], rtol=2e-2)
+  assert abs(float(optax.tree.norm(g)) / float(optax.tree.norm(plain[1])) - 1) < 0.1
