@@ -89,12 +89,30 @@ def attention_share(cfg, params, dims, tok, reps, limit):
   return t, RL, b * RL[512] * 512 / t[512]
 
 
+def planning(tok):
+  """Start-up (the epoch plan and the menus, from the prepared token lengths) and ms per packed batch, by
+  global batch, single-dataset steps and 32 groups; retrieval-zh repeated 8x at 64/512, 8 devices' rows."""
+  rows = [("global batch, neg_num", "texts per batch", "start-up s", "per batch ms", "32 groups: start-up s",
+           "32 groups: per batch ms")]
+  for G, K in ((256, 1), (256, 7), (1024, 7)):
+    c = retrieval_zh()
+    c.data.update(datasets=(dict(RETRIEVAL_ZH, repeat=8),), global_batch_size=G)
+    c.tasks.retrieval.neg_num = K
+    tables, row = data.load_tables(c.data, c.tasks, tok), [f"{G}, {K}", str(G * (2 + K))]
+    for d, groups in ((c.data, 1), (config.replace(c.data, mix="groups"), 32)):
+      assemble, start = harness.timed(lambda: data.assembler(d, c.tasks, tables, row_multiple=8, groups=groups))
+      row += [f"{start:.2f}", f"{harness.timed(lambda: [assemble(s) for s in range(20)])[1] / 20 * 1e3:.1f}"]
+    rows.append(tuple(row))
+  return rows
+
+
 def main():
   p = harness.parser(__doc__, reps=5, threads=True)  # --reps: of the attention-share steps (0: skip it)
   p.add_argument("--data", default=",".join(DATA), help=f"comma list of {', '.join(DATA)}")
   p.add_argument("--block", type=int, default=8, help="steps per turn when alternating the runs")
   p.add_argument("--model", default="minilm", help="minilm, or a piccolo_jax / sentence-transformers dir")
   p.add_argument("--limit", type=int, default=0, help="rows per dataset (0: all)")
+  p.add_argument("--plan", action="store_true", help="only the planning cost: start-up and ms per batch")
   p.add_argument("--out", default=str(harness.ROOT / "BENCHMARKS.md"))
   args = p.parse_args()
   os.chdir(harness.ROOT)  # Data paths are relative.
@@ -102,6 +120,11 @@ def main():
   E = cfg.embed_dim
   tok, dims = encode.load_tokenizer(tok_dir), (E // 3, 2 * E // 3, E)
   load0 = os.getloadavg()[0]
+  if args.plan:
+    harness.report("Packing: planning cost (python -m bench.packing_bench --plan)", planning(tok),
+                   [f"20 batches after start-up; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"],
+                   {}, args.out)
+    return
   rows, out = [("data", "run", "padding", "epoch s", "real tokens/s", "vs torch", "compile s", "programs")], {}
   for name in args.data.split(","):
     c = limited(DATA[name](), args.limit)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from transformers import AutoTokenizer
+import transformers
 
 from piccolo_jax import model as model_lib
 from piccolo_jax import packing
@@ -28,7 +28,11 @@ def bucket_length(n: int, buckets, max_length: int) -> int:
 
 
 def load_tokenizer(model_dir):
-  return AutoTokenizer.from_pretrained(str(model_dir))
+  """model_dir's fast tokenizer; from its tokenizer.json where it has one, which skips AutoTokenizer's torch
+  import (2 s of every process's start-up; the same token ids)."""
+  if (pathlib.Path(model_dir) / "tokenizer.json").exists():
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+  return transformers.AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @nnx.jit
