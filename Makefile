@@ -27,6 +27,7 @@ demo: install
 	$(CPU_ENV) $(RUN) $(BIN)/python -m piccolo_jax.train --config=demo --workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # Two pytest workers, a test file each at a time (its module fixtures, and test_faults' one straight run,
-# built once): much of a test is single-threaded (imports, tracing, compiling, starting subprocesses).
+# built once), the longest files first (tests/conftest.py): much of a test is single-threaded (imports,
+# tracing, compiling, starting subprocesses).
 test: install
-	$(RUN) $(BIN)/python -m pytest -n 2 --dist loadfile tests
+	$(RUN) $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
