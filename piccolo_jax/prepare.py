@@ -272,13 +272,13 @@ def open_all(c, tasks_cfg, tokenizer, root=None) -> list[Prepared]:
 def shard_entries(entries, shard, num_shards) -> list:
   """Shard `shard` of num_shards: entries dealt largest source first to the least-loaded shard."""
   size = lambda e: sum(p.stat().st_size for p in source_files(e) if p.is_file())
-  load, mine = [0] * num_shards, []
+  load, ours = [0] * num_shards, []
   for i in sorted(range(len(entries)), key=lambda i: -size(entries[i])):
     s = load.index(min(load))
     load[s] += size(entries[i])
     if s == shard:
-      mine.append(entries[i])
-  return mine
+      ours.append(entries[i])
+  return ours
 
 
 def main():
