@@ -12,6 +12,7 @@ import shutil
 
 import jax
 
+from piccolo_jax import config as config_lib
 from piccolo_jax import export as export_lib
 from piccolo_jax import modeldir
 
@@ -46,7 +47,11 @@ def check_config(workdir, config):
   path = pathlib.Path(workdir) / CONFIG
   if not path.is_file():
     return
-  diff = config_diff(json.loads(path.read_text()), json.loads(config.to_json_best_effort()))
+  old = json.loads(path.read_text())
+  if gone := sorted({line for k in _flat(old) if (line := config_lib.moved(k))}):
+    raise ConfigChangeError(f"{workdir} holds a run of an older config schema ({'; '.join(gone)}): finish it "
+                            "with the piccolo_jax that started it, or use a new --workdir")
+  diff = config_diff(old, json.loads(config.to_json_best_effort()))
   fixed = {k: v for k, v in diff.items() if not any(k == p or k.startswith(p) for p in RESUMABLE if p)}
   show = lambda d: ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in d.items())
   if fixed:

@@ -54,6 +54,14 @@ def test_nonfinite_steps_are_skipped_below_the_limit(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params(tmp_path / "model"), init)  # Nothing applied.
 
 
+def test_a_run_of_the_old_config_schema_is_refused_naming_the_moves(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"data": {"neg_num": 7, "packing": True}, "loss": {"sts": {"temperature": 0.05}}}))
+  with pytest.raises(rundir.ConfigChangeError) as e:
+    rundir.check_config(tmp_path, _sts_only(max_steps=2))
+  assert "data.neg_num is now tasks.retrieval.neg_num; data.packing is gone" in str(e.value)
+  assert "loss.sts.temperature is now tasks.sts.temperature and tasks.sts.weight" in str(e.value)
+
+
 def test_extend_finished_run_reexports_and_config_changes_are_refused(tmp_path):
   c = _sts_only(max_steps=2)
   train.train(c, tmp_path)
