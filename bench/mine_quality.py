@@ -1,6 +1,8 @@
-"""Quality of mined hard negatives: configs/demo.py restricted to retrieval-zh, trained with (a) its given
-negatives, (b) negatives mined by piccolo_jax.mine from the base model, (c) none (neg_num=0), each scored by
-piccolo_jax.evaluate on retrieval-zh rows held out from training (their queries, positives and given negatives)."""
+"""Quality of mined hard negatives and of score distillation: configs/demo.py restricted to retrieval-zh, trained
+with (a) its given negatives, (b) negatives mined by piccolo_jax.mine from the base model, (c) the mined ones plus
+the KL to the base model's scores of them (`mine --scores`, tasks.retrieval.kl_weight=1), (d) none (neg_num=0),
+each scored by piccolo_jax.evaluate on retrieval-zh rows held out from training (their queries, positives and
+given negatives)."""
 import datetime
 import json
 import pathlib
@@ -10,7 +12,8 @@ import sys
 from bench import harness
 
 DATA = harness.ROOT / "data/retrieval-zh/triplets.train.jsonl"
-VARIANTS = {"given": ("train.jsonl", 1), "mined": ("mined.jsonl", 1), "none": ("train.jsonl", 0)}
+VARIANTS = {"given": ("train.jsonl", 1, ()), "mined": ("mined.jsonl", 1, ()),
+            "mined+kl": ("mined.jsonl", 1, ("--config.tasks.retrieval.kl_weight=1.0",)), "none": ("train.jsonl", 0, ())}
 METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10")
 
 
@@ -48,12 +51,12 @@ def evaluate(model, root, name, dims) -> dict:
 
 
 def train(root, variant, seed) -> pathlib.Path:
-  data, neg_num = VARIANTS[variant]
+  data, neg_num, flags = VARIANTS[variant]
   workdir = root / f"{variant}-seed{seed}"
   entry = {"kind": "jsonl", "path": str(root / data), "task": "retrieval"}
   run(["-m", "piccolo_jax.train", "--config=demo", f"--workdir={workdir}", f"--config.seed={seed}",
        f"--config.data.datasets=({entry!r},)", f"--config.tasks.retrieval.neg_num={neg_num}", "--config.eval.tasks=()",
-       "--config.eval.best_metric="], root / f"train-{variant}-seed{seed}.log")
+       "--config.eval.best_metric=", *flags], root / f"train-{variant}-seed{seed}.log")
   return workdir / "export"
 
 
@@ -70,7 +73,8 @@ def main():
   root.mkdir(parents=True)
   held = split(root, args.train_rows)
   (_, mine_s) = harness.timed(lambda: run(["-m", "piccolo_jax.mine", "minilm", "--input", str(root / "train.jsonl"),
-                                           "--output", str(root / "mined.jsonl"), *args.mine_args.split()],
+                                           "--output", str(root / "mined.jsonl"), "--scores",
+                                           *args.mine_args.split()],
                                           root / "mine.log"))
   stats = json.loads((root / "mined.stats.json").read_text())
   results = {("base model", "-"): evaluate(_minilm(), root, "base", args.dims)}  # Not trained.
@@ -104,7 +108,7 @@ def report(args, root, held, stats, mine_s, results):
       f"{datetime.date.today()}, {harness.machine()}. Command: `{harness.command()}` (outputs in {root}).\n",
       f"configs/demo.py with only retrieval-zh's first {args.train_rows} rows as data (neg_num 1, or 0 for 'none'; "
       f"1 epoch, batch 32, all-MiniLM-L6-v2 init), scored on the other {held} rows (corpus: their positives and given "
-      f"negatives; {overlap(root)}). Mined: `python -m piccolo_jax.mine minilm {args.mine_args}` on the "
+      f"negatives; {overlap(root)}). Mined: `python -m piccolo_jax.mine minilm --scores {args.mine_args}` on the "
       f"training rows only (corpus {stats['corpus']} texts: their positives and given negatives), {mine_s:.0f} s; "
       f"{stats['negatives'] / stats['rows']:.1f} negatives per row, {stats['rows_without']} rows left without any "
       f"(the trainer skips those), {stats['filtered']} candidates removed by the filter; best positive's rank "

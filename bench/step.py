@@ -33,7 +33,7 @@ def synthetic(task, B, Lq, Lp, K, vocab, seed=0) -> tuple:
   texts = {f: rng.integers(1000, vocab, (B * K if slot == "neg" else B, length[slot]), dtype=np.int32)
            for f, slot in tasks.fields(spec, K)}
   extras = {"label": rng.integers(0, 6, B).astype(np.float32), "neg_valid": np.ones((B, K), bool)}
-  extras = {k: extras[k] for k in spec.extras if k != "neg_valid" or K}
+  extras = {k: extras[k] for k in spec.extras if k in extras and (k != "neg_valid" or K)}  # No teacher arrays.
   batch = of_texts({task: {f: list(x) for f, x in texts.items()}}, {task: extras}, max(length.values()),
                    multiple=jax.device_count())
   padded = {f"{f}_{k}": x if k == "ids" else np.ones_like(x) for f, x in texts.items() for k in ("ids", "mask")}

@@ -28,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
       max_position=0,  # > 0: this many positions (rows past the checkpoint's copy it) and the
       # position embeddings train (all rows: optim.freeze skips them), as the original's extend_pe.
       position_extension="tile",  # tile | hierarchical
+      keep_layers=(),  # A student of these encoder layers of the init, e.g. (0, 2, 4); () keeps all.
   )
   c.data = dict(
       # Mappings with `kind` (piccolo|meta|jsonl|tsv|tfds), `path` (tfds: `name`, `data_dir`,

@@ -29,6 +29,9 @@ def load_tables(c, tasks_cfg, tokenizer, groups=1) -> list[prepare.Prepared]:
              t.name, t.task, len(t), t.repeat, t.repeat * (len(t) // unit), unit, t.skipped or "none")
     if t.skipped:
       log.warning("data: %s: skipped rows %s", t.name, t.skipped)
+    if tasks_cfg[t.task].get("kl_weight"):
+      log.info("data: %s: teacher scores on %d of %d rows (the others train on InfoNCE alone)", t.name,
+               t.scored_rows, len(t))
   return out
 
 

@@ -60,7 +60,12 @@ class Embedder:
     'minilm' (state.load_init)."""
     from piccolo_jax import state  # pylint: disable=g-import-not-at-top  (state imports the optimizer)
     cfg, params, tok_dir = state.load_init(str(spec))
-    model = model_lib.abstract_model(cfg.replace(dtype=dtype) if dtype else cfg)
+    return cls.from_params(cfg.replace(dtype=dtype) if dtype else cfg, params, tok_dir, buckets, packing)
+
+  @classmethod
+  def from_params(cls, cfg, params, tok_dir, buckets=DEFAULT_BUCKETS, packing=True) -> "Embedder":
+    """Embedder of a model config, its parameters (host or device arrays) and a tokenizer dir."""
+    model = model_lib.abstract_model(cfg)
     nnx.update(model, jax.tree.map(jnp.asarray, params))
     nnx.reseed(model, default=0)
     return cls(model, load_tokenizer(tok_dir), buckets, packing)

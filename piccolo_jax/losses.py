@@ -1,4 +1,4 @@
-"""Piccolo2 multi-task hybrid loss: retrieval InfoNCE, CoSENT, cls contrast, MRL.
+"""Piccolo2 multi-task hybrid loss (retrieval InfoNCE, CoSENT, cls contrast, MRL) and distillation losses.
 
 Pure functions of raw (unnormalised) embeddings. Every similarity is a cosine,
 computed in float32 (bf16 inputs are upcast). Under `jit` with the batch sharded
@@ -91,6 +91,76 @@ def cls_contrast(q, p, n, *, temperature=0.05, weight=0.2, n_mask=None):
     neg_BK = jnp.where(jnp.asarray(n_mask, bool), neg_BK, -jnp.inf)
   logits_BN = jnp.concatenate([pos_B[:, None], neg_BK], axis=1)
   return weight * _xent(pos_B, logits_BN)
+
+
+def score_kl(q, p, n, *, pos_score, neg_score, temperature=0.02, teacher_temperature=1.0, weight=1.0,
+             n_mask=None):
+  """weight * KL(teacher || student) over each query's own candidates, its positive and its K negatives.
+
+  The teacher's distribution is softmax(scores / teacher_temperature) of pos_score [B] and neg_score
+  [B, K]; the student's is softmax(cos / temperature). Candidates where n_mask is False are left out;
+  a row whose kept scores are not all finite (NaN: no teacher scores) adds nothing, and the mean is
+  over the rows that have them (0 if none). FlagEmbedding's distillation loss is this plus the
+  teacher's entropy, a constant: the same gradient.
+  """
+  q_BD, p_BD = normalize(q), normalize(p)
+  n_BKD = normalize(n).reshape(q_BD.shape[0], -1, q_BD.shape[-1])
+  s_BC = jnp.concatenate([jnp.sum(q_BD * p_BD, axis=-1)[:, None],
+                          jnp.einsum("bd,bkd->bk", q_BD, n_BKD, precision="highest")], axis=1) / temperature
+  t_BC = jnp.concatenate([jnp.asarray(pos_score, s_BC.dtype)[:, None], jnp.asarray(neg_score, s_BC.dtype)],
+                         axis=1) / teacher_temperature
+  keep_BC = jnp.ones(s_BC.shape, bool)
+  if n_mask is not None:
+    keep_BC = keep_BC.at[:, 1:].set(jnp.asarray(n_mask, bool).reshape(s_BC.shape[0], -1))
+  has_B = jnp.all(jnp.isfinite(t_BC) | ~keep_BC, axis=1)
+  logt_BC = jax.nn.log_softmax(jnp.where(keep_BC, jnp.where(has_B[:, None], t_BC, 0.0), -jnp.inf), axis=-1)
+  logs_BC = jax.nn.log_softmax(jnp.where(keep_BC, s_BC, -jnp.inf), axis=-1)
+  kl_BC = jnp.where(keep_BC, jnp.exp(logt_BC) * (logt_BC - jnp.where(keep_BC, logs_BC, 0.0)), 0.0)
+  kl_B = jnp.where(has_B, jnp.sum(jnp.where(keep_BC, kl_BC, 0.0), axis=1), 0.0)
+  return weight * jnp.sum(kl_B) / jnp.maximum(jnp.sum(has_B), 1)
+
+
+def retrieval(q, p, n=None, *, temperature=0.01, weight=1.0, n_mask=None, pos_score=None, neg_score=None,
+              kl_weight=0.0, kl_temperature=0.0, teacher_temperature=1.0):
+  """The retrieval task's loss: weight * (retrieval_infonce + kl_weight * score_kl), the KL term
+  (student temperature kl_temperature, 0: temperature) only where kl_weight > 0 and there are negatives."""
+  loss = retrieval_infonce(q, p, n, temperature=temperature, n_mask=n_mask)
+  if kl_weight and n is not None and pos_score is not None:
+    loss += kl_weight * score_kl(q, p, n, pos_score=pos_score, neg_score=neg_score, n_mask=n_mask,
+                                 temperature=kl_temperature or temperature, teacher_temperature=teacher_temperature)
+  return weight * loss
+
+
+def cosine_distill(s, t):
+  """Mean 1 - cos(s_i, t_i): the student's embeddings s [B, D] against the teacher's t [B, D]."""
+  return jnp.mean(1.0 - jnp.sum(normalize(s) * normalize(t), axis=-1))
+
+
+def similarity_distill(s, t):
+  """Mean squared difference of the in-batch cosine matrices [B, B] of the student and the teacher."""
+  s_BD, t_BD = normalize(s), normalize(t)
+  return jnp.mean((_dot(s_BD, s_BD) - _dot(t_BD, t_BD)) ** 2)
+
+
+def relative_distill(s, t, margin=0.015):
+  """Jasper's relative-similarity loss, anchor-wise: for each anchor i and others j != k where the
+  teacher ranks j above k (t_ij > t_ik), relu(s_ik - s_ij + margin), averaged over those triples
+  (memory B^3, not Jasper's B^4 over all pairs of pairs)."""
+  s_BD, t_BD = normalize(s), normalize(t)
+  s_BB, t_BB = _dot(s_BD, s_BD), _dot(t_BD, t_BD)
+  eye = jnp.eye(s_BB.shape[0], dtype=bool)
+  other_BBB = ~eye[:, :, None] & ~eye[:, None, :] & ~eye[None, :, :]  # i, j, k distinct
+  above_BBB = other_BBB & (t_BB[:, :, None] > t_BB[:, None, :])
+  hinge_BBB = jax.nn.relu(s_BB[:, None, :] - s_BB[:, :, None] + margin)
+  return jnp.sum(jnp.where(above_BBB, hinge_BBB, 0.0)) / jnp.maximum(jnp.sum(above_BBB), 1)
+
+
+def embedding_distill(s, t, *, cosine=1.0, similarity=1.0, relative=1.0, margin=0.015, weight=1.0):
+  """weight * (cosine * cosine_distill + similarity * similarity_distill + relative * relative_distill):
+  the student's embeddings s (mapped to the teacher's dimension) against the teacher's t, each [B, D]."""
+  terms = ((cosine, lambda: cosine_distill(s, t)), (similarity, lambda: similarity_distill(s, t)),
+           (relative, lambda: relative_distill(s, t, margin)))
+  return weight * sum(w * f() for w, f in terms if w)
 
 
 def _check_dims(dims, weights):

@@ -4,12 +4,14 @@ Every query is scored against a corpus (the input's positives and given negative
 deduplicated by text) by exact search on all devices (search.place / iter_top_k: the corpus sharded over the
 mesh, queries in chunks). From each query's ranks START..END, candidates sharing a positive's or the query's
 text are dropped, then likely false negatives (scoring within a margin of the positive), and NUM of the rest
-are kept. The output is the trainer's jsonl ({query, pos, neg}); stats are printed and written to OUTPUT.stats.json.
+are kept. The output is the trainer's jsonl ({query, pos, neg}, and with --scores a teacher's pos_scores and neg_scores);
+stats are printed and written to OUTPUT.stats.json.
 """
 import argparse
 import ast
 import dataclasses
 import hashlib
+import itertools
 import json
 import pathlib
 import sys
@@ -20,6 +22,7 @@ import numpy as np
 import tqdm
 
 from piccolo_jax import encode
+from piccolo_jax import modeldir
 from piccolo_jax import search
 from piccolo_jax import sharding
 from piccolo_jax import sources
@@ -184,7 +187,7 @@ def read_rows(entries, limit=0) -> tuple[list, dict]:
   rows, skipped = [], {}
   for entry in entries:
     reader = sources.read({**entry, "limit": limit} if limit else entry)
-    for q, p, n, _ in reader:
+    for q, p, n, *_ in reader:
       if reader.task.name != "retrieval":
         reader.skipped = {f"task {reader.task.name}, not retrieval": "all"}
         break
@@ -201,13 +204,6 @@ def corpus_texts(paths):
         yield sources.text(f"{path}: line {n}", "text", row.get("text"))
     else:
       yield from (line for _, line in sources.lines(path))
-
-
-def model_key(path) -> list:
-  """What identifies a model's files: their paths, sizes and modification times."""
-  path = pathlib.Path(path).resolve()
-  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-  return [str(path)] + [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f != path]
 
 
 def embed_corpus(embedder, texts, lo, hi, *, prefix="", max_length=None, dim=None, batch_size=64, cache=None,
@@ -252,6 +248,22 @@ def mine_rows(embedder, rows, corpus: Corpus, corpus_ND, opts, stats, *, prefix=
       bar.update(len(chunk))
 
 
+def with_scores(embedder, rows, *, query_prefix="", passage_prefix="", query_max_length=None,
+                passage_max_length=None, batch_size=64):
+  """Yields {query, pos, neg, pos_scores, neg_scores} of (query, pos, neg) rows: the cosines of the
+  teacher's (embedder's) embeddings of each query and its texts, ROW_CHUNK rows at a time."""
+  rows = iter(rows)
+  for chunk in iter(lambda: list(itertools.islice(rows, ROW_CHUNK)), []):
+    texts = list(dict.fromkeys(t for _, p, n in chunk for t in (*p, *n)))
+    at = {t: i for i, t in enumerate(texts)}
+    q_BD = embedder.encode([query_prefix + q for q, _, _ in chunk], batch_size=batch_size,
+                           max_length=query_max_length)
+    t_ND = embedder.encode([passage_prefix + t for t in texts], batch_size=batch_size, max_length=passage_max_length)
+    for (q, p, n), q_D in zip(chunk, q_BD):
+      score = lambda ts: [round(float(x), 6) for x in t_ND[[at[t] for t in ts]] @ q_D] if ts else []
+      yield {"query": q, "pos": p, "neg": n, "pos_scores": score(p), "neg_scores": score(n)}
+
+
 def _margin(text):
   return None if text.lower() in ("off", "none") else float(text)
 
@@ -289,6 +301,10 @@ def parse_args(argv=None):
   p.add_argument("--originals", choices=("replace", "append", "keep"), default=d.originals, help="given negatives: "
                  "replaced by the mined ones, followed by them, or kept (only rows without any are mined); "
                  "default %(default)s")
+  p.add_argument("--scores", action="store_true", help="also write each positive's and negative's teacher score "
+                 "(pos_scores, neg_scores: cosines of the --teacher's embeddings), for tasks.retrieval.kl_weight")
+  p.add_argument("--teacher", default="", help="the embedding model that scores with --scores: any model the "
+                 "project loads (default: MODEL); it embeds with the prefixes and token caps given here")
   p.add_argument("--seed", type=int, default=d.seed,
                  help="sampling seed (row i draws from its own generator; default %(default)s)")
   p.add_argument("--query-prefix", default="", help="prepended to queries when embedding (not in the output)")
@@ -314,6 +330,8 @@ def run(args, opts) -> dict:
   """Mines and writes args.output (process 0); returns the stats."""
   if args.coordinator_address or args.num_processes > 1:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  if args.teacher and not args.scores:
+    raise ValueError(f"--teacher {args.teacher}: a teacher only scores; add --scores")
   main_process, t0 = jax.process_index() == 0, time.perf_counter()
   rows, skipped = read_rows([e for spec in args.input for e in input_entries(spec)], args.limit)
   if not rows:
@@ -326,7 +344,7 @@ def run(args, opts) -> dict:
   t1 = time.perf_counter()
   corpus_ND = search.place(  # The host rows are dropped once on the devices.
       embed_corpus(embedder, corpus.texts, lo, hi, prefix=args.passage_prefix, max_length=args.passage_max_length,
-                   dim=args.dim, batch_size=args.batch_size, cache=args.cache, key=[model_key(model), args.dtype],
+                   dim=args.dim, batch_size=args.batch_size, cache=args.cache, key=[modeldir.files_key(model), args.dtype],
                    progress=main_process), mesh, size=len(corpus.texts), start=lo)
   t2, stats = time.perf_counter(), Stats(opts)
   out = pathlib.Path(args.output)
@@ -334,7 +352,15 @@ def run(args, opts) -> dict:
   mined = mine_rows(embedder, rows, corpus, corpus_ND, opts, stats, prefix=args.query_prefix,
                     max_length=args.query_max_length, dim=args.dim, batch_size=args.batch_size, approx=args.approx,
                     progress=main_process)
-  lines = (json.dumps({"query": q, "pos": p, "neg": n}, ensure_ascii=False) + "\n" for q, p, n in mined)
+  if args.scores:
+    teacher = embedder if args.teacher in ("", args.model) else encode.Embedder.load(state.resolve_init(args.teacher),
+                                                                                      dtype=args.dtype)
+    out_rows = with_scores(teacher, mined, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+                           query_max_length=args.query_max_length, passage_max_length=args.passage_max_length,
+                           batch_size=args.batch_size)
+  else:
+    out_rows = ({"query": q, "pos": p, "neg": n} for q, p, n in mined)
+  lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows)
   if main_process:
     try:
       with open(partial, "w", encoding="utf-8") as f:

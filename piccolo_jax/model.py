@@ -39,6 +39,8 @@ class Config:
   dense_activation: str = "identity"
   normalize: bool = False
   max_seq_length: int = 512  # Truncation length used by encode/export.
+  distill_dim: int = 0  # > 0: a trainable map embed_dim -> distill_dim to a teacher's dimension (training
+  # only: embeddings and exports do not use it).
   dtype: str = "float32"  # Compute dtype; parameters stay float32.
   remat: bool = False
 
@@ -178,6 +180,8 @@ class Bert(nnx.Module):
     self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_layers)])
     if cfg.dense_out:
       self.dense = _linear(cfg, cfg.hidden_size, cfg.dense_out, rngs, use_bias=cfg.dense_bias)
+    if cfg.distill_dim:
+      self.distill_map = _linear(cfg, cfg.embed_dim, cfg.distill_dim, rngs)
 
   def hidden_states(self, ids_BL, mask_BL, *, attend_BQK=None, pos_BL=None):
     """Last-layer token states [B, L, hidden]; attend_BQK (default: keys where mask_BL) as in Attention."""
@@ -217,6 +221,11 @@ class Bert(nnx.Module):
     if self.cfg.normalize:
       e_BD = l2_normalize(e_BD)
     return e_BD
+
+
+  def project(self, e_ND):
+    """Embeddings mapped to the teacher's dimension (cfg.distill_dim; unchanged without a map)."""
+    return self.distill_map(e_ND).astype(jnp.float32) if self.cfg.distill_dim else e_ND
 
 
 def l2_normalize(x, eps=1e-12):

@@ -30,6 +30,13 @@ def tokenizer_files(src_dir) -> list[pathlib.Path]:
   return found
 
 
+def files_key(path) -> list:
+  """What identifies a model's files: their paths, sizes and modification times."""
+  path = pathlib.Path(path).resolve()
+  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+  return [str(path)] + [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f != path]
+
+
 def sync(name):
   """Barrier across processes (no-op in a single process)."""
   if jax.process_count() > 1:

@@ -126,19 +126,21 @@ class Plan:
     return self._cache[epoch]
 
   def units(self, step) -> list[tuple[int, dict]]:
-    """[(dataset index, ids)] of global batch `step`'s units: `query` rows [U], a `pos` passage each [U],
-    and for tasks with negatives `neg` [U, K] (the task's K: -1 past the dataset's K or a row's candidates)
-    and `neg_valid` [U, K]."""
+    """[(dataset index, ids)] of global batch `step`'s units: `query` rows [U], a `pos` passage each [U]
+    (tasks with positives) and its teacher score `pos_score`, and for tasks with negatives `neg` [U, K] (the
+    task's K: -1 past the dataset's K or a row's candidates), `neg_valid` and `neg_score` [U, K]."""
     ds, rows = self.epoch(step // self.steps_per_epoch)
     ds, rows = ds[step % self.steps_per_epoch], rows[step % self.steps_per_epoch]
     rng, out = np.random.default_rng([self.seed, step]), []
     for d, rows_u in zip(ds, rows.reshape(len(ds), -1)):
-      t, k = self.tables[d], self.k_D[d]
-      pos = _pick(rng, t.pos_off, rows_u, 1)
-      sel = {"query": rows_u, "pos": t.pos_ids[pos[:, 0]]}
+      t, k, sel = self.tables[d], self.k_D[d], {"query": rows_u}
+      if tasks_lib.has_slot(tasks_lib.TASKS[t.task], "pos"):
+        pos = _pick(rng, t.pos_off, rows_u, 1)[:, 0]
+        sel |= {"pos": t.pos_ids[pos], "pos_score": t.pos_score[pos]}
       if self.k[t.task]:
         neg = np.pad(_pick(rng, t.neg_off, rows_u, k), ((0, 0), (0, self.k[t.task] - k)), constant_values=-1)
         sel["neg_valid"] = neg >= 0
         sel["neg"] = np.where(sel["neg_valid"], t.neg_ids[np.maximum(neg, 0)], -1)
+        sel["neg_score"] = np.where(sel["neg_valid"], t.neg_score[np.maximum(neg, 0)], np.nan).astype(np.float32)
       out.append((int(d), sel))
     return out

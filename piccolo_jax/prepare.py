@@ -18,8 +18,10 @@ Files (raw little-endian arrays, opened with np.memmap; n rows, m distinct passa
   pos_off int64 [n+1], pos_ids int32: row i's positives are passages pos_ids[pos_off[i]:pos_off[i+1]]
   neg_off, neg_ids  its negatives, the same way (cls label rows: every other class)
   labels float32 [n]  STS scores (zeros otherwise)
-  manifest.json  name, task, rows, passages, skipped rows by reason, longest query and passage,
-         pad id, token dtype, and the fingerprint.
+  pos_score, neg_score float32  teacher scores aligned with pos_ids and neg_ids (NaN where a row has none)
+  manifest.json  name, task, rows, passages, scored_rows (rows with teacher scores), skipped rows by
+         reason, longest query and passage, pad id, token dtype, and the fingerprint.
+  teacher-KEY.npy float16 [n, D]  where a teacher embeds the queries (task distill): teacher_vectors().
 """
 import dataclasses
 import hashlib
@@ -40,10 +42,11 @@ import tqdm
 from piccolo_jax import sources
 from piccolo_jax import tasks as tasks_lib
 
-FORMAT = 2
+FORMAT = 3
 CHUNK = 1024  # rows per tokenizer batch: ~50 KB per passage while in flight (Encoding objects)
 ARRAYS = {"q_tok": None, "q_off": np.int64, "p_tok": None, "p_off": np.int64, "pos_off": np.int64,
-          "pos_ids": np.int32, "neg_off": np.int64, "neg_ids": np.int32, "labels": np.float32}
+          "pos_ids": np.int32, "neg_off": np.int64, "neg_ids": np.int32, "labels": np.float32,
+          "pos_score": np.float32, "neg_score": np.float32}
 log = logging.getLogger(__name__)
 READ_KEYS = ("repeat", "neg_num")  # Entry keys applied when a prepared dataset is read, not in its contents.
 
@@ -147,15 +150,17 @@ def _write(reader, caps, enc, tmp):
   q_off, p_off, pos_off, neg_off = (_Offsets(tmp / f"{k}.bin") for k in ("q_off", "p_off", "pos_off", "neg_off"))
   pos_ids, neg_ids = _Flat(tmp / "pos_ids.bin", np.int32), _Flat(tmp / "neg_ids.bin", np.int32)
   labels = _Flat(tmp / "labels.bin", np.float32)
-  pool, longest, n = {}, [0, 0], 0
+  pos_score, neg_score = _Flat(tmp / "pos_score.bin", np.float32), _Flat(tmp / "neg_score.bin", np.float32)
+  pool, longest, n, scored = {}, [0, 0], 0, 0
   rows = iter(reader)
   bar = tqdm.tqdm(desc=f"prepare {reader.name}", unit=" rows", disable=None, file=sys.stderr)
   while chunk := list(itertools.islice(rows, CHUNK)):  # the first row sets reader.task
-    q_cap, p_cap = caps[reader.task.name, "query"], caps[reader.task.name, "pos"]
+    q_cap = caps[reader.task.name, "query"]
+    p_cap = caps.get((reader.task.name, "pos"), q_cap)
     qp, pp = reader.prefix("query_prefix"), reader.prefix("passage_prefix")
     new, ids = [], lambda texts: [_passage_id(pool, new, t) for t in texts]
-    pos, neg = [ids(p) for _, p, _, _ in chunk], [ids(m) for _, _, m, _ in chunk]
-    q_ids = enc([qp + q for q, _, _, _ in chunk], q_cap)
+    pos, neg = [ids(p) for _, p, *_ in chunk], [ids(m) for _, _, m, *_ in chunk]
+    q_ids = enc([qp + q for q, *_ in chunk], q_cap)
     p_ids = enc([pp + t for t in new], p_cap)
     for store, off, seqs, i in ((q_tok, q_off, q_ids, 0), (p_tok, p_off, p_ids, 1)):
       if seqs:
@@ -165,11 +170,14 @@ def _write(reader, caps, enc, tmp):
     for flat, off, lists in ((pos_ids, pos_off, pos), (neg_ids, neg_off, neg)):
       flat.add([j for x in lists for j in x])
       off.extend([len(x) for x in lists])
-    labels.add([label for *_, label in chunk])
+    labels.add([label for *_, label, _ in chunk])
+    for flat, i, lists in ((pos_score, 0, pos), (neg_score, 1, neg)):
+      flat.add([x for (*_, sc), ids_ in zip(chunk, lists) for x in (sc[i] if sc else [np.nan] * len(ids_))])
+    scored += sum(sc is not None for *_, sc in chunk)
     n += len(chunk)
     bar.update(len(chunk))
   bar.close()
-  for f in (q_tok, p_tok, q_off, p_off, pos_off, neg_off, pos_ids, neg_ids, labels):
+  for f in (q_tok, p_tok, q_off, p_off, pos_off, neg_off, pos_ids, neg_ids, labels, pos_score, neg_score):
     f.f.close()
   if reader.label_layout:  # cls label rows: the negatives are every other class, in order of appearance
     own, k = np.fromfile(tmp / "pos_ids.bin", np.int32), len(pool)
@@ -178,7 +186,9 @@ def _write(reader, caps, enc, tmp):
       for s in range(0, n, CHUNK):
         others = np.broadcast_to(np.arange(k, dtype=np.int32), (len(own[s:s + CHUNK]), k))
         f.write(others[others != own[s:s + CHUNK, None]].tobytes())
-  return {"rows": n, "passages": len(pool), "longest_query": longest[0], "longest_passage": longest[1],
+    np.full(n * (k - 1), np.nan, np.float32).tofile(tmp / "neg_score.bin")
+  return {"rows": n, "passages": len(pool), "scored_rows": scored, "longest_query": longest[0],
+          "longest_passage": longest[1],
           "token_dtype": np.dtype(tok_dt).name}
 
 
@@ -219,6 +229,39 @@ def prepare(entry, c, tasks_cfg, tokenizer, root=None) -> pathlib.Path:
   return final
 
 
+def teacher_vectors(entry, tasks_cfg, path, strict=False) -> str:
+  """The file name of the teacher's unit embeddings (float16 [rows, D], np.save format) of the queries of the
+  prepared dataset at `path`, computed once: TEACHER-KEY.npy, KEY hashing the teacher's files, its token cap
+  and the prefix (the prepared dir's own key covers the texts), so another teacher never reads them."""
+  from piccolo_jax import encode, modeldir, state  # pylint: disable=g-import-not-at-top  (jax)
+  d, rows = tasks_cfg.distill, json.loads((path / "manifest.json").read_text())["rows"]
+  if not d.teacher:
+    raise sources.DataError(f"{entry.get('name') or entry.get('path')}: task distill needs a teacher: set "
+                            "tasks.distill.teacher (a model dir, or minilm)")
+  spec, cap = state.resolve_init(d.teacher), int(d.teacher_max_len or d.query_max_len)
+  reader = sources.read(entry, tasks_cfg, strict)
+  prefix = tasks_lib.prefix(tasks_lib.TASKS["distill"], tasks_cfg, entry, "query_prefix")
+  key = hashlib.sha256(json.dumps([modeldir.files_key(spec), cap, prefix]).encode()).hexdigest()[:16]
+  name = f"teacher-{key}.npy"
+  if (path / name).is_file():
+    return name
+  start, embedder = time.perf_counter(), encode.Embedder.load(spec)
+  tmp = path / f".{name}.tmp-{uuid.uuid4().hex[:8]}.npy"
+  try:
+    out_ND = np.lib.format.open_memmap(tmp, "w+", np.float16, (rows, embedder.dim))
+    texts = (prefix + q for q, *_ in reader)  # The prepared rows, in order.
+    with tqdm.tqdm(total=rows, desc=f"teacher {reader.name}", unit=" text", disable=None, file=sys.stderr) as bar:
+      embedder.encode_to(texts, out_ND, batch_size=64, max_length=cap, progress=bar.update)
+    out_ND.flush()
+    del out_ND
+    tmp.rename(path / name)
+  finally:
+    tmp.unlink(missing_ok=True)
+  log.info("prepare: %s: teacher %s embedded %d texts in %.1f s -> %s", reader.name, d.teacher, rows,
+           time.perf_counter() - start, path / name)
+  return name
+
+
 def _map(path, dtype):
   return np.memmap(path, dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
@@ -229,18 +272,20 @@ class Prepared:
   path: pathlib.Path
   repeat: int = 1
   neg_num: int | None = None  # Negatives per row (None: its task's tasks.TASK.neg_num).
+  teacher_file: str = ""  # teacher_vectors()' file, opened as `teacher` (task distill).
 
   def __post_init__(self):
     self.path = pathlib.Path(self.path)
     m = json.loads((self.path / "manifest.json").read_text())
     self.name, self.task, self.rows, self.skipped = m["name"], m["task"], m["rows"], m["skipped"]
     self.longest_query, self.longest_passage = m["longest_query"], m["longest_passage"]
-    self.pad_id = m["pad_id"]
+    self.pad_id, self.scored_rows = m["pad_id"], m["scored_rows"]
     for k, dtype in ARRAYS.items():
       setattr(self, k, _map(self.path / f"{k}.bin", dtype or m["token_dtype"]))
+    self.teacher = np.load(self.path / self.teacher_file, mmap_mode="r") if self.teacher_file else None
 
   def __reduce__(self):  # grain workers reopen the files instead of receiving a copy of them
-    return Prepared, (self.path, self.repeat, self.neg_num)
+    return Prepared, (self.path, self.repeat, self.neg_num, self.teacher_file)
 
   def __len__(self):
     return self.rows
@@ -263,10 +308,17 @@ class Prepared:
     return tok[np.repeat(start - np.cumsum(n) + n, n) + np.arange(n.sum())].astype(np.int32)
 
 
+def open_one(entry, c, tasks_cfg, tokenizer, root=None) -> Prepared:
+  """One dataset entry, prepared where missing (with its teacher's vectors: task distill) and memory-mapped."""
+  path = prepare(entry, c, tasks_cfg, tokenizer, root)
+  is_distill = json.loads((path / "manifest.json").read_text())["task"] == "distill"
+  teacher = teacher_vectors(entry, tasks_cfg, path, c.strict) if is_distill else ""
+  return Prepared(path, int(entry.get("repeat", 1)), entry.get("neg_num"), teacher)
+
+
 def open_all(c, tasks_cfg, tokenizer, root=None) -> list[Prepared]:
   """Every dataset of data config c, prepared where missing and memory-mapped."""
-  return [Prepared(prepare(e, c, tasks_cfg, tokenizer, root), int(e.get("repeat", 1)), e.get("neg_num"))
-          for e in sources.expand(c.datasets)]
+  return [open_one(e, c, tasks_cfg, tokenizer, root) for e in sources.expand(c.datasets)]
 
 
 def shard_entries(entries, shard, num_shards) -> list:
@@ -296,7 +348,7 @@ def main():
       raise ValueError(f"--shard={f.shard} is not in [0, --num_shards={f.num_shards})")
     tokenizer = encode.load_tokenizer(state.tokenizer_dir(c.model))
     for e in shard_entries(sources.expand(c.data.datasets), f.shard, f.num_shards):
-      t = Prepared(prepare(e, c.data, c.tasks, tokenizer))
+      t = open_one(e, c.data, c.tasks, tokenizer)
       print(f"{t.name}: {t.task}, {len(t)} rows, {t.p_off.size - 1} passages, "
             f"skipped {t.skipped or 'none'} -> {t.path}")
 

@@ -52,6 +52,8 @@ def check_config(workdir, config):
     raise ConfigChangeError(f"{workdir} holds a run of an older config schema ({'; '.join(gone)}): finish it "
                             "with the piccolo_jax that started it, or use a new --workdir")
   diff = config_diff(old, json.loads(config.to_json_best_effort()))
+  added = _flat(json.loads(config_lib.base().to_json_best_effort()))  # Fields new since, at their defaults:
+  diff = {k: v for k, v in diff.items() if k in _flat(old) or v[1] != added.get(k, v[0])}  # the same run.
   fixed = {k: v for k, v in diff.items() if not any(k == p or k.startswith(p) for p in RESUMABLE if p)}
   show = lambda d: ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in d.items())
   if fixed:

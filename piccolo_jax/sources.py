@@ -1,4 +1,4 @@
-"""Training-set formats: piccolo `save_to_disk` dirs, meta lists, jsonl, tsv and TFDS.
+"""Training-set formats: piccolo `save_to_disk` dirs, meta lists, jsonl, tsv, plain text and TFDS.
 
 A `Reader` streams one dataset entry as validated, normalised rows (query, positives,
 negatives, label); `prepare` turns them into token arrays once. Errors name dataset, row and
@@ -131,6 +131,11 @@ def _decode(value):
   return value.item() if isinstance(value, np.generic) else value
 
 
+def _text(entry):
+  """Plain text, one text a line (a distillation corpus): rows {"text"}."""
+  return entry["path"], ((f"line {n}", {"text": line}) for n, line in lines(entry["path"]))
+
+
 def _tfds(entry):
   """`tfds.data_source` over ArrayRecord files; no TensorFlow needed."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow to import)
@@ -142,7 +147,7 @@ def _tfds(entry):
 
 
 
-READERS = {"jsonl": _jsonl, "tsv": _tsv, "piccolo": _piccolo, "tfds": _tfds}
+READERS = {"jsonl": _jsonl, "tsv": _tsv, "text": _text, "piccolo": _piccolo, "tfds": _tfds}
 
 
 def read_meta_list(entry):
@@ -216,29 +221,55 @@ def _layout(task, row):
   return max(task.layouts, key=lambda lay: sum(c in row for c in lay.values()) / len(lay))
 
 
+SCORE_COLUMNS = {"pos": "pos_scores", "neg": "neg_scores"}  # Teacher scores, FlagEmbedding's layout.
+
+
+def _scored(where, layout, slot, row, with_scores):
+  """(texts, their teacher scores or None) of list column `slot`; blanks are dropped with their scores."""
+  v, field, sfield = row[layout[slot]], layout[slot], SCORE_COLUMNS[slot]
+  raw = list(v) if isinstance(v, (list, tuple)) else [text(where, field, v)] if slot == "pos" else texts(where, field, v)
+  if not with_scores:
+    return texts(where, field, raw), None
+  sv = row[sfield]
+  sc = [number(where, sfield, x) for x in (sv if isinstance(sv, (list, tuple)) else [sv])]
+  if len(sc) != len(raw):
+    raise DataError(f"{where}: field '{sfield}': {len(sc)} scores for {len(raw)} texts in '{field}'")
+  kept = [(t, x) for t, x in zip((text(where, field, t) for t in raw), sc) if t.strip()]
+  return [t for t, _ in kept], [x for _, x in kept]
+
+
 def _parse(where, task, layout, row):
-  """One row -> (query, positives, negatives, label, skip reason or None)."""
+  """One row -> (query, positives, negatives, label, (pos scores, neg scores) or None, skip reason or None)."""
   col = lambda slot: row[layout[slot]]
   q = text(where, layout["query"], col("query"))
   label = number(where, layout["label"], col("label")) if task.label == "score" else 0.0
-  if "pos" in layout:
-    v = col("pos")
-    p = texts(where, layout["pos"], v) if task.pos_list and isinstance(v, (list, tuple)) else \
-        [text(where, layout["pos"], v)]
-  else:  # the class name is the positive
-    p = [] if col("label") is None else [str(col("label")).strip()]
-  n = texts(where, layout["neg"], col("neg")) if "neg" in layout else []
+  present = [c for c in SCORE_COLUMNS.values() if c in row] if "pos_score" in task.extras else []
+  if len(present) == 1:
+    raise DataError(f"{where}: field '{present[0]}' is given without "
+                    f"'{({*SCORE_COLUMNS.values()} - {present[0]}).pop()}': teacher scores need both")
+  scores = None
+  if "pos" in layout and task.pos_list:
+    p, ps = _scored(where, layout, "pos", row, bool(present))
+    n, ns = _scored(where, layout, "neg", row, bool(present)) if "neg" in layout else ([], [])
+    scores = (ps, ns) if present else None
+  elif "pos" in layout:
+    p = [text(where, layout["pos"], col("pos"))]
+    n = texts(where, layout["neg"], col("neg")) if "neg" in layout else []
+  else:  # the class name is the positive (or the task has no positive)
+    p = [] if "label" not in layout or col("label") is None else [str(col("label")).strip()]
+    n = texts(where, layout["neg"], col("neg")) if "neg" in layout else []
   p = [t for t in p if t.strip()]
   if not q.strip():
-    return q, p, n, label, ("empty text", layout["query"])
-  if not p:
-    return q, p, n, label, ("no positive", layout.get("pos", layout.get("label")))
-  return q, p, n, label, None
+    return q, p, n, label, scores, ("empty text", layout["query"])
+  if not p and tasks_lib.has_slot(task, "pos"):
+    return q, p, n, label, scores, ("no positive", layout.get("pos", layout.get("label")))
+  return q, p, n, label, scores, None
 
 
 @dataclasses.dataclass
 class Reader:
-  """One dataset entry read and validated row by row: iterate for (query, pos, neg, label).
+  """One dataset entry read and validated row by row: iterate for (query, pos, neg, label, scores), scores
+  the row's teacher scores (pos scores, neg scores) or None.
 
   `task`, `label_layout` (the class name is the positive) and `skipped` (reason -> count) are
   set as iteration goes; the first row fixes the task and the layout. `limit` ends it early.
@@ -278,13 +309,13 @@ class Reader:
       if "type" in columns and _task(where, row["type"], "type") != self.task:
         raise DataError(f"{where}: field 'type': {row['type']!r} differs from the "
                         f"dataset's task {self.task.name!r} (set by its first row)")
-      q, p, n, label, reason = _parse(where, self.task, layout, row)
+      q, p, n, label, scores, reason = _parse(where, self.task, layout, row)
       if reason and self.strict:
         raise DataError(f"{where}: field '{reason[1]}': {reason[0]} (strict mode)")
       if reason:
         self.skipped[reason[0]] = self.skipped.get(reason[0], 0) + 1
         continue
-      yield q, p, n, label
+      yield q, p, n, label, scores
       kept += 1
       if kept >= limit:
         break

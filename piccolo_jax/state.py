@@ -88,11 +88,31 @@ def init_params(config) -> tuple[model_lib.Config, dict, str]:
     cfg = cfg.replace(dense_out=m.dense_out, dense_activation="identity")
     params["dense"] = random_params(cfg.replace(num_layers=0), config.seed)["dense"]
     log.info("new scaling layer %d -> %d (random init)", cfg.hidden_size, cfg.dense_out)
+  if m.keep_layers:
+    cfg, params = prune(cfg, params, m.keep_layers)
   if m.max_position > cfg.max_position:
     emb = params["embeddings"]["position"]
     emb["embedding"] = extend_positions(emb["embedding"], m.max_position, m.position_extension)
     cfg = cfg.replace(max_position=m.max_position, max_seq_length=m.max_position)
   return cfg, params, tok_dir
+
+
+def prune(cfg, params, keep) -> tuple[model_lib.Config, dict]:
+  """A student of the encoder layers `keep` (in order) of cfg's model, e.g. (0, 2, 4) of 6."""
+  keep = [int(i) for i in keep]
+  if not keep or len(set(keep)) != len(keep) or not all(0 <= i < cfg.num_layers for i in keep):
+    raise ValueError(f"model.keep_layers={tuple(keep)}: expected distinct layer indices in [0, {cfg.num_layers})")
+  log.info("student: layers %s of %d", keep, cfg.num_layers)
+  return cfg.replace(num_layers=len(keep)), {**params, "layers": {j: params["layers"][i] for j, i in enumerate(keep)}}
+
+
+def add_distill_map(cfg, params, dim, seed) -> tuple[model_lib.Config, dict]:
+  """cfg and params with a new trainable map from the embeddings to a teacher's `dim` (none if equal)."""
+  if dim == cfg.embed_dim or cfg.distill_dim == dim:
+    return cfg, params
+  cfg = cfg.replace(distill_dim=dim)
+  log.info("distillation map %d -> %d (random init)", cfg.embed_dim, dim)
+  return cfg, {**params, "distill_map": random_params(cfg.replace(num_layers=0), seed)["distill_map"]}
 
 
 def _path_str(path) -> str:

@@ -26,18 +26,21 @@ def task_loss(task, emb, extras, c, groups=1):
   spec, settings = tasks_lib.TASKS[task], c.tasks[task]
   mrl = losses.matryoshka(spec.loss, dims=tuple(c.loss.mrl_dims), weights=c.loss.mrl_weights, return_per_dim=True)
   args_kwargs = jax.tree.map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), spec.loss_args(emb, extras))
-  loss_G, per_dim_GL = jax.vmap(lambda a, kw: mrl(*a, **kw, temperature=settings.temperature,
-                                                  weight=settings.weight))(*args_kwargs)
+  static = {k: settings[k] for k in spec.settings}
+  loss_G, per_dim_GL = jax.vmap(lambda a, kw: mrl(*a, **kw, **static))(*args_kwargs)
   return jnp.mean(loss_G), jnp.mean(per_dim_GL, axis=0)
 
 
-def step_loss(emb_RSD, batch, c):
-  """(loss, (per-MRL-dim losses, {task: its groups' mean loss})) of a batch from its packed rows' embeddings."""
+def step_loss(emb_RSD, batch, c, project=None):
+  """(loss, (per-MRL-dim losses, {task: its groups' mean loss})) of a batch from its packed rows' embeddings;
+  project: the model's map to a teacher's dimension (model.Bert.project), for the tasks that take it."""
   emb_ND = emb_RSD.reshape(-1, emb_RSD.shape[-1])
   total = sum(n for _, n in batch.mix)
   loss, per_dim, by_task = 0.0, 0.0, {}
   for task, n in batch.mix:
     emb = {f: emb_ND[slots] for f, slots in batch.slots[task].items()}
+    if project is not None and tasks_lib.TASKS[task].mapped:
+      emb = {f: project(e) for f, e in emb.items()}
     by_task[task], dims = task_loss(task, emb, batch.extras[task], c, n)
     loss, per_dim = loss + n / total * by_task[task], per_dim + n / total * dims
   return loss, (per_dim, by_task)
@@ -45,7 +48,8 @@ def step_loss(emb_RSD, batch, c):
 
 def value_and_grad(graphdef, rngs, params, batch, c, key=None, chunk_size=0):
   """((loss, (per-MRL-dim losses, {task: loss})), grads) of a batch; with chunk_size > 0 by gradient
-  caching (piccolo_jax.gradcache), chunk_size packed rows at a time. key: the dropout key."""
+  caching (piccolo_jax.gradcache), chunk_size packed rows at a time (not with a distillation map: its
+  gradient would be lost; train.start refuses it). key: the dropout key."""
   if chunk_size:
     embed_fn = gradcache.nnx_embed_fn(graphdef, rngs, lambda model, rows: model.packed(*rows))
     grad_fn = gradcache.cached_value_and_grad(embed_fn, lambda e: step_loss(e["rows"], batch, c), chunk_size)
@@ -55,7 +59,7 @@ def value_and_grad(graphdef, rngs, params, batch, c, key=None, chunk_size=0):
     model = nnx.merge(graphdef, params, rngs)
     if key is not None:
       nnx.reseed(model, default=key)
-    return step_loss(model.packed(*batch.rows()), batch, c)
+    return step_loss(model.packed(*batch.rows()), batch, c, model.project)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 

@@ -17,10 +17,13 @@ class Task:
   aliases: tuple  # Other `type` values rows may carry.
   layouts: tuple  # Column layouts it reads (slot -> column); the best-matching one is used.
   fields: tuple  # (batch field, slot) of its texts, slot query | pos | neg; K `neg` texts a row.
-  loss: Callable  # A loss of losses.py: embeddings positional, temperature and weight keywords.
+  loss: Callable  # A loss of losses.py: embeddings positional, settings and arrays as keywords.
   loss_args: Callable  # ({field: emb [N, D]}, the task's arrays) -> (positional args, keyword args).
   defaults: dict  # Its config section tasks.NAME.
-  extras: tuple = ()  # Its non-text arrays: label float32 [B], neg_valid bool [B, K].
+  extras: tuple = ()  # Its non-text arrays: label float32 [B], neg_valid bool [B, K], pos_score float32 [B]
+  # and neg_score [B, K] (teacher scores, NaN where none), teacher float32 [B, D] (teacher embeddings).
+  settings: tuple = ("temperature", "weight")  # Fields of tasks.NAME passed to the loss as keywords.
+  mapped: bool = False  # Its embeddings go through model.Bert.project (to a teacher's dimension) first.
   label: str = ""  # "score": the label slot is a number; "class": a class name, which becomes the
   # positive, with the other classes as negatives.
   pos_list: bool = True  # The pos slot may hold a list of positives (else exactly one string).
@@ -28,14 +31,23 @@ class Task:
 
 PICCOLO_TRIPLET = {"query": "text", "pos": "text_pos", "neg": "text_neg"}
 PREFIXES = dict(query_prefix="", passage_prefix="")
+# Retrieval rows' teacher scores (pos_scores, neg_scores): the KL term's weight (0: off), student and
+# teacher temperatures (student 0: the task's temperature; teacher 0.02 suits cosine scores such as
+# `mine --scores` writes, a reranker's logits want about 1). losses.retrieval.
+SCORE_KL = ("kl_weight", "kl_temperature", "teacher_temperature")
+# Distillation from teacher embeddings of plain texts (tasks.distill.teacher: a model spec; teacher_max_len
+# 0: query_max_len): the weights of the three terms of losses.embedding_distill and its margin.
+EMBED_DISTILL = ("cosine", "similarity", "relative", "margin")
 
 TASKS = {task.name: task for task in (
     Task("retrieval", aliases=("retri_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
-         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid",),
-         loss=losses.retrieval_infonce,
-         loss_args=lambda e, b: ((e["query"], e["pos"], e.get("neg")), {"n_mask": b.get("neg_valid")}),
-         defaults=dict(query_max_len=64, passage_max_len=512, neg_num=1, temperature=0.01, weight=1.0, **PREFIXES)),
+         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid", "pos_score", "neg_score"),
+         loss=losses.retrieval, settings=("temperature", "weight", *SCORE_KL),
+         loss_args=lambda e, b: ((e["query"], e["pos"], e.get("neg")), {
+             "n_mask": b.get("neg_valid"), "pos_score": b.get("pos_score"), "neg_score": b.get("neg_score")}),
+         defaults=dict(query_max_len=64, passage_max_len=512, neg_num=1, temperature=0.01, weight=1.0,
+                       kl_weight=0.0, kl_temperature=0.0, teacher_temperature=0.02, **PREFIXES)),
     Task("sts", aliases=("cosent",),
          layouts=({"query": "text", "pos": "text_pair", "label": "label"},
                   {"query": "sentence1", "pos": "sentence2", "label": "label"},
@@ -50,6 +62,11 @@ TASKS = {task.name: task for task in (
          loss=losses.cls_contrast,
          loss_args=lambda e, b: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]}),
          defaults=dict(query_max_len=512, passage_max_len=512, neg_num=10, temperature=0.05, weight=0.2)),
+    Task("distill", aliases=(), layouts=({"query": "text"},), fields=(("text", "query"),), extras=("teacher",),
+         loss=losses.embedding_distill, settings=("weight", *EMBED_DISTILL), mapped=True,
+         loss_args=lambda e, b: ((e["text"], b["teacher"]), {}),
+         defaults=dict(query_max_len=128, teacher="", teacher_max_len=0, weight=1.0, cosine=1.0, similarity=1.0,
+                       relative=1.0, margin=0.015, query_prefix="")),
 )}
 
 
@@ -71,7 +88,11 @@ def fields(task: Task, k: int) -> list[tuple[str, str]]:
 def caps(tasks_cfg) -> dict:
   """(task, slot) -> token cap of its `query` and `pos` slots (negatives share the positives' store)."""
   return {(name, slot): int(tasks_cfg[name][f"{kind}_max_len"]) for name in TASKS
-          for slot, kind in (("query", "query"), ("pos", "passage"))}
+          for slot, kind in (("query", "query"), ("pos", "passage")) if f"{kind}_max_len" in tasks_cfg[name]}
+
+
+def has_slot(task: Task, slot: str) -> bool:
+  return any(s == slot for _, s in task.fields)
 
 
 def prefix(task: Task, tasks_cfg, entry, key) -> str:

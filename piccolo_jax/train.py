@@ -143,6 +143,13 @@ def start(config, workdir) -> Run:
   mcfg, params, tok_dir = state_lib.init_params(config)
   tokenizer = encode.load_tokenizer(tok_dir)
   tables = load_tables(config, tokenizer)
+  if teachers := {t.teacher.shape[1] for t in tables if t.teacher is not None}:
+    if len(teachers) > 1:
+      raise ValueError(f"the distill datasets' teacher vectors differ in size {sorted(teachers)}: one teacher a run")
+    mcfg, params = state_lib.add_distill_map(mcfg, params, teachers.pop(), config.seed)
+    if mcfg.distill_dim and config.train.chunk_size:
+      raise ValueError(f"train.chunk_size={config.train.chunk_size}: gradient caching cannot train the map to the "
+                       f"teacher's dimension {mcfg.distill_dim}; use a teacher of the student's {mcfg.embed_dim}")
   workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
   rundir.write_config(workdir, config)
   groups, chunk = config.loss.groups, config.train.chunk_size

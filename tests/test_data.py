@@ -87,8 +87,10 @@ def _take(it, n):
 
 
 def _rows(entry, c=None):
-  """The validated rows of a dataset entry as (query, pos, neg, label) tuples."""
-  return list(sources.read(entry, c))
+  """The validated rows of a dataset entry as (query, pos, neg, label) tuples (no teacher scores)."""
+  rows = list(sources.read(entry, c))
+  assert all(r[4] is None for r in rows)
+  return [r[:4] for r in rows]
 
 
 def _texts(t, slot, ids, tok):
@@ -116,7 +118,7 @@ def test_sources_read_every_format(small, small_tables, big_tables, data_dir):
   entries = sources.expand(small.data.datasets)
   assert _rows(entries[0])[7] == (row["text"], [row["text_pos"]], row["text_neg"], 0.0)
   triplets = [json.loads(l) for l in open(data_dir / "retrieval-zh/triplets.train.jsonl")]
-  tfds_rows = {q: n for q, _, n, _ in _rows(entries[3])}
+  tfds_rows = {q: n for q, _, n, *_ in _rows(entries[3])}
   assert tfds_rows.keys() == {r["query"] for r in triplets[:40]}  # TFDS shuffled them
   assert tfds_rows[triplets[5]["query"]] == triplets[5]["neg"][:3]
   assert "tensorflow" not in sys.modules
@@ -125,7 +127,7 @@ def test_sources_read_every_format(small, small_tables, big_tables, data_dir):
 
 
 def _classes(rows):
-  return list(dict.fromkeys(p[0] for _, p, _, _ in rows))
+  return list(dict.fromkeys(p[0] for _, p, *_ in rows))
 
 
 def test_prepared_tokens_are_the_tokenizers(small, small_tables, big, big_tables, tok):
@@ -139,7 +141,7 @@ def test_prepared_tokens_are_the_tokenizers(small, small_tables, big, big_tables
       enc = lambda text, slot: tok(text, truncation=True, max_length=caps[t.task, slot])["input_ids"]
       qp, pp = reader.prefix("query_prefix"), reader.prefix("passage_prefix")
       for i in range(0, len(rows), max(1, len(rows) // 50)):
-        q, pos, neg, label = rows[i]
+        q, pos, neg, label, _ = rows[i]
         if reader.label_layout:  # cls label rows: the other classes, in order of appearance
           neg = [m for m in _classes(rows) if m != pos[0]]
         assert list(t.tokens("query", i)) == enc(qp + q, "query")
@@ -163,7 +165,7 @@ def test_batches_hold_the_tokenized_selected_texts(big, big_tables, small, small
     for entry, t in zip(sources.expand(c.data.datasets), tables):
       readers.append(sources.read(entry, c.tasks))
       rows, names = list(readers[-1]), {}
-      for i, (_, pos, neg, _) in enumerate(rows):
+      for i, (_, pos, neg, *_) in enumerate(rows):
         neg = [m for m in _classes(rows) if m != pos[0]] if readers[-1].label_layout else neg
         names.update(zip(t.pos_ids[t.pos_off[i]:t.pos_off[i + 1]], pos))
         names.update(zip(t.neg_ids[t.neg_off[i]:t.neg_off[i + 1]], neg))

@@ -487,4 +487,4 @@ def test_normalize_and_task_table():
   np.testing.assert_allclose(L.normalize(x), [[0.6, 0.8], [0.0, 0.0]],
                              rtol=1e-6)
   assert {n: t.loss for n, t in tasks.TASKS.items()} == {
-      "retrieval": L.retrieval_infonce, "sts": L.cosent, "cls": L.cls_contrast}
+      "retrieval": L.retrieval, "sts": L.cosent, "cls": L.cls_contrast, "distill": L.embedding_distill}

@@ -12,6 +12,7 @@ import pytest
 
 import conftest
 from piccolo_jax import config
+from piccolo_jax import encode
 from piccolo_jax import mine
 from piccolo_jax import search
 from piccolo_jax import sources
@@ -130,15 +131,22 @@ def test_cli_on_real_rows_trains_directly(minilm_path, data_dir, tmp_path, capsy
   entry = {"kind": "jsonl", "path": str(tmp_path / "out.jsonl")}
   trainer = sources.read(entry)
   rows = list(trainer)  # Rows left without a negative are kept (in-batch negatives only).
-  assert len(rows) == 12 and not trainer.skipped and sum(not n for *_, n, _ in rows) == report["rows_without"]
+  assert len(rows) == 12 and not trainer.skipped and sum(not n for _, _, n, *_ in rows) == report["rows_without"]
   given = [json.loads(line) for line in (data_dir / "retrieval-zh/triplets.train.jsonl").open().readlines()[:12]]
-  assert [(q, p) for q, p, _, _ in rows] == [(g["query"], g["pos"]) for g in given]
-  assert all(not set(n) & set(p) for _, p, n, _ in rows) and sum(len(n) for _, _, n, _ in rows) == report["negatives"]
+  assert [(q, p) for q, p, *_ in rows] == [(g["query"], g["pos"]) for g in given]
+  assert all(not set(n) & set(p) for _, p, n, *_ in rows) and sum(len(n) for _, _, n, *_ in rows) == report["negatives"]
   cached = list(tmp_path.glob("corpus-*.npy"))
   assert len(cached) == 1
-  mine.main(base + ["--output", str(tmp_path / "out.jsonl"), "--originals", "append"])  # Without the cache.
-  for a, g in zip([json.loads(line) for line in (tmp_path / "out.jsonl").open()], given):
+  mine.main(base + ["--output", str(tmp_path / "out.jsonl"), "--originals", "append", "--scores"])  # No cache.
+  out = [json.loads(line) for line in (tmp_path / "out.jsonl").open()]
+  for a, g in zip(out, given):
     assert a["neg"][:len(g["neg"])] == g["neg"] and not set(a["neg"][len(g["neg"]):]) & set(g["neg"] + g["pos"])
+  teacher = encode.Embedder.load(minilm_path)  # --scores: the teacher's (here the model's) cosines, row by row.
+  for a in out[:2]:
+    q_D, t_ND = teacher.encode([a["query"]])[0], teacher.encode(a["pos"] + a["neg"])
+    np.testing.assert_allclose(a["pos_scores"] + a["neg_scores"], t_ND @ q_D, atol=1e-4)
+  scored = list(sources.read({"kind": "jsonl", "path": str(tmp_path / "out.jsonl")}))
+  assert all(len(s[0]) == len(p) and len(s[1]) == len(n) for _, p, n, _, s in scored)
   two_processes(base + ["--cache", str(tmp_path / "two")], tmp_path / "two.jsonl")
   halves = sorted((tmp_path / "two").glob("corpus-*.npy"), key=lambda p: int(p.stem.split("-")[-2]))
   assert len(halves) == 2  # Each process embeds and caches the corpus rows of its devices.
