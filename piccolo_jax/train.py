@@ -175,9 +175,11 @@ def train(config, workdir) -> dict:
     logger = logs.MetricLogger(run.workdir, run.total, step, c.data.global_batch_size, c.loss.mrl_dims,
                                run.schedule, c.train.log_every, enabled=jax.process_index() == 0)
     evals, nonfinite = Evals(c, run, logger), NonFinite(c.train.max_nonfinite_steps, mngr)
-    if not step:  # Start-up facts: the rows each dataset dropped, by reason; the model before training.
-      logger.write(0, {f"data/{t.name}/skipped/{why}": n for t in run.tables for why, n in t.skipped.items()},
-                   echo=False)
+    if not step:  # Start-up facts: the rows each dataset dropped, by reason, and those with teacher scores
+      # (tasks.retrieval.kl_weight); the model before training.
+      logger.write(0, {f"data/{t.name}/skipped/{why}": n for t in run.tables for why, n in t.skipped.items()} |
+                   {f"data/{t.name}/teacher_scored_rows": t.scored_rows for t in run.tables
+                    if c.tasks[t.task].get("kl_weight")}, echo=False)
       if c.eval.tasks:
         evals(0, state_lib.host_params(state["params"], run.mesh))
     while step < run.total and not preempt.requested:

@@ -261,7 +261,7 @@ def test_distill_run_with_a_map_exports_the_student(tmp_path, teachers):
   assert cfg.distill_dim == 384 and cfg.embed_dim == 32
   st = pytest.importorskip("sentence_transformers")
   exported = st.SentenceTransformer(str(tmp_path / "run/export"), device="cpu")
-  assert exported.get_sentence_embedding_dimension() == 32
+  assert exported.get_embedding_dimension() == 32
 
 
 def test_a_run_of_the_schema_before_distillation_resumes(tmp_path):
@@ -276,3 +276,20 @@ def test_a_run_of_the_schema_before_distillation_resumes(tmp_path):
   c.tasks.retrieval.kl_weight = 1.0
   with pytest.raises(rundir.ConfigChangeError, match=r"tasks.retrieval.kl_weight None -> 1.0"):
     rundir.check_config(tmp_path, c)
+
+
+def test_score_distillation_trains_and_counts_scored_rows(tmp_path):
+  """Retrieval rows with and without teacher scores train together (kl_weight 1): the scored ones counted."""
+  rows = [json.loads(l) for l in (tiny_config.DATA / "retrieval-zh/triplets.train.jsonl").open()][:40]
+  rng = np.random.default_rng(0)
+  for r in rows[:30]:
+    r |= {"pos_scores": rng.uniform(0.5, 1, len(r["pos"])).tolist(), "neg_scores": rng.uniform(0, 0.5, len(r["neg"])).tolist()}
+  c = tiny_config.get_config()
+  c.data.datasets = (write_jsonl(tmp_path / "scored.jsonl", rows),)
+  c.data.prepared_dir = str(tmp_path / "prep")
+  c.tasks.retrieval.update(kl_weight=1.0, neg_num=3)
+  c.train.update(max_steps=4, log_every=1)
+  train.train(c, tmp_path / "run")
+  metrics = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+  assert metrics[0][f"data/{tmp_path / 'scored.jsonl'}/teacher_scored_rows"] == 30
+  assert all(np.isfinite(m["loss/retrieval"]) for m in metrics[1:]) and len(metrics) == 5
