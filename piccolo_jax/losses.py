@@ -116,7 +116,7 @@ def score_kl(q, p, n, *, pos_score, neg_score, temperature=0.02, teacher_tempera
   logt_BC = jax.nn.log_softmax(jnp.where(keep_BC, jnp.where(has_B[:, None], t_BC, 0.0), -jnp.inf), axis=-1)
   logs_BC = jax.nn.log_softmax(jnp.where(keep_BC, s_BC, -jnp.inf), axis=-1)
   kl_BC = jnp.where(keep_BC, jnp.exp(logt_BC) * (logt_BC - jnp.where(keep_BC, logs_BC, 0.0)), 0.0)
-  kl_B = jnp.where(has_B, jnp.sum(jnp.where(keep_BC, kl_BC, 0.0), axis=1), 0.0)
+  kl_B = jnp.where(has_B, jnp.sum(kl_BC, axis=1), 0.0)
   return weight * jnp.sum(kl_B) / jnp.maximum(jnp.sum(has_B), 1)
 
 

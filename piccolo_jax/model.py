@@ -222,7 +222,6 @@ class Bert(nnx.Module):
       e_BD = l2_normalize(e_BD)
     return e_BD
 
-
   def project(self, e_ND):
     """Embeddings mapped to the teacher's dimension (cfg.distill_dim; unchanged without a map)."""
     return self.distill_map(e_ND).astype(jnp.float32) if self.cfg.distill_dim else e_ND

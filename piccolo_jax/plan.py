@@ -127,20 +127,24 @@ class Plan:
 
   def units(self, step) -> list[tuple[int, dict]]:
     """[(dataset index, ids)] of global batch `step`'s units: `query` rows [U], a `pos` passage each [U]
-    (tasks with positives) and its teacher score `pos_score`, and for tasks with negatives `neg` [U, K] (the
-    task's K: -1 past the dataset's K or a row's candidates), `neg_valid` and `neg_score` [U, K]."""
+    (tasks with positives), and for tasks with negatives `neg` [U, K] (the task's K: -1 past the dataset's K
+    or a row's candidates) and `neg_valid` [U, K]; with teacher scores `pos_score` [U] and `neg_score` [U, K]
+    for tasks that take them (NaN where none)."""
     ds, rows = self.epoch(step // self.steps_per_epoch)
     ds, rows = ds[step % self.steps_per_epoch], rows[step % self.steps_per_epoch]
     rng, out = np.random.default_rng([self.seed, step]), []
     for d, rows_u in zip(ds, rows.reshape(len(ds), -1)):
       t, k, sel = self.tables[d], self.k_D[d], {"query": rows_u}
-      if tasks_lib.has_slot(tasks_lib.TASKS[t.task], "pos"):
+      task = tasks_lib.TASKS[t.task]
+      scored = "pos_score" in task.extras
+      if tasks_lib.has_slot(task, "pos"):
         pos = _pick(rng, t.pos_off, rows_u, 1)[:, 0]
-        sel |= {"pos": t.pos_ids[pos], "pos_score": t.pos_score[pos]}
+        sel |= {"pos": t.pos_ids[pos]} | ({"pos_score": t.pos_score[pos]} if scored else {})
       if self.k[t.task]:
         neg = np.pad(_pick(rng, t.neg_off, rows_u, k), ((0, 0), (0, self.k[t.task] - k)), constant_values=-1)
         sel["neg_valid"] = neg >= 0
         sel["neg"] = np.where(sel["neg_valid"], t.neg_ids[np.maximum(neg, 0)], -1)
-        sel["neg_score"] = np.where(sel["neg_valid"], t.neg_score[np.maximum(neg, 0)], np.nan).astype(np.float32)
+        if scored:
+          sel["neg_score"] = np.where(sel["neg_valid"], t.neg_score[np.maximum(neg, 0)], np.nan).astype(np.float32)
       out.append((int(d), sel))
     return out

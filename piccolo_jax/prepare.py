@@ -239,13 +239,12 @@ def teacher_vectors(entry, tasks_cfg, path, strict=False) -> str:
     raise sources.DataError(f"{entry.get('name') or entry.get('path')}: task distill needs a teacher: set "
                             "tasks.distill.teacher (a model dir, or minilm)")
   spec, cap = state.resolve_init(d.teacher), int(d.teacher_max_len or d.query_max_len)
-  reader = sources.read(entry, tasks_cfg, strict)
   prefix = tasks_lib.prefix(tasks_lib.TASKS["distill"], tasks_cfg, entry, "query_prefix")
   key = hashlib.sha256(json.dumps([modeldir.files_key(spec), cap, prefix]).encode()).hexdigest()[:16]
   name = f"teacher-{key}.npy"
   if (path / name).is_file():
     return name
-  start, embedder = time.perf_counter(), encode.Embedder.load(spec)
+  start, embedder, reader = time.perf_counter(), encode.Embedder.load(spec), sources.read(entry, tasks_cfg, strict)
   tmp = path / f".{name}.tmp-{uuid.uuid4().hex[:8]}.npy"
   try:
     out_ND = np.lib.format.open_memmap(tmp, "w+", np.float16, (rows, embedder.dim))

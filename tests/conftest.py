@@ -77,9 +77,8 @@ def minilm_layers(n):
   """all-MiniLM-L6-v2 cut to its first n layers, dropout off: the real weights where a test needs their
   scale but not all six layers' compile time."""
   from piccolo_jax import state  # pylint: disable=g-import-not-at-top
-  cfg, params, _ = state.load_init("minilm")
-  params["layers"] = {i: params["layers"][i] for i in range(n)}
-  return cfg.replace(num_layers=n, dropout=0.0, attention_dropout=0.0), params
+  cfg, params = state.prune(*state.load_init("minilm")[:2], range(n))
+  return cfg.replace(dropout=0.0, attention_dropout=0.0), params
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,11 @@ scores through the data path, teacher vectors in prepared data, pruned students,
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import error_line, minilm_layers
-from test_losses import _check_grad, np_cos, rand, ref_retrieval
+from test_losses import _check_grad, np_cos, rand, ref_retrieval, shard  # pylint: disable=unused-import  (fixture)
 import tiny_config
 from piccolo_jax import config, encode, losses as L, modeldir, plan as plan_lib, prepare, sources, state, train
 
@@ -130,13 +129,6 @@ def test_sharded_with_mrl_equals_reference(shard):
   g_one = jax.grad(lambda s: ed(s, t))(s)
   g_mesh = jax.jit(jax.grad(lambda s, t: ed(s, t)))(*shard(s, t))
   np.testing.assert_allclose(g_mesh, g_one, rtol=1e-5, atol=1e-7)
-
-
-@pytest.fixture(scope="module")
-def shard():
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return lambda *xs: [jax.device_put(np.asarray(x, np.float32), sharding) for x in xs]
 
 
 # Teacher scores in the data.
