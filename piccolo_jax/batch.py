@@ -7,7 +7,8 @@ A `Batch` is one global step, whatever its tasks (a step of one dataset is a mix
   output, in the unpacked order the loss expects (a `neg` field holds K texts a row, rows i*K .. i*K+K-1
   belonging to row i; padding negatives read slot 0 and are masked by `neg_valid`).
 - `extras`: {task: {name: array}}: its non-text arrays (tasks.Task.extras: `label` float32 [B], `neg_valid`
-  bool [B, K], teacher scores `pos_score` [B] and `neg_score` [B, K], teacher embeddings `teacher` [B, D]).
+  bool [B, K], passage ids `pos_id` [B] and `neg_id` [B, K], teacher scores `pos_score` [B] and `neg_score` [B, K],
+  teacher embeddings `teacher` [B, D]).
   Slots and extras are whole on every process (replicated).
 - `mix`: ((task, loss groups), ...), static: the step compiles one program per mix and row shape.
 """
@@ -125,10 +126,10 @@ class Assembler:
 
 
 def extra_arrays(t, sel) -> dict:
-  """A unit's non-text arrays, those its task has (tasks.Task.extras): `neg_valid`, `pos_score`, `neg_score`
-  (from the plan), `label` (STS scores) and `teacher` (float32 teacher embeddings of the queries)."""
+  """A unit's non-text arrays, those its task has (tasks.Task.extras): `neg_valid`, `pos_score`, `neg_score`,
+  `pos_id` and `neg_id` (the passage ids of `pos` and `neg`, from the plan), `label` (STS scores) and `teacher` (float32 teacher embeddings of the queries)."""
   names = tasks_lib.TASKS[t.task].extras
-  out = {k: sel[k] for k in names if k in sel}
+  out = {k: sel[k] for k in names if k in sel} | {f"{k}_id": sel[k] for k in ("pos", "neg") if f"{k}_id" in names and k in sel}
   if "label" in names:
     out["label"] = np.asarray(t.labels[sel["query"]])
   if "teacher" in names:

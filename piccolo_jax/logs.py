@@ -55,6 +55,7 @@ class MetricLogger:
             "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt,
             "nonfinite_skipped": self.skipped}
     host |= {f"loss/{task}/dim{d}": float(v) for d, v in zip(self.dims, np.ravel(m["loss_per_dim"]))}
+    host |= {k: float(v) for k, v in m.get("stats", {}).items()}  # e.g. retrieval/masked_false_negatives
     self.last = host
     self.bar.update(1)
     self.bar.set_postfix({**{f"{t}": f"{v:.4f}" for t, v in self.task_loss.items()},

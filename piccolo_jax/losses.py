@@ -33,8 +33,21 @@ def _xent(pos_B, logits_BN):
   return jnp.mean(jax.nn.logsumexp(logits_BN, axis=-1) - pos_B)
 
 
+def _candidates(p, n=None):
+  """The in-batch candidates [N, D] of retrieval: the B positives, then the hard negatives flattened."""
+  p_BD = normalize(p)
+  return p_BD if n is None else jnp.concatenate([p_BD, normalize(n).reshape(-1, p_BD.shape[-1])])
+
+
+def _valid(B, n=None, n_mask=None):
+  """bool [N]: the candidates that exist (padded negatives, n_mask False, do not)."""
+  if n is None or n_mask is None:
+    return jnp.ones(B + (0 if n is None else n.size // n.shape[-1]), bool)
+  return jnp.concatenate([jnp.ones(B, bool), jnp.asarray(n_mask, bool).reshape(-1)])
+
+
 def retrieval_infonce(q, p, n=None, *, temperature=0.01, weight=1.0,
-                      n_mask=None):
+                      n_mask=None, keep=None):
   """InfoNCE of each query over all positives and all hard negatives in batch.
 
   Args:
@@ -44,19 +57,61 @@ def retrieval_infonce(q, p, n=None, *, temperature=0.01, weight=1.0,
     temperature: logits are cosines / temperature.
     weight: loss multiplier (the original has none, i.e. 1).
     n_mask: optional bool, shape n.shape[:-1]; False drops a padded negative.
+    keep: optional bool B x N over the N candidates (positives, then negatives): False leaves candidate j
+      out of row i's denominator (candidate_mask); a row's own positive must be kept.
   """
-  q_BD, p_BD = normalize(q), normalize(p)
-  c_ND = p_BD
-  if n is not None:
-    n_MD = normalize(n).reshape(-1, q_BD.shape[-1])
-    c_ND = jnp.concatenate([p_BD, n_MD])
+  q_BD = normalize(q)
+  c_ND = _candidates(p, n)
   logits_BN = _dot(q_BD, c_ND) / temperature
-  if n is not None and n_mask is not None:
-    keep_N = jnp.concatenate([jnp.ones(p_BD.shape[0], bool),
-                              jnp.asarray(n_mask, bool).reshape(-1)])
-    logits_BN = jnp.where(keep_N, logits_BN, -jnp.inf)  # Positives stay finite.
-  pos_B = jnp.sum(q_BD * p_BD, axis=-1) / temperature
+  keep_BN = _valid(q_BD.shape[0], n, n_mask)[None, :]  # Positives stay finite.
+  if keep is not None:
+    keep_BN = keep_BN & keep
+  logits_BN = jnp.where(keep_BN, logits_BN, -jnp.inf)
+  pos_B = jnp.sum(q_BD * c_ND[:q_BD.shape[0]], axis=-1) / temperature
   return weight * _xent(pos_B, logits_BN)
+
+
+def candidate_mask(q, p, n=None, *, n_mask=None, pos_id=None, neg_id=None, pos_score=None, neg_score=None,
+                   duplicates=True, judge="off", margin=0.0, relative=False):
+  """(keep [B, N], {"masked_duplicates": share, "masked_false_negatives": share}): which of retrieval's N
+  in-batch candidates (the B positives, then the negatives flattened) stay in each row's denominator.
+
+  Row i leaves out (a) with `duplicates`, every candidate that is its own positive passage again (pos_id [B] and
+  neg_id [B, K] are passage ids, -1 none; other rows' copies of it), (b) with judge "model" or "teacher", every
+  other candidate scoring above its positive's score - margin (relative: x (1 - margin)): GISTEmbed's rule.
+  judge "model" scores by the cosines of these (full-dimension) embeddings; "teacher" scores the row's own
+  negatives by its teacher scores (pos_score [B], neg_score [B, K]; NaN: by the model) and every other
+  candidate, which no teacher scored, by the model. Its own positive is always kept. Shares are of the
+  existing candidates other than the own positive, over the whole batch. Booleans: no gradient flows.
+  """
+  B = q.shape[0]
+  valid_N = _valid(B, n, n_mask)
+  own_BN = jnp.arange(valid_N.shape[0])[None, :] == jnp.arange(B)[:, None]
+  other_BN = valid_N[None, :] & ~own_BN
+  dup_BN = jnp.zeros(other_BN.shape, bool)
+  if duplicates and pos_id is not None:
+    ids_N = pos_id if n is None else jnp.concatenate([pos_id, jnp.asarray(neg_id).reshape(-1)])
+    dup_BN = other_BN & (ids_N[None, :] == pos_id[:, None]) & (pos_id[:, None] >= 0)
+  fn_BN = jnp.zeros(other_BN.shape, bool)
+  if judge != "off":
+    if judge not in ("model", "teacher"):
+      raise ValueError(f"false-negative judge {judge!r}: expected off, model or teacher")
+    s_BN = _dot(normalize(q), _candidates(p, n))
+    pos_BN = jnp.broadcast_to(jnp.diagonal(s_BN)[:, None], s_BN.shape)
+    if judge == "teacher" and n is not None and pos_score is not None:
+      K = neg_score.shape[-1]
+      col_N = jnp.arange(s_BN.shape[1])
+      mine_BN = (col_N[None, :] >= B) & ((col_N[None, :] - B) // K == jnp.arange(B)[:, None])
+      t_N = jnp.concatenate([jnp.zeros(B, s_BN.dtype), jnp.asarray(neg_score, s_BN.dtype).reshape(-1)])
+      tpos_B = jnp.asarray(pos_score, s_BN.dtype)
+      by_teacher_BN = mine_BN & jnp.isfinite(t_N)[None, :] & jnp.isfinite(tpos_B)[:, None]
+      s_BN = jnp.where(by_teacher_BN, t_N[None, :], s_BN)
+      pos_BN = jnp.where(by_teacher_BN, tpos_B[:, None], pos_BN)
+    bar_BN = pos_BN * (1 - margin) if relative else pos_BN - margin
+    fn_BN = other_BN & ~dup_BN & (s_BN > bar_BN)
+  total = jnp.maximum(jnp.sum(other_BN), 1)
+  shares = {"masked_duplicates": jnp.sum(dup_BN) / total, "masked_false_negatives": jnp.sum(fn_BN) / total}
+  return ~dup_BN & ~fn_BN, shares
 
 
 def cosent(a, b, labels, *, temperature=0.05, weight=0.04):
@@ -120,11 +175,11 @@ def score_kl(q, p, n, *, pos_score, neg_score, temperature=0.02, teacher_tempera
   return weight * jnp.sum(kl_B) / jnp.maximum(jnp.sum(has_B), 1)
 
 
-def retrieval(q, p, n=None, *, temperature=0.01, weight=1.0, n_mask=None, pos_score=None, neg_score=None,
-              kl_weight=0.0, kl_temperature=0.0, teacher_temperature=1.0):
+def retrieval(q, p, n=None, *, temperature=0.01, weight=1.0, n_mask=None, keep=None, pos_score=None,
+              neg_score=None, kl_weight=0.0, kl_temperature=0.0, teacher_temperature=1.0):
   """The retrieval task's loss: weight * (retrieval_infonce + kl_weight * score_kl), the KL term
   (student temperature kl_temperature, 0: temperature) only where kl_weight > 0 and there are negatives."""
-  loss = retrieval_infonce(q, p, n, temperature=temperature, n_mask=n_mask)
+  loss = retrieval_infonce(q, p, n, temperature=temperature, n_mask=n_mask, keep=keep)
   if kl_weight and n is not None and pos_score is not None:
     loss += kl_weight * score_kl(q, p, n, pos_score=pos_score, neg_score=neg_score, n_mask=n_mask,
                                  temperature=kl_temperature or temperature, teacher_temperature=teacher_temperature)

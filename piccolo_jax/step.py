@@ -21,29 +21,37 @@ def dropout_key(seed, step):
 
 
 def task_loss(task, emb, extras, c, groups=1):
-  """(loss, per-MRL-dim losses) of one task's rows from its fields' embeddings {field: [N, D]} and extras:
-  the mean over `groups` equal groups of consecutive rows. c: a config with `loss` and `tasks` sections."""
+  """(loss, per-MRL-dim losses, {name: mean over groups} of its loss_args' logged scalars) of one task's rows from
+  its fields' embeddings {field: [N, D]} and extras: the mean over `groups` equal groups of consecutive rows.
+  c: a config with `loss` and `tasks` sections."""
   spec, settings = tasks_lib.TASKS[task], c.tasks[task]
   mrl = losses.matryoshka(spec.loss, dims=tuple(c.loss.mrl_dims), weights=c.loss.mrl_weights, return_per_dim=True)
-  args_kwargs = jax.tree.map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), spec.loss_args(emb, extras))
   static = {k: settings[k] for k in spec.settings}
-  loss_G, per_dim_GL = jax.vmap(lambda a, kw: mrl(*a, **kw, **static))(*args_kwargs)
-  return jnp.mean(loss_G), jnp.mean(per_dim_GL, axis=0)
+
+  def group(emb, extras):
+    args, kwargs, *stats = spec.loss_args(emb, extras, settings)
+    return *mrl(*args, **kwargs, **static), (stats or [{}])[0]
+
+  split = lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+  loss_G, per_dim_GL, stats_G = jax.vmap(group)(*jax.tree.map(split, (emb, extras)))
+  return jnp.mean(loss_G), jnp.mean(per_dim_GL, axis=0), jax.tree.map(jnp.mean, stats_G)
 
 
 def step_loss(emb_RSD, batch, c, project=None):
-  """(loss, (per-MRL-dim losses, {task: its groups' mean loss})) of a batch from its packed rows' embeddings;
-  project: the model's map to a teacher's dimension (model.Bert.project), for the tasks that take it."""
+  """(loss, (per-MRL-dim losses, {task: its groups' mean loss}, {task/name: logged scalar})) of a batch from its
+  packed rows' embeddings; project: the model's map to a teacher's dimension (model.Bert.project), for the tasks
+  that take it."""
   emb_ND = emb_RSD.reshape(-1, emb_RSD.shape[-1])
   total = sum(n for _, n in batch.mix)
-  loss, per_dim, by_task = 0.0, 0.0, {}
+  loss, per_dim, by_task, stats = 0.0, 0.0, {}, {}
   for task, n in batch.mix:
     emb = {f: emb_ND[slots] for f, slots in batch.slots[task].items()}
     if project is not None and tasks_lib.TASKS[task].mapped:
       emb = {f: project(e) for f, e in emb.items()}
-    by_task[task], dims = task_loss(task, emb, batch.extras[task], c, n)
+    by_task[task], dims, task_stats = task_loss(task, emb, batch.extras[task], c, n)
     loss, per_dim = loss + n / total * by_task[task], per_dim + n / total * dims
-  return loss, (per_dim, by_task)
+    stats |= {f"{task}/{k}": v for k, v in task_stats.items()}
+  return loss, (per_dim, by_task, stats)
 
 
 def value_and_grad(graphdef, rngs, params, batch, c, key=None, chunk_size=0):
@@ -73,7 +81,7 @@ def make_train_step(graphdef, tx, c, chunk_size=0):
 
   def train_step(state, batch, rngs):
     key = dropout_key(c.seed, state["step"])
-    (loss, (per_dim, by_task)), grads = value_and_grad(graphdef, rngs, state["params"], batch, c, key, chunk_size)
+    (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, c, key, chunk_size)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -85,6 +93,7 @@ def make_train_step(graphdef, tx, c, chunk_size=0):
     # whole state (BENCHMARKS.md, stella shape).
     new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
     new["step"] = state["step"] + 1  # A skipped update still consumes its batch and step.
-    return new, {"loss": loss, "loss_per_dim": per_dim, "task_loss": by_task, "grad_norm": grad_norm, "ok": ok}
+    return new, {"loss": loss, "loss_per_dim": per_dim, "task_loss": by_task, "stats": stats, "grad_norm": grad_norm,
+                 "ok": ok}
 
   return jax.jit(train_step, donate_argnums=0)

@@ -18,10 +18,12 @@ class Task:
   layouts: tuple  # Column layouts it reads (slot -> column); the best-matching one is used.
   fields: tuple  # (batch field, slot) of its texts, slot query | pos | neg; K `neg` texts a row.
   loss: Callable  # A loss of losses.py: embeddings positional, settings and arrays as keywords.
-  loss_args: Callable  # ({field: emb [N, D]}, the task's arrays) -> (positional args, keyword args).
+  loss_args: Callable  # ({field: emb [N, D]}, the task's arrays, its config section) -> (positional args,
+  # keyword args[, {name: scalar} logged per step as TASK/NAME]) of the loss, on one loss group's rows.
   defaults: dict  # Its config section tasks.NAME.
-  extras: tuple = ()  # Its non-text arrays: label float32 [B], neg_valid bool [B, K], pos_score float32 [B]
-  # and neg_score [B, K] (teacher scores, NaN where none), teacher float32 [B, D] (teacher embeddings).
+  extras: tuple = ()  # Its non-text arrays: label float32 [B], neg_valid bool [B, K], pos_id int32 [B] and
+  # neg_id [B, K] (passage ids, -1 none), pos_score float32 [B] and neg_score [B, K] (teacher scores, NaN where
+  # none), teacher float32 [B, D] (teacher embeddings).
   settings: tuple = ("temperature", "weight")  # Fields of tasks.NAME passed to the loss as keywords.
   mapped: bool = False  # Its embeddings go through model.Bert.project (to a teacher's dimension) first.
   label: str = ""  # "score": the label slot is a number; "class": a class name, which becomes the
@@ -39,32 +41,47 @@ SCORE_KL = ("kl_weight", "kl_temperature", "teacher_temperature")
 # 0: query_max_len): the weights of the three terms of losses.embedding_distill and its margin.
 EMBED_DISTILL = ("cosine", "similarity", "relative", "margin")
 
+# In-batch candidates left out of a row's denominator (losses.candidate_mask, docs/training.md): its own positive
+# passage appearing again (another row's positive or negative), and with false_negatives "model" or "teacher"
+# (the judge of the scores; "off") those scoring above the positive's score - fn_margin (fn_relative:
+# x (1 - fn_margin)). The shares masked are logged per step.
+MASKING = dict(mask_duplicates=True, false_negatives="off", fn_margin=0.0, fn_relative=False)
+
+
+def _retrieval_args(e, b, s):
+  q, p, n = e["query"], e["pos"], e.get("neg")
+  keep, shares = losses.candidate_mask(
+      q, p, n, n_mask=b.get("neg_valid"), pos_id=b.get("pos_id"), neg_id=b.get("neg_id"), pos_score=b.get("pos_score"),
+      neg_score=b.get("neg_score"), duplicates=s.mask_duplicates, judge=s.false_negatives, margin=s.fn_margin,
+      relative=s.fn_relative)
+  kwargs = {"n_mask": b.get("neg_valid"), "keep": keep, "pos_score": b.get("pos_score"), "neg_score": b.get("neg_score")}
+  return (q, p, n), kwargs, shares
+
+
 TASKS = {task.name: task for task in (
     Task("retrieval", aliases=("retri_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
-         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid", "pos_score", "neg_score"),
-         loss=losses.retrieval, settings=("temperature", "weight", *SCORE_KL),
-         loss_args=lambda e, b: ((e["query"], e["pos"], e.get("neg")), {
-             "n_mask": b.get("neg_valid"), "pos_score": b.get("pos_score"), "neg_score": b.get("neg_score")}),
+         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid", "pos_id", "neg_id", "pos_score", "neg_score"),
+         loss=losses.retrieval, settings=("temperature", "weight", *SCORE_KL), loss_args=_retrieval_args,
          defaults=dict(query_max_len=64, passage_max_len=512, neg_num=1, temperature=0.01, weight=1.0,
-                       kl_weight=0.0, kl_temperature=0.0, teacher_temperature=0.02, **PREFIXES)),
+                       kl_weight=0.0, kl_temperature=0.0, teacher_temperature=0.02, **MASKING, **PREFIXES)),
     Task("sts", aliases=("cosent",),
          layouts=({"query": "text", "pos": "text_pair", "label": "label"},
                   {"query": "sentence1", "pos": "sentence2", "label": "label"},
                   {"query": "sentence1", "pos": "sentence2", "label": "score"}),
          fields=(("text_a", "query"), ("text_b", "pos")), extras=("label",), label="score", pos_list=False,
          loss=losses.cosent,
-         loss_args=lambda e, b: ((e["text_a"], e["text_b"], b["label"]), {}),
+         loss_args=lambda e, b, s: ((e["text_a"], e["text_b"], b["label"]), {}),
          defaults=dict(query_max_len=64, passage_max_len=512, temperature=0.05, weight=0.04, **PREFIXES)),
     Task("cls", aliases=("cls_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "text", "label": "label"}),
          fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid",), label="class",
          loss=losses.cls_contrast,
-         loss_args=lambda e, b: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]}),
+         loss_args=lambda e, b, s: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]}),
          defaults=dict(query_max_len=512, passage_max_len=512, neg_num=10, temperature=0.05, weight=0.2)),
     Task("distill", aliases=(), layouts=({"query": "text"},), fields=(("text", "query"),), extras=("teacher",),
          loss=losses.embedding_distill, settings=("weight", *EMBED_DISTILL), mapped=True,
-         loss_args=lambda e, b: ((e["text"], b["teacher"]), {}),
+         loss_args=lambda e, b, s: ((e["text"], b["teacher"]), {}),
          defaults=dict(query_max_len=128, teacher="", teacher_max_len=0, weight=1.0, cosine=1.0, similarity=1.0,
                        relative=1.0, margin=0.015, query_prefix="")),
 )}

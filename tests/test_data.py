@@ -407,7 +407,7 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   """A question/answer task with in-batch negatives only: one Task, read, batched and scored."""
   qa = tasks.Task("qa", aliases=("question_answer",), layouts=({"query": "question", "pos": "answer"},),
                   fields=(("query", "query"), ("pos", "pos")), loss=losses.retrieval_infonce,
-                  loss_args=lambda e, b: ((e["query"], e["pos"]), {}),
+                  loss_args=lambda e, b, s: ((e["query"], e["pos"]), {}),
                   defaults=dict(query_max_len=32, passage_max_len=32, temperature=0.05, weight=1.0))
   monkeypatch.setitem(tasks.TASKS, "qa", qa)
   path = tmp_path / "qa.jsonl"
@@ -420,7 +420,7 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   b, info = assembler(c, [t])(0)
   assert set(b.slots["qa"]) == {"query", "pos"} and b.extras["qa"] == {} and info["task"] == "qa"
   emb_RSD = np.random.default_rng(0).normal(size=(*b.lengths.shape, 16)).astype(np.float32)
-  loss, (per_dim, by_task) = step_lib.step_loss(emb_RSD, b, c)
+  loss, (per_dim, by_task, _) = step_lib.step_loss(emb_RSD, b, c)
   emb = {f: emb_RSD.reshape(-1, 16)[s] for f, s in b.slots["qa"].items()}
   want = np.mean([losses.retrieval_infonce(emb["query"][:, :d], emb["pos"][:, :d], temperature=0.05) for d in (8, 16)])
   np.testing.assert_allclose(loss, want, rtol=1e-6)

@@ -161,8 +161,8 @@ def test_packed_embeddings_equal_unpacked_through_minilm(minilm, mixed_batch, po
 def _assert_close(got, want):
   """Loss and per-dim losses to rtol 1e-5; gradients to 1e-5 of each array's scale (they are sums over
   every token, accumulated in another order; attention key biases have none, only rounding)."""
-  (loss, (per_dim, _)), grads = got
-  (ref, (ref_per_dim, _)), ref_grads = want
+  (loss, (per_dim, *_)), grads = got
+  (ref, (ref_per_dim, *_)), ref_grads = want
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
   np.testing.assert_allclose(per_dim, ref_per_dim, rtol=1e-5)
   top = max(np.abs(b).max() for b in jax.tree.leaves(ref_grads))
