@@ -42,14 +42,15 @@ def manager(workdir, c):
     mngr.close()
 
 
-def save_args(state, data_iterator):
-  """Orbax args: the train state, and the data iterator's position as JSON.
+def save_args(state, data_iterator, negatives=""):
+  """Orbax args: the train state, and the data position as JSON: the iterator's state, and the version of
+  refreshed negatives it reads ("": the datasets' own; piccolo_jax/refresh.py).
 
   The data position (grain state {'next_index': step}) is the same on every process, so a
   checkpoint restores under a different process count (e.g. a 2-process run resumed by 1).
   """
   return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=ocp.args.JsonSave(data_iterator.get_state()))
+                            data=ocp.args.JsonSave({**data_iterator.get_state(), "negatives": negatives}))
 
 
 @jax.jit
@@ -78,8 +79,8 @@ def _set_aside(mngr, step, reason):
   mngr.reload()
 
 
-def restore_latest(mngr, state, shardings, data_iterator) -> tuple[dict, int]:
-  """(state, step) from the newest good checkpoint, restoring the data iterator; (state, 0) if none."""
+def restore_latest(mngr, state, shardings) -> tuple[dict, int, dict | None]:
+  """(state, step, data position) from the newest good checkpoint; (state, 0, None) if none."""
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   steps = sorted(mngr.all_steps(), reverse=True)
   for step in steps:
@@ -88,9 +89,8 @@ def restore_latest(mngr, state, shardings, data_iterator) -> tuple[dict, int]:
     except Exception as e:  # pylint: disable=broad-except  (any failure to read means damaged)
       _set_aside(mngr, step, " ".join(str(e).split())[:300] or type(e).__name__)
       continue
-    data_iterator.set_state(restored["data"])
-    return restored["state"], step
+    return restored["state"], step, restored["data"]
   if steps:
     raise CheckpointError(f"no usable checkpoint in {mngr.directory}: all of steps {sorted(steps)} are "
                           "damaged (set aside as *.corrupt-*); remove the directory to start over")
-  return state, 0
+  return state, 0, None

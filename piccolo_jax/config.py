@@ -60,7 +60,9 @@ def base() -> ml_collections.ConfigDict:
       freeze=("embeddings/position",))  # Regexps on parameter paths (positions: see model.max_position).
   c.train = dict(epochs=3, max_steps=0, log_every=10,
                  chunk_size=0,  # > 0: gradient caching, chunk_size packed rows at a time.
-                 max_nonfinite_steps=5)  # NaN/Inf steps in a row that are skipped before the run stops.
+                 max_nonfinite_steps=5,  # NaN/Inf steps in a row that are skipped before the run stops.
+                 refresh_negatives_every=0,  # N > 0: retrieval negatives re-mined every N steps (refresh.py).
+                 refresh_options="")  # How: piccolo_jax.mine's --range, --negatives, --sampling, --*-margin.
   c.mesh = dict(fsdp=1)  # Devices that shard parameters and optimizer state (ZeRO-style).
   c.checkpoint = dict(every=1000, keep=3, dir="")  # dir: default WORKDIR/checkpoints; may be gs://
   c.eval = dict(tasks=(), every=0, dims=(), batch_size=64, best_metric="")
@@ -86,11 +88,15 @@ def moved(field: str) -> str:
 
 
 def check(c: ml_collections.ConfigDict):
-  """Raises a ValueError naming the first field of c that moved (a config file written for an older schema)."""
+  """Raises a ValueError naming the first field of c that moved (a config file written for an older schema), or
+  a value no run takes."""
   for section, fields in c.items():
     for field in fields.keys() if isinstance(fields, ml_collections.ConfigDict) else ():
       if line := moved(f"{section}.{field}"):
         raise ValueError(line)
+  judge = c.tasks.retrieval.false_negatives
+  if judge not in ("off", "model", "teacher"):
+    raise ValueError(f"tasks.retrieval.false_negatives={judge!r}: expected off, model or teacher")
 
 
 def section(name: str, **overrides) -> ml_collections.ConfigDict:

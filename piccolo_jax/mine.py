@@ -278,15 +278,9 @@ def _range(text):
   return start, end
 
 
-def parse_args(argv=None):
+def add_selection_flags(p):
+  """The flags that choose each query's negatives from its ranked hits (Options' fields)."""
   d = Options()
-  p = argparse.ArgumentParser(prog="python -m piccolo_jax.mine", description=__doc__.split("\n\n")[1])
-  p.add_argument("model", help="piccolo_jax model dir, sentence-transformers / HF BERT dir (converted), or minilm")
-  p.add_argument("--input", action="append", required=True, help="retrieval rows {query, pos[], neg[]}: a .jsonl "
-                 "file, a piccolo save_to_disk dir, or a data.datasets entry such as '{\"kind\": \"tfds\", \"name\": "
-                 "\"x\"}' or a meta list (repeatable; every row goes to the one output)")
-  p.add_argument("--output", required=True, help="mined jsonl (written once complete); stats in OUTPUT.stats.json")
-  p.add_argument("--corpus", action="append", default=[], help="extra corpus texts: jsonl {text} or one per line")
   p.add_argument("--range", type=_range, default=(d.start, d.end), metavar="START-END", help="ranks sampled, a 0-based "
                  "slice as FlagEmbedding's: 2-200 skips the 2 best hits and samples from 1-based ranks 3..200 "
                  f"(default {d.start}-{d.end})")
@@ -298,6 +292,38 @@ def parse_args(argv=None):
                  "off: no filter)")
   p.add_argument("--absolute-margin", type=_margin, default=d.absolute_margin, help="drop candidates scoring above "
                  "the positive's score - M (default off). With several positives, the lowest-scoring one counts")
+
+
+def selection(args, **kw) -> Options:
+  """Options from add_selection_flags' parsed flags (and kw: originals, seed)."""
+  return Options(*args.range, num=args.negatives, sampling=args.sampling, absolute_margin=args.absolute_margin,
+                 relative_margin=args.relative_margin, **kw)
+
+
+def selection_options(flags: str, **kw) -> Options:
+  """Options from a string of add_selection_flags' flags, e.g. "--range 2-100 --negatives 7" (kw: seed)."""
+  p = argparse.ArgumentParser(prog="train.refresh_options", add_help=False, exit_on_error=False)
+  add_selection_flags(p)
+  try:
+    args, rest = p.parse_known_args(flags.split())
+  except argparse.ArgumentError as e:
+    raise ValueError(f"train.refresh_options={flags!r}: {e}") from None
+  if rest:
+    raise ValueError(f"train.refresh_options={flags!r}: unknown {' '.join(rest)}; it takes piccolo_jax.mine's "
+                     "--range, --negatives, --sampling, --relative-margin and --absolute-margin")
+  return selection(args, **kw)
+
+
+def parse_args(argv=None):
+  d = Options()
+  p = argparse.ArgumentParser(prog="python -m piccolo_jax.mine", description=__doc__.split("\n\n")[1])
+  p.add_argument("model", help="piccolo_jax model dir, sentence-transformers / HF BERT dir (converted), or minilm")
+  p.add_argument("--input", action="append", required=True, help="retrieval rows {query, pos[], neg[]}: a .jsonl "
+                 "file, a piccolo save_to_disk dir, or a data.datasets entry such as '{\"kind\": \"tfds\", \"name\": "
+                 "\"x\"}' or a meta list (repeatable; every row goes to the one output)")
+  p.add_argument("--output", required=True, help="mined jsonl (written once complete); stats in OUTPUT.stats.json")
+  p.add_argument("--corpus", action="append", default=[], help="extra corpus texts: jsonl {text} or one per line")
+  add_selection_flags(p)
   p.add_argument("--originals", choices=("replace", "append", "keep"), default=d.originals, help="given negatives: "
                  "replaced by the mined ones, followed by them, or kept (only rows without any are mined); "
                  "default %(default)s")
@@ -321,9 +347,7 @@ def parse_args(argv=None):
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--process-id", type=int, default=0)
   args = p.parse_args(argv)
-  opts = Options(*args.range, num=args.negatives, sampling=args.sampling, absolute_margin=args.absolute_margin,
-                 relative_margin=args.relative_margin, originals=args.originals, seed=args.seed)
-  return p, args, opts
+  return p, args, selection(args, originals=args.originals, seed=args.seed)
 
 
 def run(args, opts) -> dict:

@@ -272,6 +272,7 @@ class Prepared:
   repeat: int = 1
   neg_num: int | None = None  # Negatives per row (None: its task's tasks.TASK.neg_num).
   teacher_file: str = ""  # teacher_vectors()' file, opened as `teacher` (task distill).
+  negatives: str = ""  # A dir of neg_off, neg_ids, neg_score read instead of its own (piccolo_jax/refresh.py).
 
   def __post_init__(self):
     self.path = pathlib.Path(self.path)
@@ -282,9 +283,11 @@ class Prepared:
     for k, dtype in ARRAYS.items():
       setattr(self, k, _map(self.path / f"{k}.bin", dtype or m["token_dtype"]))
     self.teacher = np.load(self.path / self.teacher_file, mmap_mode="r") if self.teacher_file else None
+    for k in ("neg_off", "neg_ids", "neg_score") if self.negatives else ():
+      setattr(self, k, _map(pathlib.Path(self.negatives) / f"{k}.bin", ARRAYS[k]))
 
   def __reduce__(self):  # grain workers reopen the files instead of receiving a copy of them
-    return Prepared, (self.path, self.repeat, self.neg_num, self.teacher_file)
+    return Prepared, (self.path, self.repeat, self.neg_num, self.teacher_file, self.negatives)
 
   def __len__(self):
     return self.rows

@@ -23,6 +23,7 @@ from piccolo_jax import encode
 from piccolo_jax import evaluate
 from piccolo_jax import logs
 from piccolo_jax import plan as plan_lib
+from piccolo_jax import refresh
 from piccolo_jax import rundir
 from piccolo_jax import sharding
 from piccolo_jax import state as state_lib
@@ -122,6 +123,7 @@ class Run:
   graphdef: object
   rngs: dict
   train_step: object
+  assemble: object
   data: object
 
 
@@ -138,6 +140,7 @@ def load_tables(config, tokenizer):
 def start(config, workdir) -> Run:
   """Checks the config against the workdir, loads model and data, builds the state and step function."""
   config_lib.check(config)
+  refresh.check(config)
   rundir.check_config(workdir, config)
   mesh = sharding.make_mesh(config.mesh.fsdp)
   mcfg, params, tok_dir = state_lib.init_params(config)
@@ -150,6 +153,9 @@ def start(config, workdir) -> Run:
     if mcfg.distill_dim and config.train.chunk_size:
       raise ValueError(f"train.chunk_size={config.train.chunk_size}: gradient caching cannot train the map to the "
                        f"teacher's dimension {mcfg.distill_dim}; use a teacher of the student's {mcfg.embed_dim}")
+  if config.train.refresh_negatives_every and not refresh.refreshed(config, tables):
+    raise ValueError(f"train.refresh_negatives_every={config.train.refresh_negatives_every}: no retrieval dataset "
+                     "trains with negatives (tasks.retrieval.neg_num > 0) to refresh")
   workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
   rundir.write_config(workdir, config)
   groups, chunk = config.loss.groups, config.train.chunk_size
@@ -160,7 +166,8 @@ def start(config, workdir) -> Run:
   assemble = data_lib.assembler(config.data, config.tasks, tables, jax.process_index(), jax.process_count(),
                                 multiple, groups, total)
   return Run(workdir, config, mesh, mcfg, tok_dir, tokenizer, tables, total, schedule, state, shardings, graphdef,
-             rngs, step_lib.make_train_step(graphdef, tx, config, chunk), data_lib.make_iterator(assemble, config.data))
+             rngs, step_lib.make_train_step(graphdef, tx, config, chunk), assemble,
+             data_lib.make_iterator(assemble, config.data))
 
 
 def train(config, workdir) -> dict:
@@ -168,7 +175,10 @@ def train(config, workdir) -> dict:
   run, c = start(config, pathlib.Path(workdir)), config
   # Every exit waits for the save in flight; signals are handled only while training.
   with Preemption() as preempt, checkpoint.manager(run.workdir, c.checkpoint) as mngr:
-    state, step = checkpoint.restore_latest(mngr, run.state, run.shardings, run.data)
+    state, step, position = checkpoint.restore_latest(mngr, run.state, run.shardings)
+    negatives = (position or {}).pop("negatives", "")  # The version of refreshed negatives it trains on.
+    if position:
+      run.data = refresh.iterator(run, negatives, position)
     log.info("%s steps of global batch %d (loss groups %d, data.mix %s) on %d devices %s%s", run.total,
              c.data.global_batch_size, c.loss.groups, c.data.mix, jax.device_count(), dict(run.mesh.shape),
              f", resuming at step {step}" if step else "")
@@ -183,13 +193,18 @@ def train(config, workdir) -> dict:
       if c.eval.tasks:
         evals(0, state_lib.host_params(state["params"], run.mesh))
     while step < run.total and not preempt.requested:
+      if refresh.due(c.train, step, negatives):
+        nonfinite.check(logger.flush())
+        negatives, facts = refresh.refresh(run, state["params"], step)
+        logger.write(step, facts, echo=False)
+        run.data = refresh.iterator(run, negatives, run.data.get_state())
       batch, info = next(run.data)
       state, metrics = run.train_step(state, sharding.put_batch(batch, run.mesh), run.rngs)
       nonfinite.check(logger.push(step + 1, metrics, info))  # The step before's: one step stays in flight.
       step += 1
       if step % c.checkpoint.every == 0 or step == run.total or preempt.requested:
         nonfinite.check(logger.flush())
-        mngr.save(step, args=checkpoint.save_args(state, run.data), force=True)
+        mngr.save(step, args=checkpoint.save_args(state, run.data, negatives), force=True)
       if c.eval.every and step % c.eval.every == 0 and step < run.total:
         evals(step, state_lib.host_params(state["params"], run.mesh))
     nonfinite.check(logger.flush())

@@ -41,9 +41,11 @@ def _params(workdir):
 
 def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
   """2 processes x 2 devices train like 1 x 4 (steps that mix tasks, so the per-task arrays are whole on
-  every process and the packed rows split), and their checkpoint resumes in one process."""
+  every process and the packed rows split), with the same negatives refreshed at step 2, and their checkpoint
+  resumes in one process."""
   two = tiny_config.get_config().data.datasets[:2]  # Retrieval and STS: one group each a step, one program.
-  mixed = ["--config.data.mix=groups", "--config.loss.groups=2", f"--config.data.datasets={two!r}"]
+  mixed = ["--config.data.mix=groups", "--config.loss.groups=2", f"--config.data.datasets={two!r}",
+           "--config.train.refresh_negatives_every=2", "--config.tasks.retrieval.false_negatives=model"]
   single = _train(tmp_path / "single", 4, overrides=mixed)
   assert single.returncode == 0, single.stdout + single.stderr
   multi = _train(tmp_path / "multi", 2, "--processes", "2", "--port", "12391", overrides=mixed)
@@ -52,6 +54,8 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
   a, b = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
   assert sorted(a) == sorted(b) == list(range(1, 5))
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+  negatives = lambda w: {p.relative_to(w): p.read_bytes() for p in sorted((w / "negatives").rglob("*.bin"))}
+  assert negatives(tmp_path / "multi") == negatives(tmp_path / "single") and negatives(tmp_path / "single")
   final = _params(tmp_path / "multi")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), final, _params(tmp_path / "single"))
   # The 2-process checkpoint at step 2 resumes in one process (4 devices).
