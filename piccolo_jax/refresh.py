@@ -33,7 +33,6 @@ from piccolo_jax import plan as plan_lib
 from piccolo_jax import prepare
 from piccolo_jax import search
 from piccolo_jax import sharding
-from piccolo_jax import tasks as tasks_lib
 
 log = logging.getLogger("piccolo_jax.train")
 ROW_TOKENS = 16384  # Tokens of the packed rows embedded a call (all devices together, at least a row each).
@@ -51,8 +50,7 @@ def name(step) -> str:
 
 def refreshed(config, tables) -> list:
   """The tables whose negatives a refresh replaces: retrieval datasets that train with negatives."""
-  return [t for t in tables if "neg_id" in tasks_lib.TASKS[t.task].extras and t.task == "retrieval"
-          and (t.neg_num if t.neg_num is not None else config.tasks[t.task].neg_num)]
+  return [t for t in tables if t.task == "retrieval" and plan_lib.negatives(t, config.tasks)]
 
 
 def check(config):

@@ -1,4 +1,6 @@
 """In-batch false-negative and duplicate masking (losses.candidate_mask), against float64 numpy loops."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +165,27 @@ def test_no_masking_is_the_plain_loss():
   assert jnp.all(keep)
   np.testing.assert_array_equal(L.retrieval_infonce(q, p, n, n_mask=n_mask, keep=keep),
                                 L.retrieval_infonce(q, p, n, n_mask=n_mask))
+
+
+def test_prepared_passage_ids_mark_duplicates(tmp_path):
+  """Through prepare and the plan: rows sharing a positive text get one passage id, so a batch's masks follow
+  the texts (4 rows: two share positive A, which is also the fourth row's negative; B is a positive and a
+  negative)."""
+  from piccolo_jax import batch as batch_lib, data, encode, plan as plan_lib, state  # pylint: disable=g-import-not-at-top
+  pos, neg = ["A", "B", "A", "E"], ["B", "C", "D", "A"]
+  path = tmp_path / "r.jsonl"
+  path.write_text("".join(json.dumps({"query": f"q{i}", "pos": [f"passage {p}"], "neg": [f"passage {n}"]}) + "\n"
+                          for i, (p, n) in enumerate(zip(pos, neg))))
+  c = config.base()
+  c.data.update(datasets=({"kind": "jsonl", "path": str(path), "task": "retrieval"},), global_batch_size=4,
+                prepared_dir=str(tmp_path / "prepared"))
+  (t,) = data.load_tables(c.data, c.tasks, encode.load_tokenizer(state.resolve_init("minilm")))
+  ((_, sel),) = plan_lib.Plan(c.data, c.tasks, [t]).units(0)
+  ex = batch_lib.extra_arrays(t, sel)
+  rows = sel["query"]
+  cands = [pos[r] for r in rows] + [neg[r] for r in rows]
+  want = np.array([[not (cand == pos[r] and j != i) for j, cand in enumerate(cands)] for i, r in enumerate(rows)])
+  x = np.eye(8, dtype=np.float32)[:4]
+  keep, shares = L.candidate_mask(x, x, x[:, None], n_mask=ex["neg_valid"], pos_id=ex["pos_id"], neg_id=ex["neg_id"])
+  np.testing.assert_array_equal(keep, want)
+  assert (~want).sum() == 5 and round(float(shares["masked_duplicates"]) * 4 * 7) == 5
