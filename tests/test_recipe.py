@@ -208,8 +208,9 @@ def test_piccolo2_differs_from_finetune_in_the_readme_table_only():
   a, b = (dict(_flat(m.get_config())) for m in (finetune, piccolo2))
   assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {
       "loss.groups": (1, 32), "data.mix": ("dataset", "groups"), "optim.clip_norm": (1.0, 0.0),
-      "optim.warmup_ratio": (0.05, 0.0)}
-  assert "| `loss.groups` | 1 | 32 |" in (tiny_config.DATA.parent / "README.md").read_text()
+      "optim.warmup_ratio": (0.05, 0.0), "tasks.retrieval.mask_duplicates": (True, False)}
+  readme = (tiny_config.DATA.parent / "README.md").read_text()
+  assert "| `loss.groups` | 1 | 32 |" in readme and "| `tasks.retrieval.mask_duplicates` | True | False |" in readme
 
 
 def _flat(c, prefix=""):
