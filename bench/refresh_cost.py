@@ -1,7 +1,7 @@
 """What a refresh of the negatives costs (train.refresh_negatives_every, piccolo_jax/refresh.py) against the train
-step, by corpus size: configs/demo.py's model and retrieval settings on synthetic retrieval rows of C / 10 queries
-with 10 distinct passages each (1 positive, 9 negatives; STS-B-en training sentences numbered to be distinct), so
-the corpus holds C texts. Times the steady train step, then one refresh in its parts: embedding the passages,
+step, by corpus size: configs/demo.py's model and retrieval settings on synthetic retrieval rows of C / 4 queries
+with 4 distinct passages each (1 positive, 3 negatives: retrieval-zh has 3.2 distinct texts a row; STS-B-en training
+sentences numbered to be distinct), so the corpus holds C texts. Times the steady train step, then one refresh in its parts: embedding the passages,
 and embedding the queries + the search + the selection (which the miner interleaves per chunk of queries)."""
 import json
 import pathlib
@@ -14,15 +14,17 @@ import numpy as np
 from bench import harness
 from piccolo_jax import refresh, search, sharding, sources, train
 
+PER_ROW = 4  # Distinct passages a row: 1 positive, 3 negatives.
+
 
 def write_rows(path, corpus) -> int:
-  """corpus / 10 rows {query, pos, neg} whose 10 texts each are distinct across the file; returns the rows."""
+  """corpus / PER_ROW rows {query, pos, neg} whose texts are distinct across the file; returns the rows."""
   sents = [line for _, line in sources.lines(harness.ROOT / "data/sts-b-en/sentences.train.txt")]
-  rows, at = corpus // 10, 0
+  rows, at = corpus // PER_ROW, 0
   with open(path, "w", encoding="utf-8") as f:
     for i in range(rows):
-      texts = [f"{sents[(at + j) % len(sents)]} ({at + j})" for j in range(10)]
-      at += 10
+      texts = [f"{sents[(at + j) % len(sents)]} ({at + j})" for j in range(PER_ROW)]
+      at += PER_ROW
       f.write(json.dumps({"query": sents[(7 * i) % len(sents)], "pos": texts[:1], "neg": texts[1:]}) + "\n")
   return rows
 
