@@ -122,7 +122,8 @@ def report(args, root, held, stats, mine_s, results):
     spread = lambda x: f" ± {x.std(ddof=1):.2f}" if len(x) > 1 else ""
     rows.append([f"**{variant}, mean ± sd**", ",".join(map(str, seeds))] +
                 [f"{vals(k).mean():.2f}{spread(vals(k))}" for k in keys] +
-                [f"{vals(k).mean():.{n}f}" for k, n in (("dup_pct", 2), ("fn_pct", 1), ("refresh_s", 0), ("train_s", 0))])
+                [f"{vals(k).mean():.{n}f}"
+                 for k, n in (("dup_pct", 2), ("fn_pct", 1), ("refresh_s", 0), ("train_s", 0))])
   harness.emit([
       "\n### Hard negatives: held-out retrieval after training (python -m bench.mine_quality)\n",
       f"{datetime.date.today()}, {harness.machine()}. Command: `{harness.command()}` (outputs in {root}).\n",

@@ -1,8 +1,9 @@
 """What a refresh of the negatives costs (train.refresh_negatives_every, piccolo_jax/refresh.py) against the train
 step, by corpus size: configs/demo.py's model and retrieval settings on synthetic retrieval rows of C / 4 queries
 with 4 distinct passages each (1 positive, 3 negatives: retrieval-zh has 3.2 distinct texts a row; STS-B-en training
-sentences numbered to be distinct), so the corpus holds C texts. Times the steady train step, then one refresh in its parts: embedding the passages,
-and embedding the queries + the search + the selection (which the miner interleaves per chunk of queries)."""
+sentences numbered to be distinct), so the corpus holds C texts. Times the steady train step, then one refresh
+in its parts: embedding the passages, and embedding the queries + the search + the selection (which the miner
+interleaves per chunk of queries)."""
 import json
 import pathlib
 import tempfile

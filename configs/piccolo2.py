@@ -2,7 +2,8 @@
 
 Every loss is taken on each of 32 groups of 8 rows, as each GPU did, and averaged (DDP); every group
 draws its own dataset, so one step mixes tasks; no gradient clipping (its DeepSpeed config has none),
-no warmup, and no masking of duplicate positives among in-batch candidates. Everything else is configs/finetune.py; README.md lists the differences.
+no warmup, and no masking of duplicate positives among in-batch candidates. Everything else is
+configs/finetune.py; README.md lists the differences.
 
   python -m piccolo_jax.train --config=piccolo2 --config.model.init=/path/to/stella \
       --config.data.datasets='({"kind": "meta", "path": "meta_lists/piccolo-ft.txt", "root": "data/"},)'

@@ -127,9 +127,11 @@ class Assembler:
 
 def extra_arrays(t, sel) -> dict:
   """A unit's non-text arrays, those its task has (tasks.Task.extras): `neg_valid`, `pos_score`, `neg_score`,
-  `pos_id` and `neg_id` (the passage ids of `pos` and `neg`, from the plan), `label` (STS scores) and `teacher` (float32 teacher embeddings of the queries)."""
+  `pos_id` and `neg_id` (the passage ids of `pos` and `neg`, from the plan), `label` (STS scores) and `teacher`
+  (float32 teacher embeddings of the queries)."""
   names = tasks_lib.TASKS[t.task].extras
-  out = {k: sel[k] for k in names if k in sel} | {f"{k}_id": sel[k] for k in ("pos", "neg") if f"{k}_id" in names and k in sel}
+  out = {k: sel[k] for k in names if k in sel}
+  out |= {f"{k}_id": sel[k] for k in ("pos", "neg") if f"{k}_id" in names and k in sel}
   if "label" in names:
     out["label"] = np.asarray(t.labels[sel["query"]])
   if "teacher" in names:

@@ -117,7 +117,7 @@ def location(entry, c, tasks_cfg, tokenizer, root=None) -> tuple[pathlib.Path, d
   return root / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-64:]}-{key}", fp
 
 
-class _Flat:
+class Flat:
   """An append-only flat array file."""
 
   def __init__(self, path, dtype):
@@ -129,7 +129,7 @@ class _Flat:
     self.n += a.size
 
 
-class _Offsets(_Flat):
+class Offsets(Flat):
   """Offsets of a ragged array: starts at 0, each add() appends the running ends of its lengths."""
 
   def __init__(self, path):
@@ -146,11 +146,11 @@ class _Offsets(_Flat):
 def _write(reader, caps, enc, tmp):
   """Streams the reader's rows into tmp's arrays; returns the manifest's counts."""
   tok_dt = np.uint16 if enc.vocab_size <= 65535 else np.int32
-  q_tok, p_tok = _Flat(tmp / "q_tok.bin", tok_dt), _Flat(tmp / "p_tok.bin", tok_dt)
-  q_off, p_off, pos_off, neg_off = (_Offsets(tmp / f"{k}.bin") for k in ("q_off", "p_off", "pos_off", "neg_off"))
-  pos_ids, neg_ids = _Flat(tmp / "pos_ids.bin", np.int32), _Flat(tmp / "neg_ids.bin", np.int32)
-  labels = _Flat(tmp / "labels.bin", np.float32)
-  pos_score, neg_score = _Flat(tmp / "pos_score.bin", np.float32), _Flat(tmp / "neg_score.bin", np.float32)
+  q_tok, p_tok = Flat(tmp / "q_tok.bin", tok_dt), Flat(tmp / "p_tok.bin", tok_dt)
+  q_off, p_off, pos_off, neg_off = (Offsets(tmp / f"{k}.bin") for k in ("q_off", "p_off", "pos_off", "neg_off"))
+  pos_ids, neg_ids = Flat(tmp / "pos_ids.bin", np.int32), Flat(tmp / "neg_ids.bin", np.int32)
+  labels = Flat(tmp / "labels.bin", np.float32)
+  pos_score, neg_score = Flat(tmp / "pos_score.bin", np.float32), Flat(tmp / "neg_score.bin", np.float32)
   pool, longest, n, scored = {}, [0, 0], 0, 0
   rows = iter(reader)
   bar = tqdm.tqdm(desc=f"prepare {reader.name}", unit=" rows", disable=None, file=sys.stderr)

@@ -38,10 +38,10 @@ log = logging.getLogger("piccolo_jax.train")
 ROW_TOKENS = 16384  # Tokens of the packed rows embedded a call (all devices together, at least a row each).
 
 
-def due(c, step, version) -> bool:
-  """Whether training re-mines before batch `step` (c: the train config; version: the negatives in use)."""
+def due(c, step) -> bool:
+  """Whether training re-mines before batch `step` (c: the train config)."""
   every = c.refresh_negatives_every
-  return bool(every) and step > 0 and step % every == 0 and version != name(step)
+  return bool(every) and step > 0 and step % every == 0
 
 
 def name(step) -> str:
@@ -91,8 +91,9 @@ class Embed:
     for first, a, b in zip(range(0, rows, R), bounds, bounds[1:]):
       sel = order[a:b]
       arrays = packing.pack(t.flat(slot, ids[sel]), lens_N[sel], row_N[sel] - first, slot_N[sel], R, L, self.S)
-      put = lambda x: jax.make_array_from_callback(x.shape, self.rows, lambda i: x[i])  # pylint: disable=cell-var-from-loop
-      e_ND = np.asarray(self.fn(params, self.rngs, *(put(arrays[k]) for k in packing.ARRAYS)).addressable_data(0))
+      rows_RL = [jax.make_array_from_callback(arrays[k].shape, self.rows, arrays[k].__getitem__)
+                 for k in packing.ARRAYS]
+      e_ND = np.asarray(self.fn(params, self.rngs, *rows_RL).addressable_data(0))
       if out_ND is None:
         out_ND = np.empty((len(ids), e_ND.shape[1]), np.float32)
       out_ND[sel] = e_ND[(row_N[sel] - first) * self.S + slot_N[sel]]
@@ -109,7 +110,7 @@ def mine_table(embed, params, t, opts, seed, step, out_dir, show) -> dict:
     corpus = search.place(embed(params, t, "pos", np.arange(P), t.longest_passage, bar.update), embed.mesh)
   writing = jax.process_index() == 0
   if writing:
-    neg_off, neg_ids = prepare._Offsets(out_dir / "neg_off.bin"), prepare._Flat(out_dir / "neg_ids.bin", np.int32)  # pylint: disable=protected-access
+    neg_off, neg_ids = prepare.Offsets(out_dir / "neg_off.bin"), prepare.Flat(out_dir / "neg_ids.bin", np.int32)
   stats, ident_C = mine.Stats(opts), np.arange(P)
   with tqdm.tqdm(total=len(t), unit=" query", desc=f"refresh {t.name}: mine", file=sys.stderr,
                  disable=not show) as bar:

@@ -81,7 +81,8 @@ def make_train_step(graphdef, tx, c, chunk_size=0):
 
   def train_step(state, batch, rngs):
     key = dropout_key(c.seed, state["step"])
-    (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, c, key, chunk_size)
+    (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, c, key,
+                                                              chunk_size)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

@@ -50,18 +50,20 @@ MASKING = dict(mask_duplicates=True, false_negatives="off", fn_margin=0.0, fn_re
 
 def _retrieval_args(e, b, s):
   q, p, n = e["query"], e["pos"], e.get("neg")
+  arrays = {k: b.get(k) for k in ("neg_valid", "pos_score", "neg_score")}
   keep, shares = losses.candidate_mask(
-      q, p, n, n_mask=b.get("neg_valid"), pos_id=b.get("pos_id"), neg_id=b.get("neg_id"), pos_score=b.get("pos_score"),
-      neg_score=b.get("neg_score"), duplicates=s.mask_duplicates, judge=s.false_negatives, margin=s.fn_margin,
-      relative=s.fn_relative)
-  kwargs = {"n_mask": b.get("neg_valid"), "keep": keep, "pos_score": b.get("pos_score"), "neg_score": b.get("neg_score")}
-  return (q, p, n), kwargs, shares
+      q, p, n, n_mask=arrays["neg_valid"], pos_id=b.get("pos_id"), neg_id=b.get("neg_id"),
+      pos_score=arrays["pos_score"], neg_score=arrays["neg_score"], duplicates=s.mask_duplicates,
+      judge=s.false_negatives, margin=s.fn_margin, relative=s.fn_relative)
+  return (q, p, n), {"n_mask": arrays["neg_valid"], "keep": keep, "pos_score": arrays["pos_score"],
+                     "neg_score": arrays["neg_score"]}, shares
 
 
 TASKS = {task.name: task for task in (
     Task("retrieval", aliases=("retri_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
-         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid", "pos_id", "neg_id", "pos_score", "neg_score"),
+         fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")),
+         extras=("neg_valid", "pos_id", "neg_id", "pos_score", "neg_score"),
          loss=losses.retrieval, settings=("temperature", "weight", *SCORE_KL), loss_args=_retrieval_args,
          defaults=dict(query_max_len=64, passage_max_len=512, neg_num=1, temperature=0.01, weight=1.0,
                        kl_weight=0.0, kl_temperature=0.0, teacher_temperature=0.02, **MASKING, **PREFIXES)),

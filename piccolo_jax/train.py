@@ -193,7 +193,7 @@ def train(config, workdir) -> dict:
       if c.eval.tasks:
         evals(0, state_lib.host_params(state["params"], run.mesh))
     while step < run.total and not preempt.requested:
-      if refresh.due(c.train, step, negatives):
+      if refresh.due(c.train, step):
         nonfinite.check(logger.flush())
         negatives, facts = refresh.refresh(run, state["params"], step)
         logger.write(step, facts, echo=False)

@@ -171,7 +171,8 @@ def test_prepared_passage_ids_mark_duplicates(tmp_path):
   """Through prepare and the plan: rows sharing a positive text get one passage id, so a batch's masks follow
   the texts (4 rows: two share positive A, which is also the fourth row's negative; B is a positive and a
   negative)."""
-  from piccolo_jax import batch as batch_lib, data, encode, plan as plan_lib, state  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from piccolo_jax import batch as batch_lib, data, encode, plan as plan_lib, state
   pos, neg = ["A", "B", "A", "E"], ["B", "C", "D", "A"]
   path = tmp_path / "r.jsonl"
   path.write_text("".join(json.dumps({"query": f"q{i}", "pos": [f"passage {p}"], "neg": [f"passage {n}"]}) + "\n"
