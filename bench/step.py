@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from bench import harness
-from piccolo_jax import batch as batch_lib, config, packing, sharding, state as state_lib, step as step_lib, tasks
+from piccolo_jax import attention, batch as batch_lib, config, flops as flops_lib, packing, sharding, state as state_lib
+from piccolo_jax import step as step_lib, tasks
 
 
 def of_texts(texts, extras, L, S=packing.SEGMENTS, multiple=1, groups=1) -> batch_lib.Batch:
@@ -38,14 +39,6 @@ def synthetic(task, B, Lq, Lp, K, vocab, seed=0) -> tuple:
                    multiple=jax.device_count())
   padded = {f"{f}_{k}": x if k == "ids" else np.ones_like(x) for f, x in texts.items() for k in ("ids", "mask")}
   return batch, padded | extras
-
-
-def model_flops(cfg, lens_N, remat=False) -> float:
-  """Analytic training FLOPs of texts of lens_N tokens, each alone (what packing or padding adds is not
-  counted): 3x the forward matmuls and attention (4x with remat); embeddings and softmax left out."""
-  D, F, lens_N = cfg.hidden_size, cfg.intermediate_size, np.asarray(lens_N, np.float64)
-  fwd = cfg.num_layers * (2 * lens_N.sum() * (4 * D * D + 2 * D * F) + 4 * (lens_N ** 2).sum() * D)
-  return (fwd + 2 * len(lens_N) * D * (cfg.dense_out or 0)) * (4 if remat else 3)
 
 
 def train_step(cfg, params, dims, seed=0, chunk_size=0):
@@ -101,6 +94,7 @@ def parser(doc, reps, threads=False):
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="torch: autocast")
   p.add_argument("--remat", action="store_true", help="JAX rematerialisation; torch gradient checkpointing")
   p.add_argument("--dropout", type=float, default=-1.0, help="hidden and attention dropout (-1: the model's)")
+  p.add_argument("--attention", default="xla", help="model.attention (fused kernels: interpreted on CPU)")
   return p
 
 
@@ -109,7 +103,8 @@ def setup(args) -> tuple:
   sets pseq."""
   cfg, params, _ = state_lib.load_init(args.model)
   drop = {"dropout": args.dropout, "attention_dropout": args.dropout} if args.dropout >= 0 else {}
-  cfg = cfg.replace(dtype=args.dtype, remat=args.remat, **drop)
+  cfg = cfg.replace(dtype=args.dtype, remat=args.remat, attention=args.attention, **drop)
+  cfg = cfg.replace(attention_dropout=attention.check_dropout(cfg.attention, cfg.attention_dropout, args.dropout > 0))
   task, args.pseq, E = tasks.lookup(args.task).name, args.pseq or args.seq, cfg.embed_dim
   K = args.neg if args.neg is not None else {"cls": 10}.get(task, 0)
   dims = config.MRL_DIMS if E == config.MRL_DIMS[-1] else (E // 3, 2 * E // 3, E)
@@ -189,7 +184,7 @@ def main(argv=None):
   mem = {k: harness.peak_mb(run, k) for k, run in runs.items()} if args.memory else {}
   peak = matmul_gflops(*((8192, "bfloat16") if dev == "cuda" else (2048, "float32")), dev if "torch" in runs else None)
   lens = [m.sum() for k, v in padded.items() if k.endswith("_mask") for m in v]
-  flops, n_tok = model_flops(cfg, lens, args.remat), int(sum(lens))
+  flops, n_tok = flops_lib.train_flops(cfg, flops_lib.Tokens.of_texts(lens)), int(sum(lens))
   out = {k: getattr(args, k) for k in ("model", "batch", "seq", "pseq", "dtype", "remat")} | {
       "task": task, "neg": K, "dropout": cfg.dropout, "mrl_dims": list(dims), "tokens": n_tok,
       "model_flops": flops, "xla_flops": info["jax"]["xla_flops"], "packed_rows": list(batch.tokens.shape),
@@ -209,7 +204,7 @@ def main(argv=None):
     rows.append((k, f"{out[f'{k}_compile_s']:.1f}" if k == "jax" else "-", f"{first[k][1]:.2f}", f"{s:.3f}",
                  f"{args.batch / s:.1f}", f"{n_tok / s:.0f}", f"{out[f'{k}_mfu_pct']:.1f}",
                  f"{out[f'{k}_cores']:.2f}", f"{m[0]:.0f} -> {m[1]:.0f}" if m else "-"))
-  notes = [f"MFU: analytic FLOPs of the real tokens {flops / 1e9:.1f} G/step (XLA counts {out['xla_flops'] / 1e9:.1f} G "
+  notes = [f"MFU: analytic FLOPs of the real tokens (piccolo_jax/flops.py, without remat's recompute) {flops / 1e9:.1f} G/step (XLA counts {out['xla_flops'] / 1e9:.1f} G "
            f"on {batch.tokens.shape[0]} packed rows of {batch.tokens.shape[1]}); peak matmul "
            f"GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}; {args.reps} alternating reps"]
   if args.settle and len(runs) > 1:

@@ -13,7 +13,7 @@ from piccolo_jax import config
 def get_config():
   c = config.base()
   c.model.dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat = "full"
   c.model.dense_out = 1792
   c.loss.mrl_dims = config.MRL_DIMS
   c.optim.lr = 1e-5

@@ -50,10 +50,12 @@ def menu_key(plan, units) -> tuple[str, list]:
   return task, [task]
 
 
-def row_length(plan, tasks, pack_length) -> int:
-  """L of the rows of a step of these tasks: pack_length, or their longest text."""
-  return max(pack_length, *(plan.longest[task, slot] for task in tasks
-                            for _, slot in tasks_lib.fields(tasks_lib.TASKS[task], plan.k[task])))
+def row_length(plan, tasks, pack_length, multiple=1) -> int:
+  """L of the rows of a step of these tasks: pack_length, or their longest text, rounded up to a multiple of
+  `multiple` (a fused attention kernel's block: attention.block)."""
+  return packing.round_up(max(pack_length, *(plan.longest[task, slot] for task in tasks
+                                             for _, slot in tasks_lib.fields(tasks_lib.TASKS[task], plan.k[task]))),
+                          multiple)
 
 
 def step_texts(plan, units) -> tuple[list, np.ndarray]:
@@ -70,7 +72,7 @@ def step_texts(plan, units) -> tuple[list, np.ndarray]:
   return out, np.concatenate(lens)
 
 
-def choose_menus(plan, c, multiple=1, steps=None) -> dict:
+def choose_menus(plan, c, multiple=1, steps=None, length_multiple=1) -> dict:
   """{menu key: at most c.pack_menu row counts}: the least-padding menus for the rows that the run's `steps`
   steps need (default: an epoch's), PLANNED of them spread over the run where it has more; from the token
   lengths of the prepared data alone, a function of the datasets, seed and run length."""
@@ -78,7 +80,8 @@ def choose_menus(plan, c, multiple=1, steps=None) -> dict:
   for step in np.unique(np.linspace(0, steps - 1, min(steps, PLANNED)).astype(int)):
     units = plan.units(int(step))
     key, tasks = menu_key(plan, units)
-    rows = packing.first_fit(step_texts(plan, units)[1], row_length(plan, tasks, c.pack_length), c.pack_segments)[2]
+    L = row_length(plan, tasks, c.pack_length, length_multiple)
+    rows = packing.first_fit(step_texts(plan, units)[1], L, c.pack_segments)[2]
     needed.setdefault(key, []).append(rows)
   return {key: packing.row_menu(n, c.pack_menu, multiple) for key, n in needed.items()}
 
@@ -90,18 +93,21 @@ class Assembler:
   process count, so the same dropout masks) and copies the tokens of its own R / P rows only.
   """
 
-  def __init__(self, c, plan, menus, process_index=0, process_count=1, row_multiple=1, groups=1):
-    """c: the data config; menus: choose_menus'; row_multiple: R is a multiple of it (the devices)."""
+  def __init__(self, c, plan, menus, process_index=0, process_count=1, row_multiple=1, groups=1, length_multiple=1):
+    """c: the data config; menus: choose_menus'; row_multiple: R is a multiple of it (the devices);
+    length_multiple: L is (attention.block)."""
     if c.global_batch_size % process_count or row_multiple % process_count:
       raise ValueError(f"global batch {c.global_batch_size} and packed rows multiple {row_multiple} must be "
                        f"divisible by {process_count} processes")
     self.c, self.plan, self.menus, self.p, self.P, self.multiple = c, plan, menus, process_index, process_count, row_multiple
     self.groups_per_unit = plan.unit * groups // c.global_batch_size
+    self.length_multiple = length_multiple
 
   def __call__(self, step, _=None) -> tuple[Batch, dict]:
     units, S, tables = self.plan.units(step), self.c.pack_segments, self.plan.tables
     key, tasks = menu_key(self.plan, units)
-    L, (texts, lens_N) = row_length(self.plan, tasks, self.c.pack_length), step_texts(self.plan, units)
+    L = row_length(self.plan, tasks, self.c.pack_length, self.length_multiple)
+    texts, lens_N = step_texts(self.plan, units)
     row_N, slot_N, needed = packing.first_fit(lens_N, L, S)
     R = packing.rows_for(needed, self.menus.get(key, ()), self.multiple) // self.P
     local_N, at, tokens, order, slots = row_N // R == self.p, 0, [], [], [{} for _ in units]
@@ -121,7 +127,8 @@ class Assembler:
                                        for k in per_unit[task_U.index(task)]} for task, _ in mix}
     real = int(lens_N[local_N].sum())
     info = dict(step=step, task=key, dataset=",".join(sorted({tables[d].name for d, _ in units})),
-                row_length=L, rows=R * self.P, tokens=real, pad_frac=float(1 - real / (R * L)))
+                row_length=L, rows=R * self.P, slots=S, tokens=real, pad_frac=float(1 - real / (R * L)),
+                squares=int((lens_N[local_N].astype(np.int64) ** 2).sum()), texts=int(local_N.sum()))
     return Batch(*(rows[k] for k in packing.ARRAYS), by_task(slots), by_task(extras), mix), info
 
 

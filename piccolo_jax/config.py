@@ -22,8 +22,12 @@ def base() -> ml_collections.ConfigDict:
       arch=ml_collections.ConfigDict(dict(  # Random init only.
           vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)),
       dtype="float32",  # Compute dtype; parameters and optimizer state stay float32.
-      remat=False,
-      dropout=-1.0,  # -1 keeps the checkpoint's; 0 turns dropout off.
+      remat="none",  # none | full | a jax.checkpoint_policies policy, e.g. dots_with_no_batch_dims_saveable
+      # (model.REMAT_POLICIES; True/False still read as full/none).
+      attention="auto",  # auto | xla | splash | pallas_gpu | cudnn (piccolo_jax/attention.py; auto: by platform).
+      dropout=-1.0,  # -1 keeps the checkpoint's; 0 turns dropout off (hidden and attention).
+      attention_dropout=-1.0,  # -1: model.dropout's, else the checkpoint's (0 on a fused kernel that cannot
+      # apply it); >= 0 sets it (an error on such a kernel).
       dense_out=0,  # Scaling layer output dim; 0 keeps the checkpoint's (new ones start random).
       max_position=0,  # > 0: this many positions (rows past the checkpoint's copy it) and the
       # position embeddings train (all rows: optim.freeze skips them), as the original's extend_pe.

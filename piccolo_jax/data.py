@@ -35,13 +35,14 @@ def load_tables(c, tasks_cfg, tokenizer, groups=1) -> list[prepare.Prepared]:
   return out
 
 
-def assembler(c, tasks_cfg, tables, process_index=0, process_count=1, row_multiple=1, groups=1, steps=None):
+def assembler(c, tasks_cfg, tables, process_index=0, process_count=1, row_multiple=1, groups=1, steps=None,
+              length_multiple=1):
   """The Assembler of this process's batches, its packing menus chosen for a run of `steps` steps (default:
-  an epoch) and logged."""
+  an epoch) and logged; row lengths a multiple of length_multiple (attention.block)."""
   plan = plan_lib.Plan(c, tasks_cfg, tables, groups)
-  menus = batch_lib.choose_menus(plan, c, row_multiple, steps)
+  menus = batch_lib.choose_menus(plan, c, row_multiple, steps, length_multiple)
   log.info("data: packed row counts per program: %s", menus)
-  return batch_lib.Assembler(c, plan, menus, process_index, process_count, row_multiple, groups)
+  return batch_lib.Assembler(c, plan, menus, process_index, process_count, row_multiple, groups, length_multiple)
 
 
 def make_iterator(assemble: batch_lib.Assembler, c):

@@ -15,6 +15,7 @@ import tqdm
 from flax import nnx
 import transformers
 
+from piccolo_jax import attention
 from piccolo_jax import model as model_lib
 from piccolo_jax import packing
 
@@ -25,6 +26,11 @@ CHUNK = 4096  # Texts tokenized at a time: the tokenizer holds ~21 KB per 110-to
 def bucket_length(n: int, buckets, max_length: int) -> int:
   """Smallest bucket >= n (capped at max_length)."""
   return min([b for b in buckets if b >= n] + [max_length])
+
+
+def _multiples(lengths, block) -> tuple:
+  """The lengths rounded up to multiples of block, sorted, once each."""
+  return tuple(sorted({packing.round_up(n, block) for n in lengths}))
 
 
 def load_tokenizer(model_dir):
@@ -49,7 +55,9 @@ class Embedder:
   """A model + tokenizer that encodes texts to numpy embeddings."""
 
   def __init__(self, model: model_lib.Bert, tokenizer, buckets=DEFAULT_BUCKETS, packing=True):
-    self.model, self.tokenizer, self.buckets = model, tokenizer, tuple(sorted(buckets))
+    self.block = attention.block(model.cfg.attention)  # Row lengths: multiples of the attention kernel's block.
+    self.model, self.tokenizer = model, tokenizer
+    self.buckets = _multiples(buckets, self.block)
     self.packing = packing  # Several texts per row (see encode_to); False pads each text to its bucket.
     self.computed = 0  # Tokens the model has run on, padding included.
     self.model.eval()
@@ -111,7 +119,7 @@ class Embedder:
     queues = collections.defaultdict(list)  # bucket length -> [(row, token ids)]
     for tokenized in self._tokenized(texts, len(out_ND), max_length, chunk):
       for row, ids in tokenized:
-        L = bucket_length(len(ids), self.buckets, max_length)
+        L = packing.round_up(bucket_length(len(ids), self.buckets, max_length), self.block)
         queues[L].append((row, ids))
         if len(queues[L]) == batch_size:
           self._encode_batch(L, queues[L], out_ND, batch_size, normalize, progress)
@@ -136,7 +144,7 @@ class Embedder:
     if not queue:
       return queue
     lens_N, S = np.array([len(ids) for _, ids in queue]), packing.SEGMENTS
-    L = bucket_length(lens_N.max(), self.buckets, max_length)
+    L = packing.round_up(bucket_length(lens_N.max(), self.buckets, max_length), self.block)
     row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
     done = rows if final else rows // R * R
     for first in range(0, done, R):

@@ -8,14 +8,19 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from piccolo_jax import flops as flops_lib
+
 
 class MetricLogger:
   """Fetches step metrics one step late (the step after is already dispatched, so the host never waits
   on the device between steps), updates the bar, writes every `every` steps to metrics.jsonl and tb/."""
 
   def __init__(self, workdir, total_steps, start_step, global_batch, mrl_dims, schedule, every,
-               enabled=True):
-    self.enabled, self.every, self.dims = enabled, every, tuple(mrl_dims)
+               enabled=True, flops=None):
+    """flops: info -> (computed, real) FLOPs of a global step (flops.step_flops), for FLOP/s and MFU."""
+    self.enabled, self.every, self.dims, self.flops = enabled, every, tuple(mrl_dims), flops
+    kind = jax.devices()[0].device_kind
+    self.peak = (flops_lib.peak(kind) or 0) * jax.device_count()  # 0: an unknown kind (a CPU), FLOP/s only.
     self.global_batch, self.schedule = global_batch, schedule
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if enabled and path.is_file():  # A resumed run rewrites what came after its checkpoint.
@@ -43,7 +48,9 @@ class MetricLogger:
     task, m = meta["task"], jax.device_get(metrics)
     now = time.perf_counter()
     dt, self.tick = now - self.tick, now
-    tokens = meta["tokens"] * jax.process_count()  # Real tokens, not padding.
+    # This process's real tokens (not padding), texts and squared lengths, times the processes.
+    tokens, scaled = meta["tokens"] * jax.process_count(), {k: meta.get(k, 0) * jax.process_count()
+                                                            for k in ("tokens", "squares", "texts")}
     self.task_loss |= {t: float(v) for t, v in m["task_loss"].items()}
     self.skipped += not bool(m["ok"])
     host = {"step": step, "task": task, "dataset": meta["dataset"], "row_length": meta["row_length"],
@@ -56,10 +63,18 @@ class MetricLogger:
             "nonfinite_skipped": self.skipped}
     host |= {f"loss/{task}/dim{d}": float(v) for d, v in zip(self.dims, np.ravel(m["loss_per_dim"]))}
     host |= {k: float(v) for k, v in m.get("stats", {}).items()}  # e.g. retrieval/masked_false_negatives
+    shown = {}
+    if self.flops:
+      computed, real = self.flops(meta | scaled)
+      host |= {"flops_computed": computed, "flops_real": real, "flops_per_s": real / dt}
+      shown["TFLOP/s"] = f"{real / dt / 1e12:.3g}"
+      if self.peak:
+        host["mfu"] = real / dt / self.peak
+        shown["MFU"] = f"{100 * host['mfu']:.1f}%"
     self.last = host
     self.bar.update(1)
     self.bar.set_postfix({**{f"{t}": f"{v:.4f}" for t, v in self.task_loss.items()},
-                          "ex/s": f"{host['examples_per_s']:.1f}", "tok/s": f"{host['tokens_per_s']:.0f}"},
+                          "ex/s": f"{host['examples_per_s']:.1f}", "tok/s": f"{host['tokens_per_s']:.0f}", **shown},
                          refresh=False)
     if step % self.every == 0:
       self.write(step, host, echo=False)

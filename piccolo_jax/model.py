@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from piccolo_jax import attention
+
 ACTIVATIONS = {
     # HF "gelu" is the exact erf form; written with erf, which XLA:CPU runs faster than jax.nn.gelu's erfc.
     "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476)),
@@ -16,6 +18,10 @@ ACTIVATIONS = {
 }
 DENSE_ACTIVATIONS = {"identity": lambda x: x, "tanh": jnp.tanh}
 POOLINGS = ("mean", "cls")
+# model.remat: none, full (each layer's input saved, the rest recomputed) or a jax.checkpoint_policies policy that
+# takes no arguments, e.g. dots_with_no_batch_dims_saveable (the projections' and FFN's matmul outputs saved).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +48,16 @@ class Config:
   distill_dim: int = 0  # > 0: a trainable map embed_dim -> distill_dim to a teacher's dimension (training
   # only: embeddings and exports do not use it).
   dtype: str = "float32"  # Compute dtype; parameters stay float32.
-  remat: bool = False
+  remat: str = "none"  # none | full | a jax.checkpoint_policies policy (REMAT_POLICIES), per encoder layer.
+  attention: str = "auto"  # attention.IMPLEMENTATIONS.
 
   def __post_init__(self):
+    if isinstance(self.remat, bool) or self.remat.lower() in ("true", "false"):  # Older configs: a bool.
+      object.__setattr__(self, "remat", "full" if str(self.remat).lower() == "true" else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} unknown; one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ValueError(f"attention {self.attention!r} unknown; one of {', '.join(attention.IMPLEMENTATIONS)}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} unsupported; one of {sorted(ACTIVATIONS)}")
     if self.pooling not in POOLINGS:
@@ -61,6 +74,10 @@ class Config:
 
   def replace(self, **kw) -> "Config":
     return dataclasses.replace(self, **kw)
+
+  def portable(self) -> "Config":
+    """The config a model dir keeps: float32 compute, no remat, attention chosen by the platform that loads it."""
+    return self.replace(dtype="float32", remat="none", attention="auto")
 
   def save(self, path):
     pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -120,44 +137,43 @@ class Embeddings(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention, projecting straight to and from head-major [B, H, L, E].
+  """Multi-head self-attention, projecting straight to and from the head layout its implementation takes
+  (attention.LAYOUT: [B, H, L, E] for xla and splash, [B, L, H, E] for the GPU kernels).
 
   Einsums against the [D, D] kernels viewed as [D, H, E] leave XLA fewer head transposes to copy
-  (the old [B, L, H, E] form took 1.15x the step on CPU: python -m bench.profile_step). Attention-probability
-  dropout, as HF BERT trains, is why this is written out rather than jax.nn.dot_product_attention.
+  (the old [B, L, H, E] form took 1.15x the xla step on CPU: BENCHMARKS.md, "Train step on CPU").
   """
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs, index=0):
     D = cfg.hidden_size
-    self.num_heads, self.dtype = cfg.num_heads, jnp.dtype(cfg.dtype)
+    self.num_heads, self.dtype, self.impl, self.index = cfg.num_heads, jnp.dtype(cfg.dtype), cfg.attention, index
     self.query, self.key, self.value, self.out = (_linear(cfg, D, D, rngs) for _ in range(4))
     self.attn_dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 
   # Einsum letter k is the head dim E: renaming letters reorders XLA's dot dimensions and changes the
   # float results (1.6e-7 in embeddings), so they stay as the measured, released ones.
-  def _heads(self, lin, x_BLD):
+  def _heads(self, lin, x_BLD, layout):
     D, H = x_BLD.shape[-1], self.num_heads
     w_DHE = lin.kernel[...].reshape(D, H, D // H).astype(self.dtype)
-    return jnp.einsum("bld,dhk->bhlk", x_BLD, w_DHE) + lin.bias[...].reshape(H, 1, D // H).astype(self.dtype)
+    b = lin.bias[...].reshape(H, 1, D // H) if layout == "bhlk" else lin.bias[...].reshape(H, D // H)
+    return jnp.einsum(f"bld,dhk->{layout}", x_BLD, w_DHE) + b.astype(self.dtype)
 
-  def __call__(self, x_BLD, mask_BQK):
-    """mask_BQK: bool [B, 1 or L, L], True where query q may attend to key k."""
-    D, H = x_BLD.shape[-1], self.num_heads
+  def __call__(self, x_BLD, mask):
+    """mask: attention.mask's, for this implementation."""
+    D, H, layout = x_BLD.shape[-1], self.num_heads, attention.LAYOUT[attention.resolve(self.impl)]
     x_BLD = x_BLD.astype(self.dtype)
-    q_BHLE, k_BHLE, v_BHLE = (self._heads(lin, x_BLD) for lin in (self.query, self.key, self.value))
-    logits_BHLL = jnp.einsum("bhqk,bhsk->bhqs", q_BHLE * (D // H) ** -0.5, k_BHLE)
-    logits_BHLL = jnp.where(mask_BQK[:, None], logits_BHLL, jnp.finfo(self.dtype).min)
-    probs_BHLL = self.attn_dropout(jax.nn.softmax(logits_BHLL.astype(jnp.float32), axis=-1))
-    o_BHLE = jnp.einsum("bhqs,bhsk->bhqk", probs_BHLL.astype(self.dtype), v_BHLE)
+    q, k, v = (self._heads(lin, x_BLD, layout) for lin in (self.query, self.key, self.value))
+    o = attention.attend(self.impl, q * (D // H) ** -0.5, k, v, mask, dropout=self.attn_dropout,
+                         rate=self.attn_dropout.rate, seed=self.index)
     w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
-    return jnp.einsum("bhlk,hkd->bld", o_BHLE, w_HED) + self.out.bias[...].astype(self.dtype)
+    return jnp.einsum(f"{layout},hkd->bld", o, w_HED) + self.out.bias[...].astype(self.dtype)
 
 
 class Layer(nnx.Module):
   """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
-  def __init__(self, cfg: Config, rngs: nnx.Rngs):
-    self.attn = Attention(cfg, rngs)
+  def __init__(self, cfg: Config, rngs: nnx.Rngs, index=0):
+    self.attn = Attention(cfg, rngs, index)
     self.attn_ln = _layer_norm(cfg, rngs)
     self.ffn_in = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
     self.ffn_out = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
@@ -165,8 +181,8 @@ class Layer(nnx.Module):
     self.dropout = Dropout(cfg.dropout, rngs=rngs)
     self.act = ACTIVATIONS[cfg.hidden_act]
 
-  def __call__(self, x_BLD, mask_BQK):
-    x_BLD = self.attn_ln(x_BLD + self.dropout(self.attn(x_BLD, mask_BQK)))
+  def __call__(self, x_BLD, mask):
+    x_BLD = self.attn_ln(x_BLD + self.dropout(self.attn(x_BLD, mask)))
     h_BLF = self.act(self.ffn_in(x_BLD))
     return self.ffn_ln(x_BLD + self.dropout(self.ffn_out(h_BLF)))
 
@@ -177,22 +193,24 @@ class Bert(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, rngs)
-    self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([Layer(cfg, rngs, i) for i in range(cfg.num_layers)])
     if cfg.dense_out:
       self.dense = _linear(cfg, cfg.hidden_size, cfg.dense_out, rngs, use_bias=cfg.dense_bias)
     if cfg.distill_dim:
       self.distill_map = _linear(cfg, cfg.embed_dim, cfg.distill_dim, rngs)
 
-  def hidden_states(self, ids_BL, mask_BL, *, attend_BQK=None, pos_BL=None):
-    """Last-layer token states [B, L, hidden]; attend_BQK (default: keys where mask_BL) as in Attention."""
-    attend_BQK = mask_BL[:, None, :].astype(bool) if attend_BQK is None else attend_BQK
+  def hidden_states(self, ids_BL, seg_BL, pos_BL=None, len_BS=None):
+    """Last-layer token states [B, L, hidden]: token l attends to the tokens of its own segment seg_BL[l] (a text;
+    padding is segment 0), at positions pos_BL (default 0..L-1), len_BS the texts' lengths (cudnn's layout)."""
+    mask = attention.mask(self.cfg.attention, seg_BL, len_BS)
     x_BLD = self.embeddings(ids_BL, pos_BL)
     for layer in self.layers:
-      x_BLD = (nnx.remat(layer) if self.cfg.remat else layer)(x_BLD, attend_BQK)
+      x_BLD = remat(layer, self.cfg.remat)(x_BLD, mask)
     return x_BLD
 
   def __call__(self, ids_BL, mask_BL):
-    h_BLD = self.hidden_states(ids_BL, mask_BL).astype(jnp.float32)
+    """Embeddings of one text a row, padded: mask_BL is 1 on its tokens."""
+    h_BLD = self.hidden_states(ids_BL, mask_BL, None, mask_BL.sum(1, keepdims=True)).astype(jnp.float32)
     if self.cfg.pooling == "cls":
       e_BD = h_BLD[:, 0]
     else:
@@ -205,8 +223,7 @@ class Bert(nnx.Module):
     len_RS[r, s] tokens with seg_RL == s + 1, at positions pos_RL from 0. Attention stays within a
     text and pooling is per text, so each equals its unpacked embedding up to float rounding; an
     empty slot comes out as head(0)."""
-    attend_RQK = seg_RL[:, :, None] == seg_RL[:, None, :]
-    h_RLD = self.hidden_states(ids_RL, None, attend_BQK=attend_RQK, pos_BL=pos_RL).astype(jnp.float32)
+    h_RLD = self.hidden_states(ids_RL, seg_RL, pos_RL, len_RS).astype(jnp.float32)
     in_RLS = seg_RL[..., None] == jnp.arange(1, len_RS.shape[1] + 1)
     n_RS = len_RS
     if self.cfg.pooling == "cls":  # The first token of each text.
@@ -232,6 +249,16 @@ def l2_normalize(x, eps=1e-12):
   0, not NaN (packed batches' empty slots are zero vectors)."""
   x = x.astype(jnp.float32)
   return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def remat(layer, policy: str):
+  """The layer, rematerialised under `policy` (Config.remat) in the backward pass."""
+  if policy == "none":
+    return layer
+  # The layer passed as an argument, so that its dropout RNG counts go in and out of the remat trace.
+  run = nnx.remat(lambda layer, *xs: layer(*xs),
+                  policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy))
+  return lambda *xs: run(layer, *xs)
 
 
 def abstract_model(cfg: Config) -> Bert:

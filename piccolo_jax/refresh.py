@@ -15,6 +15,7 @@ so a resume reads the same files; a version already complete on disk is reused, 
 import functools
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from piccolo_jax import attention
 from piccolo_jax import data as data_lib
 from piccolo_jax import losses
 from piccolo_jax import mine
@@ -67,21 +69,22 @@ def check(config):
 class Embed:
   """Unit embeddings of a prepared dataset's texts by the model of some parameters, on the whole mesh."""
 
-  def __init__(self, graphdef, rngs, mesh, c):
+  def __init__(self, graphdef, rngs, mesh, c, length_multiple=1):
     self.mesh, self.S, self.pack_length, self.rngs = mesh, c.pack_segments, c.pack_length, rngs
-    self.rows = sharding.batch_sharding(mesh)
+    self.rows, self.block = sharding.batch_sharding(mesh), length_multiple
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def embed(params, rngs, *arrays):
-      model = nnx.merge(graphdef, params, rngs)
-      model.eval()
-      e_RSD = model.packed(*arrays)
-      return losses.normalize(e_RSD.reshape(-1, e_RSD.shape[-1]))
+      with attention.on(mesh):
+        model = nnx.merge(graphdef, params, rngs)
+        model.eval()
+        e_RSD = model.packed(*arrays)
+        return losses.normalize(e_RSD.reshape(-1, e_RSD.shape[-1]))
     self.fn = embed
 
   def __call__(self, params, t, slot, ids, longest, progress=None) -> np.ndarray:
     """float32 [len(ids), D] of queries (slot "query") or passages `ids` of table t; longest: their longest."""
-    L = max(self.pack_length, -(-longest // 8) * 8)
+    L = max(packing.round_up(self.pack_length, self.block), packing.round_up(longest, math.lcm(8, self.block)))
     lens_N = t.q_len(ids) if slot == "query" else t.p_len(ids)
     row_N, slot_N, rows = packing.first_fit(lens_N, L, self.S)
     R = packing.round_up(max(1, ROW_TOKENS // L), self.mesh.size)
@@ -152,7 +155,7 @@ def refresh(run, params, step) -> tuple[str, dict]:
       shutil.rmtree(tmp, ignore_errors=True)  # A refresh cut short (kill -9) left it.
       tmp.mkdir(parents=True)
     modeldir.sync(f"refresh {version}: start")
-    embed = Embed(run.graphdef, run.rngs, run.mesh, run.config.data)
+    embed = Embed(run.graphdef, run.rngs, run.mesh, run.config.data, attention.block(run.mcfg.attention))
     show = jax.process_index() == 0
     for t in refreshed(run.config, run.tables):
       if show:
@@ -190,6 +193,7 @@ def iterator(run, version, position):
   c = run.config
   plan = plan_lib.Plan(c.data, c.tasks, tables, c.loss.groups)
   a = run.assemble
-  it = data_lib.make_iterator(type(a)(c.data, plan, a.menus, a.p, a.P, a.multiple, c.loss.groups), c.data)
+  it = data_lib.make_iterator(type(a)(c.data, plan, a.menus, a.p, a.P, a.multiple, c.loss.groups, a.length_multiple),
+                              c.data)
   it.set_state(position)
   return it

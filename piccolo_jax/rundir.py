@@ -83,7 +83,7 @@ class Best:
   (every metric here is higher-is-better); no metric, no tracking."""
 
   def __init__(self, workdir, metric, mcfg, tok_dir):
-    self.dir, self.mcfg, self.tok_dir = workdir / "best", mcfg.replace(dtype="float32", remat=False), tok_dir
+    self.dir, self.mcfg, self.tok_dir = workdir / "best", mcfg.portable(), tok_dir
     self.json, self.metric = workdir / "best.json", metric
     old = json.loads(self.json.read_text()) if self.json.is_file() else {}
     self.value, self.step = old.get("value", -math.inf), old.get("step", -1)
@@ -119,7 +119,7 @@ def export_final(run, step, params, evals):
   done = stamp.is_file() and json.loads(stamp.read_text()).get("step") == step
   if done and (workdir / "model").is_dir() and (workdir / "export").is_dir():
     return
-  mcfg = mcfg.replace(dtype="float32", remat=False)
+  mcfg = mcfg.portable()
   new_model, new_export = workdir / ".model.new", workdir / ".export.new"
   if is_main:
     shutil.rmtree(new_model, ignore_errors=True)

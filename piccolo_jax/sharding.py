@@ -10,13 +10,13 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")  # The batch is split over every device.
 
 
-def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:
-  """A (data, fsdp) mesh over all devices of all processes."""
-  n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp) mesh over `devices` (default: all devices of all processes)."""
+  n = len(devices) if devices is not None else jax.device_count()
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {n}")
   auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=auto)
+  return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=auto, devices=devices)
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from piccolo_jax import attention
 from piccolo_jax import convert
 from piccolo_jax import modeldir
 from piccolo_jax import model as model_lib
@@ -79,9 +80,15 @@ def init_params(config) -> tuple[model_lib.Config, dict, str]:
   m, init, tok_dir = config.model, config.model.init, tokenizer_dir(config.model)
   cfg, params, _ = load_init(init, config.seed) if init else (model_lib.Config(**m.arch), None, "")
   params = random_params(cfg, config.seed) if params is None else params
-  cfg = cfg.replace(dtype=m.dtype, remat=m.remat)
+  cfg = cfg.replace(dtype=m.dtype, remat=m.remat, attention=attention.resolve(m.attention))
   if m.dropout >= 0:
     cfg = cfg.replace(dropout=m.dropout, attention_dropout=m.dropout)
+  cfg = cfg.replace(attention_dropout=m.attention_dropout if m.attention_dropout >= 0 else cfg.attention_dropout)
+  rate = attention.check_dropout(cfg.attention, cfg.attention_dropout, explicit=m.attention_dropout >= 0)
+  if rate != cfg.attention_dropout:
+    log.info("model.attention=%s applies no attention dropout: %s -> 0 (set model.attention_dropout=0 to say so)",
+             cfg.attention, cfg.attention_dropout)
+    cfg = cfg.replace(attention_dropout=rate)
   if m.dense_out and m.dense_out != cfg.dense_out:
     if cfg.dense_out:
       raise ValueError(f"model.dense_out={m.dense_out} but {init} has a scaling layer to {cfg.dense_out}")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from piccolo_jax import attention
 from piccolo_jax import gradcache
 from piccolo_jax import losses
 from piccolo_jax import tasks as tasks_lib
@@ -72,14 +73,19 @@ def value_and_grad(graphdef, rngs, params, batch, c, key=None, chunk_size=0):
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def make_train_step(graphdef, tx, c, chunk_size=0):
+def make_train_step(graphdef, tx, c, chunk_size=0, mesh=None):
   """The jitted step (state, batch, rngs) -> (state, metrics); non-finite updates are skipped.
 
   Dropout keys depend only on (c.seed, step), so a resumed run replays the same masks. chunk_size > 0
-  gets the same gradient by gradient caching, chunk_size packed rows at a time.
+  gets the same gradient by gradient caching, chunk_size packed rows at a time. mesh: the one the batch is
+  sharded over, where the fused attention kernels run per device (attention.attend).
   """
 
   def train_step(state, batch, rngs):
+    with attention.on(mesh):
+      return _train_step(state, batch, rngs)
+
+  def _train_step(state, batch, rngs):
     key = dropout_key(c.seed, state["step"])
     (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, c, key,
                                                               chunk_size)

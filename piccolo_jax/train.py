@@ -15,12 +15,14 @@ import jax
 from jax.experimental import multihost_utils
 from flax import nnx
 
+from piccolo_jax import attention
 from piccolo_jax import checkpoint
 from piccolo_jax import cli
 from piccolo_jax import config as config_lib
 from piccolo_jax import data as data_lib
 from piccolo_jax import encode
 from piccolo_jax import evaluate
+from piccolo_jax import flops
 from piccolo_jax import logs
 from piccolo_jax import plan as plan_lib
 from piccolo_jax import refresh
@@ -164,9 +166,9 @@ def start(config, workdir) -> Run:
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
   multiple = math.lcm(jax.device_count(), max(chunk, 1))  # Packed rows split over the devices and chunks.
   assemble = data_lib.assembler(config.data, config.tasks, tables, jax.process_index(), jax.process_count(),
-                                multiple, groups, total)
+                                multiple, groups, total, attention.block(mcfg.attention))
   return Run(workdir, config, mesh, mcfg, tok_dir, tokenizer, tables, total, schedule, state, shardings, graphdef,
-             rngs, step_lib.make_train_step(graphdef, tx, config, chunk), assemble,
+             rngs, step_lib.make_train_step(graphdef, tx, config, chunk, mesh), assemble,
              data_lib.make_iterator(assemble, config.data))
 
 
@@ -183,7 +185,8 @@ def train(config, workdir) -> dict:
              c.data.global_batch_size, c.loss.groups, c.data.mix, jax.device_count(), dict(run.mesh.shape),
              f", resuming at step {step}" if step else "")
     logger = logs.MetricLogger(run.workdir, run.total, step, c.data.global_batch_size, c.loss.mrl_dims,
-                               run.schedule, c.train.log_every, enabled=jax.process_index() == 0)
+                               run.schedule, c.train.log_every, enabled=jax.process_index() == 0,
+                               flops=lambda info: flops.step_flops(run.mcfg, info))
     evals, nonfinite = Evals(c, run, logger), NonFinite(c.train.max_nonfinite_steps, mngr)
     if not step:  # Start-up facts: the rows each dataset dropped, by reason, and those with teacher scores
       # (tasks.retrieval.kl_weight); the model before training.

@@ -66,3 +66,15 @@ def test_packing_bench(tiny_dir, tmp_path):
   e = out["epochs"]["retrieval-zh 64/512"]
   assert e["real_tokens"] <= e["padded"]["packed"] < e["padded"]["torch pad-to-longest"]
   assert set(e["secs"]) == {"packed", "torch pad-to-longest"} and "| packed |" in md.read_text()
+
+
+def test_accel_run_dry_run():
+  """python -m bench.accel run --dry-run: the device benchmark's whole path at a tiny shape on CPU, every attention
+  implementation that runs here (the fused kernels interpreted) and the PyTorch original on the same texts."""
+  out = run_cli("accel", "run", "--dry-run", "--reps", "1")
+  runs = {(r["task"], r["attention"]): r for r in out["runs"]}
+  assert set(runs) == {(t, a) for t in ("retrieval", "sts") for a in ("xla", "splash", "pallas_gpu", "torch")}
+  for (task, impl), r in runs.items():
+    assert r["step_s"] > 0 and r["real_tokens_per_s"] > 0 and r["mfu"] is None, r  # No peak for a CPU.
+    if impl in ("splash", "pallas_gpu"):  # The same step: losses within bfloat16 rounding of xla's.
+      np.testing.assert_allclose(r["loss"], runs[task, "xla"]["loss"], rtol=2e-2)

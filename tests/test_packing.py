@@ -13,6 +13,7 @@ from flax import nnx
 import conftest
 import tiny_config
 from bench import torch_ref
+from piccolo_jax import attention
 from piccolo_jax import config
 from piccolo_jax import data
 from piccolo_jax import encode
@@ -173,19 +174,39 @@ def _assert_close(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
-def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch):
-  """A step of all three tasks, 4 loss groups: its loss and every parameter gradient, packed, equal each text
-  embedded alone (all-MiniLM-L6-v2's first two layers, dropout off)."""
+@pytest.fixture(scope="module")
+def two_layers(mixed_batch):
+  """all-MiniLM-L6-v2's first two layers (dropout off), its loss config, and the loss and gradients of the mixed
+  batch with each text embedded alone (the written-out attention, padded)."""
   cfg, params = conftest.minilm_layers(2)
   graphdef, rngs = _split(cfg, params)
   lc = _loss_config((128, 256, 384))
-  grads = jax.jit(lambda p, b: step_lib.value_and_grad(graphdef, rngs, p, b, lc))
-  b, mesh = mixed_batch, sharding.make_mesh(1)
-  want = _unpacked_value_and_grad(graphdef, rngs, lc)(params, _padded(b), b)
-  _assert_close(grads(params, b), want)
-  sharded, on_mesh = jax.device_put(params, sharding.replicated(mesh)), sharding.put_batch(b, mesh)
-  compiled = grads.lower(sharded, on_mesh).compile()
-  _assert_close(compiled(sharded, on_mesh), want)
+  return cfg, params, lc, _unpacked_value_and_grad(graphdef, rngs, lc)(params, _padded(mixed_batch), mixed_batch)
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash", "pallas_gpu"])
+def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch, two_layers, impl):
+  """A step of all three tasks, 4 loss groups: its loss and every parameter gradient, packed, equal each text
+  embedded alone (all-MiniLM-L6-v2's first two layers, dropout off), through each attention implementation (the
+  fused kernels in Pallas' interpret mode, under shard_map on the mesh); and so do the embeddings."""
+  cfg, params, lc, want = two_layers
+  graphdef, rngs = _split(cfg.replace(attention=impl), params)
+  b = mixed_batch
+  if impl != "xla":  # xla's embeddings: test_packed_embeddings_equal_unpacked_through_minilm.
+    emb_ND = np.asarray(jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs).packed(*x))(params, *b.rows()))
+    unpacked = jax.jit(lambda p, *x: nnx.merge(_split(cfg, params)[0], p, rngs)(*x))
+    for task, fields in _padded(b).items():
+      for f, (ids, mask) in fields.items():
+        keep = b.extras[task]["neg_valid"].reshape(-1) if f == "neg" else slice(None)
+        np.testing.assert_allclose(emb_ND.reshape(-1, cfg.hidden_size)[b.slots[task][f]][keep],
+                                   unpacked(params, ids, mask)[keep], atol=1e-5, err_msg=f"{task} {f}")
+  for mesh in (sharding.make_mesh(1, jax.devices()[:1]), sharding.make_mesh(1)):
+    def grads(p, b, mesh=mesh):
+      with attention.on(mesh):
+        return step_lib.value_and_grad(graphdef, rngs, p, b, lc)
+    sharded, on_mesh = jax.device_put(params, sharding.replicated(mesh)), sharding.put_batch(b, mesh)
+    compiled = jax.jit(grads).lower(sharded, on_mesh).compile()
+    _assert_close(compiled(sharded, on_mesh), want)
   # Slot embeddings cross devices; the activations do not.
   (R, L), S, D = b.tokens.shape, b.lengths.shape[1], cfg.hidden_size
   results = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(",

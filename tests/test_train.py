@@ -45,6 +45,8 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   assert len(rows) == 8 * 6  # 8 epochs x (2 + 2 + 2) batches
   for m in rows:
     assert m["ok"] and np.isfinite(m[f"loss/{m['task']}"])
+    # FLOP/s of the real tokens (flops.py); no MFU on a CPU, whose peak is unknown.
+    assert 0 < m["flops_real"] < m["flops_computed"] and m["flops_per_s"] > 0 and "mfu" not in m
   for task in ("retrieval", "sts", "cls"):
     losses = [m[f"loss/{task}"] for m in rows if m["task"] == task]
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), (task, losses)  # Last vs first 2 epochs.

@@ -1,0 +1,132 @@
+"""Analytic bytes per device of the train step (bench.accel lower), and their check against XLA's memory_analysis().
+
+Per device, with P parameters, fsdp f, T = rows x L tokens on the device, compute dtype of b bytes:
+- state: float32 parameters and Adam's two moments, 12 P / f (sharded over fsdp);
+- step: float32 gradients 4 P / f, and the compute-dtype copies of the weights that the backward pass reads,
+  b P (none where remat recomputes the casts);
+- activations, per layer, what the backward pass keeps (`layer_bytes`): everything (none), the layer's input
+  (full; plus one layer's everything while its backward runs), or the input and the outputs of the matmuls
+  without batch dimensions (dots_with_no_batch_dims_saveable: q, k, v, the output projection, both FFN
+  matmuls; plus one layer's rest), counted from the residuals JAX's autodiff keeps. Attention keeps float32 and compute-dtype probabilities [rows, H, L, L] on
+  the xla path, and only its output and float32 log-sum-exp [rows, H, L] in a fused kernel.
+"""
+import jax
+import numpy as np
+
+from bench import harness
+from piccolo_jax import flops, sharding
+
+HBM_GB = {"H100 / H200 80 GB (of H200's 141)": 80, "TPU v5e 16 GB": 16, "TPU v4 32 GB": 32, "TPU v5p 95 GB": 95}
+USABLE = 0.9  # Of a chip's HBM, what a program may plan on (the rest: runtime, fragmentation).
+POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable")
+
+
+def param_count(cfg) -> int:
+  D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  layer = 4 * (D * D + D) + 2 * D * F + F + D + 4 * D
+  emb = (V + cfg.max_position + cfg.type_vocab_size) * D + 2 * D
+  return cfg.num_layers * layer + emb + (cfg.dense_out or 0) * (D + 1)
+
+
+def layer_bytes(cfg, rows, L, impl, policy, b) -> tuple[float, float]:
+  """(bytes one layer keeps for the backward pass, bytes of one layer's backward working set) on `rows` rows."""
+  D, F, H, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, rows * L
+  fused = impl != "xla"
+  attn = rows * H * L * 4 + T * D * b if fused else rows * H * L * L * (4 + b)  # lse + output, or probabilities.
+  dropout = 2 * T * D * (cfg.dropout > 0)  # Two hidden dropout keep-masks, a byte each.
+  # input, q, k, v, LN1 in/out, LN2 in and out; FFN in, erf(in), out (the exact GELU's derivative reads the erf).
+  everything = 8 * T * D * b + 3 * T * F * b + attn + dropout
+  if policy in ("none", "everything_saveable", "dots_saveable"):
+    return everything, 0.0
+  if policy in ("full", "nothing_saveable"):
+    return T * D * b, everything
+  return T * (6 * D + F) * b, everything  # dots_with_no_batch_dims_saveable: input + 6 matmul outputs.
+
+
+def device_bytes(cfg, rows, L, S, impl, policy, fsdp=1) -> dict:
+  """Analytic bytes per device of a step on `rows` packed rows of L tokens (S slots), by what holds them."""
+  P, b = param_count(cfg), np.dtype(cfg.dtype).itemsize
+  keep, work = layer_bytes(cfg, rows, L, impl, policy, b)
+  weights = 0 if policy != "none" else b * (P - cfg.vocab_size * cfg.hidden_size)  # Casts kept for backward.
+  out = {"parameters": 4 * P / fsdp, "optimizer": 8 * P / fsdp, "gradients": 4 * P / fsdp,
+         "weight_casts": weights,
+         "activations": cfg.num_layers * keep + work + rows * L * cfg.hidden_size * b + rows * S * cfg.hidden_size * 4}
+  out["total"] = sum(out.values())
+  return out
+
+
+def largest_batch(cfg, L, S, impl, policy, devices, fsdp, queries_per_row) -> dict:
+  """{HBM: the largest global batch (queries, over `devices` chips) whose step fits USABLE of each chip's HBM},
+  activations linear in the rows."""
+  fixed = device_bytes(cfg, 0, L, S, impl, policy, fsdp)
+  per_row = device_bytes(cfg, 1, L, S, impl, policy, fsdp)["total"] - fixed["total"]
+  return {name: int(max(0, (gb * 2**30 * USABLE - fixed["total"]) // per_row) * devices * queries_per_row)
+          for name, gb in HBM_GB.items()}
+
+
+def table(cfg, batch, mesh, tasks) -> dict:
+  """Bytes per device of the step on `batch` (every device's rows), per remat policy, with the largest batch."""
+  (R, L), S = batch.tokens.shape, batch.lengths.shape[1]
+  devices, fsdp, queries = mesh.size, mesh.shape["fsdp"], sum(tasks.values())
+  out = {}
+  for policy in POLICIES:
+    for impl in ("xla", "fused"):
+      gb = {k: v / 2**30 for k, v in device_bytes(cfg, R // devices, L, S, impl, policy, fsdp).items()}
+      out[f"{policy}/{impl}"] = gb | {"largest_batch": largest_batch(cfg, L, S, impl, policy, devices, fsdp,
+                                                                     queries / R)}
+  return out
+
+
+def compare(cfg, batch, dims, policies=POLICIES) -> list:
+  """Analytic bytes and FLOPs against XLA's analyses of the xla-attention step compiled on one CPU device, per
+  policy: [{policy, analytic state (parameters + optimizer) and XLA's arguments, analytic step (gradients, casts,
+  activations) and XLA's temporaries, in MB; computed FLOPs and XLA's count, compiled and as lowered}]."""
+  from bench import accel  # pylint: disable=g-import-not-at-top
+  mesh, rows = sharding.make_mesh(1, jax.devices()[:1]), []
+  (R, L), S = batch.tokens.shape, batch.lengths.shape[1]
+  for policy in policies:
+    c = cfg.replace(remat=policy, attention="xla", attention_dropout=0.0)
+    step, args = accel.step_args(c, batch, dims, mesh)
+    lowered = step.lower(*args)
+    compiled, secs = harness.timed(lowered.compile)
+    mem, mine = compiled.memory_analysis(), device_bytes(c, R, L, S, "xla", policy)
+    count = lambda cost: float((cost[0] if isinstance(cost, list) else cost).get("flops", 0))
+    rows.append({"policy": policy, "analytic_state_mb": (mine["parameters"] + mine["optimizer"]) / 2**20,
+                 "xla_arguments_mb": mem.argument_size_in_bytes / 2**20,
+                 "analytic_step_mb": (mine["total"] - mine["parameters"] - mine["optimizer"]) / 2**20,
+                 "xla_temp_mb": mem.temp_size_in_bytes / 2**20, "compile_s": secs,
+                 "computed_flops": flops.train_flops(c, flops.Tokens.of_rows(R, L, S), policy),
+                 "xla_flops": count(compiled.cost_analysis()), "lowered_flops": count(lowered.cost_analysis())})
+  return rows
+
+
+def markdown(out) -> list[str]:
+  """BENCHMARKS.md tables of a `bench.accel lower` result."""
+  gb = lambda x: f"{x:.2f}"
+  lines = ["", "| platform | attention | lowered in s | custom calls | [.., L, L] tensors left |", "|---|---|---|---|---|"]
+  lines += [f"| {e['platform']} | {e['attention']} | {e['seconds']} | {', '.join(e['custom_calls']) or '-'} | "
+            f"{', '.join(e['LxL_tensors']) or 'none'} |" for e in out["exports"]]
+  f = out["flops"]
+  lines += ["", "| FLOPs per step | tokens | sum of squared lengths | TFLOP |", "|---|---|---|---|",
+            f"| real (texts alone) | {f['real_tokens']:.0f} | {f['real_squares']:.3g} | {f['real'] / 1e12:.1f} |",
+            f"| computed (rows, padding included) | {f['computed_tokens']:.0f} | {f['computed_squares']:.3g} | "
+            f"{f['computed'] / 1e12:.1f} |"]
+  names = list(HBM_GB)
+  lines += ["", "| remat / attention | parameters GB | optimizer GB | gradients GB | weight casts GB | activations GB "
+            "| total GB | " + " | ".join(f"largest global batch, 8 x {n}" for n in names) + " |", "|---" * (7 + len(names)) + "|"]
+  for k, v in out["bytes"].items():
+    lines.append(f"| {k} | " + " | ".join(gb(v[x]) for x in ("parameters", "optimizer", "gradients", "weight_casts",
+                                                              "activations", "total")) + " | " +
+                 " | ".join(str(v["largest_batch"][n]) for n in names) + " |")
+  if "xla_memory" in out:
+    lines += ["", "| remat (CPU compile) | analytic state MB | XLA arguments MB | ratio | analytic step MB | "
+              "XLA temporaries MB | ratio | computed GFLOP | XLA GFLOP compiled | ratio | XLA GFLOP as lowered | ratio |",
+              "|---" * 12 + "|"]
+    for r in out["xla_memory"]:
+      lines.append(f"| {r['policy']} | {r['analytic_state_mb']:.0f} | {r['xla_arguments_mb']:.0f} | "
+                   f"{r['xla_arguments_mb'] / r['analytic_state_mb']:.2f} | {r['analytic_step_mb']:.0f} | "
+                   f"{r['xla_temp_mb']:.0f} | {r['xla_temp_mb'] / r['analytic_step_mb']:.2f} | "
+                   f"{r['computed_flops'] / 1e9:.1f} | {r['xla_flops'] / 1e9:.1f} | "
+                   f"{r['xla_flops'] / r['computed_flops']:.3f} | {r['lowered_flops'] / 1e9:.1f} | "
+                   f"{r['lowered_flops'] / r['computed_flops']:.3f} |")
+  return lines
