@@ -1,20 +1,28 @@
-"""Training checkpoints: an async Orbax manager over (train state, data position), restored with fallback.
+"""Training checkpoints: an async Orbax manager over (train state, data position, their digests), restored with
+fallback.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut
 short (a crash, kill -9) leaves only a `*.orbax-checkpoint-tmp*` directory, which is ignored and
-cleaned up. A damaged complete checkpoint (missing or truncated files, non-finite values) is
-moved aside as `N.corrupt-<time>` on restore, and the previous one is used.
+cleaned up. Each process's digests of its state shards and of the data position (digest.py) are an item of the
+checkpoint, so written before it counts as complete. A damaged complete checkpoint (missing or truncated files,
+non-finite values, content that differs from its digests) is moved aside as `N.corrupt-<time>` on restore, and
+the previous one is used: every process takes the same decision.
 """
 import contextlib
+import dataclasses
+import json
 import logging
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
+from piccolo_jax import digest
 from piccolo_jax import modeldir
 
 log = logging.getLogger("piccolo_jax.train")
@@ -34,7 +42,7 @@ def manager(workdir, c):
   options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
   directory = c.get("dir") or (pathlib.Path(workdir) / "checkpoints").absolute()
-  mngr = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+  mngr = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
   try:
     yield mngr
   finally:
@@ -42,15 +50,51 @@ def manager(workdir, c):
     mngr.close()
 
 
-def save_args(state, data_iterator, negatives=""):
-  """Orbax args: the train state, and the data position as JSON: the iterator's state, and the version of
-  refreshed negatives it reads ("": the datasets' own; piccolo_jax/refresh.py).
+ITEMS = ("state", "data", "digests")
 
-  The data position (grain state {'next_index': step}) is the same on every process, so a
-  checkpoint restores under a different process count (e.g. a 2-process run resumed by 1).
+
+class DigestHandler(ocp.JsonCheckpointHandler):
+  """The `digests` item: one JSON file per process (its own shards'), written in Orbax's background commit (the
+  checkpoint is complete only once it is), read back merged."""
+
+  async def _save_fn(self, x, directory):
+    (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(x))
+
+  def restore(self, directory, item=None, args=None) -> dict:
+    out = {"arrays": {}, "data": None}
+    for f in sorted(epath.Path(directory).glob("process_*.json")):
+      d = json.loads(f.read_text())
+      out["data"] = d["data"]
+      for name, by_key in d["arrays"].items():
+        out["arrays"].setdefault(name, {}).update(by_key)
+    return out
+
+
+@ocp.args.register_with_handler(DigestHandler, for_save=True)
+@dataclasses.dataclass
+class DigestSave(ocp.args.CheckpointArgs):
+  item: dict
+
+
+@ocp.args.register_with_handler(DigestHandler, for_restore=True)
+@dataclasses.dataclass
+class DigestRestore(ocp.args.CheckpointArgs):
+  item: None = None
+
+
+def save(mngr, step, state, data_iterator, negatives=""):
+  """Saves the train state, the data position as JSON (the iterator's state, and the version of refreshed negatives
+  it reads, "": the datasets' own; piccolo_jax/refresh.py), and this process's digests of both, asynchronously.
+
+  The digests are taken first, while the state's buffers are this step's (the next step reuses them): 0.26 s for
+  3.9 GB on this CPU (BENCHMARKS.md "Integrity", with what the alternatives measured). The data position (grain
+  state {'next_index': step}) is the same on every process, so a checkpoint restores under a different process
+  count (e.g. a 2-process run resumed by 1).
   """
-  return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=ocp.args.JsonSave({**data_iterator.get_state(), "negatives": negatives}))
+  data = {**data_iterator.get_state(), "negatives": negatives}
+  digests = {"arrays": digest.shards(state), "data": digest.of_json(data)}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                                          digests=DigestSave(digests)), force=True)
 
 
 @jax.jit
@@ -60,13 +104,54 @@ def _all_finite(tree):
 
 
 def _restore(mngr, step, target):
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        data=ocp.args.JsonRestore()))
-  if not bool(_all_finite(restored["state"])):
-    raise ValueError("non-finite values in the restored state")
-  if not isinstance(restored["data"], dict) or "next_index" not in restored["data"]:
-    raise ValueError(f"data position {restored['data']!r} is not a grain iterator state")
+  """The checkpoint, checked: readable, finite, a data position, and (where it has them) its digests, on every
+  process; raises what is wrong, the same on every process."""
+  checked = (epath.Path(mngr.directory) / str(step) / "digests").is_dir()
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+        **({"digests": DigestRestore()} if checked else {})))
+    problem = _problem(restored, checked, step)
+  except Exception as e:  # pylint: disable=broad-except  (any failure to read means damaged)
+    problem = " ".join(str(e).split())[:300] or type(e).__name__
+  found = _agree(bool(problem))
+  if found is not None:
+    raise ValueError(problem or f"process {found} found it damaged")
   return restored
+
+
+def _problem(restored, checked, step) -> str:
+  """What is wrong with a restored checkpoint on this process ("": nothing)."""
+  finite = _all_finite(restored["state"])  # On the devices, while the host hashes.
+  data, problem = restored["data"], ""
+  if not isinstance(data, dict) or "next_index" not in data:
+    problem = f"data position {data!r} is not a grain iterator state"
+  elif not checked:
+    log.info("checkpoint %d has no digests (an older piccolo_jax): its content is not checked", step)
+  elif digest.of_json(data) != restored["digests"]["data"]:
+    problem = f"its data position {data} differs from its digest"
+  else:
+    bad, unchecked = digest.check(restored["state"], restored["digests"]["arrays"])
+    if unchecked:
+      log.warning("checkpoint %d: %d stored shards span devices of this mesh and are not checked", step, unchecked)
+    if bad:
+      problem = f"array {bad[0]} (shard {bad[1] or 'whole'}) differs from its digest on process {jax.process_index()}"
+  return "non-finite values in the restored state" if not bool(finite) else problem
+
+
+def _agree(bad: bool) -> int | None:
+  """The first process that found the checkpoint damaged (None: none), the same answer on every process."""
+  flags = multihost_utils.process_allgather(np.array(bad)) if jax.process_count() > 1 else np.array([bad])
+  return int(np.argmax(flags)) if np.any(flags) else None
+
+
+def restore_params(directory, step, target) -> dict:
+  """The parameters alone of checkpoint `step` in `directory`, onto target (ShapeDtypeStructs with shardings)."""
+  target = {"params": target}
+  args = ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))
+  with ocp.CheckpointManager(epath.Path(directory), item_names=ITEMS) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
 def _set_aside(mngr, step, reason):
@@ -86,8 +171,8 @@ def restore_latest(mngr, state, shardings) -> tuple[dict, int, dict | None]:
   for step in steps:
     try:
       restored = _restore(mngr, step, target)
-    except Exception as e:  # pylint: disable=broad-except  (any failure to read means damaged)
-      _set_aside(mngr, step, " ".join(str(e).split())[:300] or type(e).__name__)
+    except ValueError as e:
+      _set_aside(mngr, step, str(e))
       continue
     return restored["state"], step, restored["data"]
   if steps:

@@ -66,7 +66,8 @@ def base() -> ml_collections.ConfigDict:
                  chunk_size=0,  # > 0: gradient caching, chunk_size packed rows at a time.
                  max_nonfinite_steps=5,  # NaN/Inf steps in a row that are skipped before the run stops.
                  refresh_negatives_every=0,  # N > 0: retrieval negatives re-mined every N steps (refresh.py).
-                 refresh_options="")  # How: piccolo_jax.mine's --range, --negatives, --sampling, --*-margin.
+                 refresh_options="",  # How: piccolo_jax.mine's --range, --negatives, --sampling, --*-margin.
+                 merge_last=1)  # N > 1: model/ and export/ are the mean of the last N checkpoints (merge.py).
   c.mesh = dict(fsdp=1)  # Devices that shard parameters and optimizer state (ZeRO-style).
   c.checkpoint = dict(every=1000, keep=3, dir="")  # dir: default WORKDIR/checkpoints; may be gs://
   c.eval = dict(tasks=(), every=0, dims=(), batch_size=64, best_metric="")
@@ -98,6 +99,9 @@ def check(c: ml_collections.ConfigDict):
     for field in fields.keys() if isinstance(fields, ml_collections.ConfigDict) else ():
       if line := moved(f"{section}.{field}"):
         raise ValueError(line)
+  if not 1 <= c.train.merge_last <= max(c.checkpoint.keep, 1):
+    raise ValueError(f"train.merge_last={c.train.merge_last}: expected 1 (off) up to checkpoint.keep="
+                     f"{c.checkpoint.keep}, the checkpoints kept to merge")
   judge = c.tasks.retrieval.false_negatives
   if judge not in ("off", "model", "teacher"):
     raise ValueError(f"tasks.retrieval.false_negatives={judge!r}: expected off, model or teacher")

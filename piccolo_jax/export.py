@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 from safetensors.numpy import save_file
 
-from piccolo_jax import modeldir
 from piccolo_jax import convert
+from piccolo_jax import digest
+from piccolo_jax import modeldir
 from piccolo_jax import model as model_lib
 
 ST_ACTIVATIONS = {v: k for k, v in convert.DENSE_ACTIVATION_NAMES.items()}
@@ -63,7 +64,20 @@ def prompts(tasks_cfg) -> dict:
   return out
 
 
-def model_card(cfg, *, base, step, tables, config, evals) -> str:
+def card_head(cfg, origin: str) -> list[str]:
+  """The first lines of an exported model's README.md: front matter, what it is (`origin`: how it was made), usage."""
+  return ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+          "tags: [sentence-transformers, piccolo_jax]", "---", "",
+          "# A piccolo_jax embedding model", "",
+          f"{origin} {cfg.embed_dim}-dim embeddings ({cfg.pooling} pooling, {cfg.num_layers} layers, "
+          f"{cfg.max_seq_length} tokens).", "",
+          "```python", "from sentence_transformers import SentenceTransformer",
+          "model = SentenceTransformer(PATH)  # this directory",
+          "q = model.encode(queries, prompt_name=\"query\")  # the training query prefix",
+          "p = model.encode(passages, prompt_name=\"passage\")", "```", ""]
+
+
+def model_card(cfg, *, base, step, tables, config, evals, merged=()) -> str:
   """README.md of an exported model: what it is, how to use it, its training data and config, its evals."""
   dims = sorted({int(k.rsplit("@", 1)[1]) for k in evals if "@" in k})
   rows = [f"| {t.name} | {t.task} | {len(t)} | {t.repeat} |" for t in tables]
@@ -71,20 +85,26 @@ def model_card(cfg, *, base, step, tables, config, evals) -> str:
   table = [f"| metric | {' | '.join(f'dim {d}' for d in dims)} |", "|---|" + "---|" * len(dims)] + [
       "| " + " | ".join([m] + [f"{evals[k]:.2f}" if (k := f"{m}@{d}") in evals else "" for d in dims]) + " |"
       for m in metrics]
+  origin = f"Trained by piccolo_jax with Piccolo2's multi-task hybrid loss (arXiv 2405.06932) from `{base}`, {step} steps"
+  origin += f" (the mean of the parameters of its checkpoints {', '.join(map(str, merged))})." if merged else "."
   return "\n".join([
-      "---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
-      "tags: [sentence-transformers, piccolo_jax]", "---", "",
-      "# A piccolo_jax embedding model", "",
-      f"Trained by piccolo_jax with Piccolo2's multi-task hybrid loss (arXiv 2405.06932) from `{base}`, {step} "
-      f"steps. {cfg.embed_dim}-dim embeddings ({cfg.pooling} pooling, {cfg.num_layers} layers, "
-      f"{cfg.max_seq_length} tokens).", "",
-      "```python", "from sentence_transformers import SentenceTransformer",
-      "model = SentenceTransformer(PATH)  # this directory",
-      "q = model.encode(queries, prompt_name=\"query\")  # the training query prefix",
-      "p = model.encode(passages, prompt_name=\"passage\")", "```", "",
+      *card_head(cfg, origin),
       "## Training data", "", "| dataset | task | rows | repeat |", "|---|---|---|---|", *rows, "",
       f"## Evaluation (step {step})", "", *(table if metrics else ["None configured (eval.tasks)."]), "",
       "## Training config", "", "```json", config, "```", ""])
+
+
+def merge_card(cfg, what: dict, sources, losses=None, data=None) -> str:
+  """README.md of a merged model (piccolo_jax.merge): the method, and each source with its weight (and its
+  example losses, --auto)."""
+  head = ["| source | weight |" + (" example loss |" if losses is not None else ""), "|---|---|" +
+          ("---|" if losses is not None else "")]
+  rows = [f"| `{name}` | {w:.4f} |" + (f" {losses[i].mean():.4f} |" if losses is not None else "")
+          for i, (name, w) in enumerate(sources)]
+  how = ", ".join(f"{k} {v}" for k, v in what.items())
+  auto = [f"Weights by LM-Cocktail's rule from the example losses on: {', '.join(data)}.", ""] if data else []
+  return "\n".join([*card_head(cfg, f"Merged by piccolo_jax.merge ({how}) from {len(sources)} models."),
+                    "## Sources", "", *head, *rows, "", *auto])
 
 
 def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_dim=None, prompts=None, card=None):
@@ -129,6 +149,7 @@ def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_di
     if truncate_dim:
       st_config["truncate_dim"] = truncate_dim
     _write_json(tmp / "config_sentence_transformers.json", st_config)
+    digest.write_manifest(tmp)  # Last: every file's digest (python -m piccolo_jax.verify).
 
 
 def main(argv=None):

@@ -23,8 +23,10 @@ class MetricLogger:
     self.peak = (flops_lib.peak(kind) or 0) * jax.device_count()  # 0: an unknown kind (a CPU), FLOP/s only.
     self.global_batch, self.schedule = global_batch, schedule
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    if enabled and path.is_file():  # A resumed run rewrites what came after its checkpoint.
-      rows = [l for l in path.read_text().splitlines(keepends=True) if json.loads(l)["step"] <= start_step]
+    if enabled and path.is_file():  # A resumed run rewrites what came after its checkpoint, and the refresh due at
+      # its first step (refresh.py: it runs before that step's batch, after the checkpoint was saved).
+      keep = lambda r: r["step"] < start_step or r["step"] == start_step and "refresh/seconds" not in r
+      rows = [l for l in path.read_text().splitlines(keepends=True) if keep(json.loads(l))]
       path.with_suffix(".tmp").write_text("".join(rows))
       path.with_suffix(".tmp").replace(path)
     self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from piccolo_jax import digest
 from piccolo_jax import model as model_lib
 
 CONFIG_FILE = "model_config.json"
@@ -88,6 +89,7 @@ def save_model_dir(out_dir, cfg: model_lib.Config, params, tokenizer_src):
       cfg.save(tmp / CONFIG_FILE)
       for f in tok_files:
         shutil.copy2(f, tmp / f.name)
+      digest.write_manifest(tmp)  # Last: every file's digest (python -m piccolo_jax.verify).
 
 
 def load_config(model_dir) -> model_lib.Config:

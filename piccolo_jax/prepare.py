@@ -39,6 +39,7 @@ import uuid
 import numpy as np
 import tqdm
 
+from piccolo_jax import digest
 from piccolo_jax import sources
 from piccolo_jax import tasks as tasks_lib
 
@@ -216,6 +217,7 @@ def prepare(entry, c, tasks_cfg, tokenizer, root=None) -> pathlib.Path:
     manifest = {"name": reader.name, "task": reader.task.name, **counts, "skipped": reader.skipped,
                 "pad_id": enc.pad_id, "fingerprint": fp}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    digest.write_manifest(tmp)  # Every file's digest (python -m piccolo_jax.verify); teacher vectors come later.
     try:
       tmp.rename(final)
     except OSError:  # another process finished it first: theirs is identical

@@ -20,10 +20,12 @@ log = logging.getLogger("piccolo_jax.train")
 CONFIG = "config.json"
 STAMP = "export.json"  # {"step": N}: the step model/ and export/ hold.
 # Fields that may change when a run resumes: the length of the run, logging, checkpoint cadence,
-# evaluation, export, the input pipeline's parallelism and the mesh (none changes the math of a step).
+# evaluation, export, the input pipeline's parallelism, the mesh, the attention kernel and remat (none changes the
+# math of a step).
 RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.max_nonfinite_steps",
              "train.chunk_size", "checkpoint.every", "checkpoint.keep", "eval.", "export.",
-             "data.worker_count", "data.prepared_dir", "data.worker_threads", "data.prefetch", "mesh.")
+             "data.worker_count", "data.prepared_dir", "data.worker_threads", "data.prefetch", "mesh.",
+             "model.attention", "model.remat", "train.merge_last")
 
 
 class ConfigChangeError(ValueError):
@@ -68,6 +70,15 @@ def write_config(workdir, config):
     (pathlib.Path(workdir) / CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
+def write_model(workdir, mcfg, tok_dir):
+  """WORKDIR/model_config.json and WORKDIR/tokenizer/: what makes the run's checkpoints a model (merge.py)."""
+  if jax.process_index() == 0:
+    mcfg.portable().save(workdir / "model_config.json")
+    (workdir / "tokenizer").mkdir(exist_ok=True)
+    for f in modeldir.tokenizer_files(tok_dir):
+      shutil.copy2(f, workdir / "tokenizer" / f.name)
+
+
 def _replace(new: pathlib.Path, final: pathlib.Path):
   """Moves new to final, replacing what is there (old one kept aside until the move is done)."""
   old = final.with_name(f".{final.name}.old")
@@ -110,13 +121,13 @@ class Best:
       log.info("new best %s = %.4f at step %d -> %s", self.metric, self.value, step, self.dir)
 
 
-def export_final(run, step, params, evals):
+def export_final(run, step, params, evals, merged=()):
   """Writes run.workdir/model (collective) and run.workdir/export (sentence-transformers, with a model card
   and the training prefixes as prompts) of step, unless they already hold that step. run: a train.Run;
-  evals: the step's eval metrics."""
+  evals: the step's eval metrics; merged: the checkpoint steps params are the mean of (train.merge_last)."""
   workdir, is_main, mcfg, tok_dir = run.workdir, jax.process_index() == 0, run.mcfg, run.tok_dir
-  stamp = workdir / STAMP
-  done = stamp.is_file() and json.loads(stamp.read_text()).get("step") == step
+  stamp, made = workdir / STAMP, {"step": step} | ({"merged": list(merged)} if merged else {})
+  done = stamp.is_file() and json.loads(stamp.read_text()) == made
   if done and (workdir / "model").is_dir() and (workdir / "export").is_dir():
     return
   mcfg = mcfg.portable()
@@ -129,11 +140,11 @@ def export_final(run, step, params, evals):
   if is_main:
     c = run.config
     card = export_lib.model_card(mcfg, base=c.model.init or "random init", step=step, tables=run.tables,
-                                 config=c.to_json_best_effort(indent=1), evals=evals)
+                                 config=c.to_json_best_effort(indent=1), evals=evals, merged=merged)
     export_lib.write_sentence_transformers(mcfg, params, tok_dir, new_export, c.export.truncate_dim or None,
                                            prompts=export_lib.prompts(c.tasks), card=card)
     _replace(new_model, workdir / "model")
     _replace(new_export, workdir / "export")
-    stamp.write_text(json.dumps({"step": step}) + "\n")
+    stamp.write_text(json.dumps(made) + "\n")
     log.info("exported step %d: %s and %s", step, workdir / "model", workdir / "export")
   modeldir.sync("export: done")

@@ -24,6 +24,7 @@ from piccolo_jax import encode
 from piccolo_jax import evaluate
 from piccolo_jax import flops
 from piccolo_jax import logs
+from piccolo_jax import merge
 from piccolo_jax import plan as plan_lib
 from piccolo_jax import refresh
 from piccolo_jax import rundir
@@ -160,6 +161,8 @@ def start(config, workdir) -> Run:
                      "trains with negatives (tasks.retrieval.neg_num > 0) to refresh")
   workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
   rundir.write_config(workdir, config)
+  if tok_dir:
+    rundir.write_model(workdir, mcfg, tok_dir)
   groups, chunk = config.loss.groups, config.train.chunk_size
   total = config.train.max_steps or plan_lib.steps_per_epoch(config.data, tables, groups) * config.train.epochs
   tx, schedule = state_lib.make_optimizer(config.optim, params, total, train_positions=config.model.max_position > 0)
@@ -207,21 +210,24 @@ def train(config, workdir) -> dict:
       step += 1
       if step % c.checkpoint.every == 0 or step == run.total or preempt.requested:
         nonfinite.check(logger.flush())
-        mngr.save(step, args=checkpoint.save_args(state, run.data, negatives), force=True)
+        checkpoint.save(mngr, step, state, run.data, negatives)
       if c.eval.every and step % c.eval.every == 0 and step < run.total:
         evals(step, state_lib.host_params(state["params"], run.mesh))
     nonfinite.check(logger.flush())
     mngr.wait_until_finished()
+    final, merged = state["params"], ()
+    if c.train.merge_last > 1 and not preempt.requested:
+      final, merged = merge.last_checkpoints(mngr, c.train.merge_last, final, run.shardings["params"])
   if preempt.requested:
     log.warning("preempted: saved step %d in %s; run the same command again to resume", step, run.workdir)
     return logger.last
-  params = state_lib.host_params(state["params"], run.mesh)
-  final = evals(step, params)
+  params = state_lib.host_params(final, run.mesh)
+  scores = evals(step, params)
   logger.close()
   if jax.process_index() == 0 and len(evals.results) > 1:
     print(evals.summary())
-  rundir.export_final(run, step, params, final)
-  return logger.last | {f"eval/{k}": v for k, v in final.items()}
+  rundir.export_final(run, step, params, scores, merged)
+  return logger.last | {f"eval/{k}": v for k, v in scores.items()}
 
 
 def main():

@@ -51,7 +51,8 @@ def run_tiny(workdir, *extra):
 # The files that take longest (a minute or more: the real checkpoint over STS-B dev, CLI processes), first:
 # with `make test`'s --no-loadscope-reorder, pytest-xdist hands out files in this order, so no long file is
 # left to start last while the other worker idles (9 min 13 s -> 8 min 13 s, BENCHMARKS.md).
-SLOW_FIRST = ("test_core", "test_faults", "test_packing", "test_runs", "test_launch", "test_refresh")
+SLOW_FIRST = ("test_core", "test_faults", "test_packing", "test_bench", "test_merge", "test_runs", "test_launch",
+              "test_refresh", "test_kernels")
 
 
 def pytest_collection_modifyitems(items):
@@ -119,3 +120,26 @@ def error_line(out):
   lines = [l for l in out.splitlines() if l.startswith("error: ")]
   assert len(lines) == 1, out
   return lines[0]
+
+
+def rewrite_state(step_dir, change):
+  """Rewrites checkpoint step_dir's train state with change(state) applied (numpy, in place), its digests kept: a
+  silent change of stored values, the damage that digests catch."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata((step_dir / "state").absolute())
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          getattr(meta, "item_metadata", meta), is_leaf=lambda m: hasattr(m, "shape"))
+    state = jax.tree.map(np.array, ckptr.restore((step_dir / "state").absolute(), target))
+    change(state)
+    ckptr.save((step_dir / "state.new").absolute(), state)
+  shutil.rmtree(step_dir / "state")
+  (step_dir / "state.new").rename(step_dir / "state")
+
+
+def leaf(tree, *words):
+  """The first array of tree whose path names every word (e.g. 'mu', 'kernel'), and that path."""
+  path, x = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+                 if all(w in jax.tree_util.keystr(p) for w in words))
+  return x, path

@@ -8,6 +8,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,6 +86,40 @@ def test_damaged_checkpoints_fall_back_then_stop_with_one_line(straight_run, tmp
     (w / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
   rc, out = _run(w)
   assert rc != 0 and "no usable checkpoint" in error_line(out)
+
+
+def test_finite_damage_is_caught_by_digests_and_falls_back(straight_run, tmp_path):
+  """One value changed, and still finite, in a parameter of checkpoint 12, an Adam moment of 10, then the data
+  position of the newest: python -m piccolo_jax.verify names each; the run sets each aside, falls back to the one
+  before and ends with the uninterrupted run's parameters."""
+  w = tmp_path / "w"
+  shutil.copytree(straight_run / "straight", w)
+  shutil.rmtree(w / "model")
+
+  def bump(*words):
+    def change(state):
+      x, _ = conftest.leaf(state, *words)
+      x.reshape(-1)[7] += 1e-3
+    return change
+
+  conftest.rewrite_state(w / "checkpoints/12", bump("params", "ffn_in", "kernel"))
+  conftest.rewrite_state(w / "checkpoints/10", bump("mu", "query", "kernel"))
+  verify = subprocess.run([sys.executable, "-m", "piccolo_jax.verify", str(w / "checkpoints")], cwd=conftest.REPO,
+                          capture_output=True, text=True)
+  assert verify.returncode == 1, verify.stdout + verify.stderr
+  lines = verify.stdout.splitlines()
+  assert any("checkpoints/12: array params/layers/0/ffn_in/kernel (shard 0:32,0:64) differs from its digest" in l
+             for l in lines) and any("checkpoints/10: array opt/" in l and "/mu/" in l for l in lines), lines
+  assert "checkpoints/8: ok (checkpoint)" in verify.stdout
+  rc, out = _run(w)
+  assert rc == 0 and out.count("differs from its digest on process 0") == 2 and "resuming at step 8" in out, out
+  same_params(straight_run / "straight" / "model", w / "model")
+  data = w / "checkpoints/12/data/metadata"
+  data.write_text(data.read_text().replace('"next_index": 12', '"next_index": 11'))
+  shutil.rmtree(w / "model")
+  rc, out = _run(w)
+  assert rc == 0 and "data position" in out and "differs from its digest" in out and "resuming at step 10" in out
+  same_params(straight_run / "straight" / "model", w / "model")
 
 
 def test_bad_flags_are_one_line(straight_run, tmp_path):

@@ -66,6 +66,33 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _params(tmp_path / "resumed"), final)
 
 
+def test_two_processes_fall_back_together_when_one_shard_is_damaged(tmp_path):
+  """2 processes x 2 devices, parameters sharded over the 4: a finite change in a shard of the newest checkpoint
+  that only process 1 holds makes both set it aside and resume from the one before, to the same parameters (to
+  rounding)."""
+  flags = ["--config.mesh.fsdp=4", "--config.train.max_steps=2", "--config.checkpoint.every=1",
+           f"--config.data.datasets={tiny_config.get_config().data.datasets[1:2]!r}"]  # STS: one program.
+  first = _train(tmp_path / "w", 2, "--processes", "2", "--port", "12393", overrides=flags)
+  assert first.returncode == 0, first.stdout + first.stderr
+  want = _params(tmp_path / "w")
+  for name in ("model", "export"):
+    shutil.rmtree(tmp_path / "w" / name)
+  (tmp_path / "w" / "export.json").unlink()
+
+  def change(state):  # The word embeddings [30522, 32] are sharded 4 ways on their columns: 16..31 are process 1's.
+    x, _ = conftest.leaf(state, "params", "word", "embedding")
+    x[5, 20] += 1e-3
+
+  conftest.rewrite_state(tmp_path / "w" / "checkpoints" / "2", change)
+  again = _train(tmp_path / "w", 2, "--processes", "2", "--port", "12393", overrides=flags)
+  out = again.stdout + again.stderr
+  assert again.returncode == 0 and out.count("resuming at step 1") == 2, out
+  assert out.count("array params/embeddings/word/embedding (shard 0:30522,16:24) differs from its digest on "
+                   "process 1") == 1 and out.count("process 1 found it damaged") == 1, out
+  # As from the checkpoint before: to the cross-process reductions' rounding (as the test above).
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), _params(tmp_path / "w"), want)
+
+
 @pytest.mark.parametrize("script", ["local.sh", "slurm.sh", "tpu_pod.sh"])
 def test_launch_scripts_parse(script):
   assert subprocess.run(["bash", "-n", REPO / "launch" / script]).returncode == 0

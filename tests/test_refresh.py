@@ -68,8 +68,10 @@ def test_straight_run_refreshes_and_logs(straight):
 
 
 def _resume(straight, w, step, negatives=()):
+  """w: the straight run as a kill right after checkpoint `step` leaves it (its metrics.jsonl whole)."""
   (w / "checkpoints").mkdir(parents=True)
   shutil.copytree(straight / "checkpoints" / str(step), w / "checkpoints" / str(step))
+  shutil.copy(straight / "metrics.jsonl", w / "metrics.jsonl")
   for v in negatives:
     shutil.copytree(straight / "negatives" / v, w / "negatives" / v)
 
@@ -81,6 +83,9 @@ def test_resume_across_a_refresh_is_bit_identical(straight, tmp_path):
   train.train(_config(), tmp_path / "from3")
   same_params(straight / "model", tmp_path / "from3" / "model")
   assert _files(tmp_path / "from3") == _files(straight)
+  rows = [json.loads(l) for l in (tmp_path / "from3" / "metrics.jsonl").open()]  # Each step's rows once.
+  assert [r["step"] for r in rows if "refresh/seconds" in r] == [3, 6]
+  assert conftest.metric_steps(tmp_path / "from3") == list(range(1, 9))
   _resume(straight, tmp_path / "from5", 5)
   with pytest.raises(FileNotFoundError, match=r"negatives/step-3: the checkpoint trains on negatives refreshed at "
                                               r"step-3, which are missing"):
