@@ -25,7 +25,7 @@ def runnable(impl, dev) -> str:
   return ""
 
 
-def jax_run(cfg, batch, dims, reps) -> dict:
+def jax_run(cfg, batch, dims, reps, warm=True) -> dict:
   """Step time, planned memory and loss of the real train step on batch."""
   mesh = sharding.make_mesh(1, jax.devices()[:1])
   params = state_lib.random_params(cfg, 0)
@@ -36,8 +36,9 @@ def jax_run(cfg, batch, dims, reps) -> dict:
   arrays = sharding.put_batch(batch, mesh)
   compiled, compile_s = harness.timed(lambda: step.lower(state, arrays, rngs).compile())
   mem = compiled.memory_analysis()
-  state, m = compiled(state, arrays, rngs)  # Warm-up.
-  jax.block_until_ready(state)
+  if warm:
+    state, m = compiled(state, arrays, rngs)  # Warm-up.
+    jax.block_until_ready(state)
   times = []
   for _ in range(reps):
     t = time.perf_counter()
@@ -69,7 +70,8 @@ def main(args):
   if not args.dry_run and dev.platform == "cpu":
     raise SystemExit("bench.accel run: no accelerator here (jax sees a CPU); --dry-run runs the path at a tiny shape")
   base, _, _, _, dims = accel.SHAPES[shape]
-  base = base.replace(dtype="bfloat16", remat="full", attention_dropout=0.0)
+  # --dry-run: no remat and no warm-up step, so that the path costs the suite less.
+  base = base.replace(dtype="bfloat16", remat="none" if args.dry_run else "full", attention_dropout=0.0)
   peak = flops.peak(dev.device_kind)
   rows, out = [], {"device": dev.device_kind, "platform": dev.platform, "shape": shape, "runs": []}
   for task, B, K, L in WORK[shape]:
@@ -84,7 +86,7 @@ def main(args):
       elif impl == "torch":
         r |= torch_run(base, padded[task], task, dims, args.reps, "cuda" if dev.platform == "gpu" else "cpu")
       else:
-        r |= jax_run(base.replace(attention=impl), batch, dims, args.reps)
+        r |= jax_run(base.replace(attention=impl), batch, dims, args.reps, warm=not args.dry_run)
       if "step_s" in r:
         r |= {"real_tokens_per_s": real.tokens / r["step_s"], "tflops_per_s": real_flops / r["step_s"] / 1e12,
               "mfu": real_flops / r["step_s"] / peak if peak else None}

@@ -51,8 +51,8 @@ def run_tiny(workdir, *extra):
 # The files that take longest (a minute or more: the real checkpoint over STS-B dev, CLI processes), first:
 # with `make test`'s --no-loadscope-reorder, pytest-xdist hands out files in this order, so no long file is
 # left to start last while the other worker idles (9 min 13 s -> 8 min 13 s, BENCHMARKS.md).
-SLOW_FIRST = ("test_core", "test_faults", "test_packing", "test_bench", "test_merge", "test_runs", "test_launch",
-              "test_refresh", "test_kernels")
+SLOW_FIRST = ("test_faults", "test_core", "test_packing", "test_launch", "test_refresh", "test_bench", "test_runs",
+              "test_train", "test_mine")
 
 
 def pytest_collection_modifyitems(items):

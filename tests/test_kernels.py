@@ -56,7 +56,7 @@ def test_remat_policies_give_the_plain_gradient(mixed):
 
   plain = grads("none")
   assert plain[0][0] > 0 and cfg.dropout == 0.1
-  for policy in ("full", "dots_with_no_batch_dims_saveable", "dots_saveable"):
+  for policy in ("full", "dots_with_no_batch_dims_saveable"):
     _assert_close(grads(policy), plain)
   assert state_lib.model_lib.Config(remat=True).remat == "full" and state_lib.model_lib.Config().remat == "none"
 
@@ -99,7 +99,7 @@ def test_analytic_flops_against_xla_cost_analysis():
   cfg = accel.model_lib.Config(vocab_size=4000, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024,
                                dense_out=0, dropout=0.0, attention_dropout=0.0)
   batch, _ = accel.texts({"retrieval": 16}, 1, 128, 40, cfg.vocab_size)
-  for row in accel_bytes.compare(cfg, batch, (128, 256)):
+  for row in accel_bytes.compare(cfg, batch, (128, 256), policies=("none", "full")):
     assert abs(row["lowered_flops"] / row["computed_flops"] - 1) < 0.02, row
     # XLA:CPU's optimiser merges part of remat=full's recompute with the forward pass (6% of the step here).
     assert abs(row["xla_flops"] / row["computed_flops"] - 1) < (0.05 if row["policy"] != "full" else 0.08), row

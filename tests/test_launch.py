@@ -67,12 +67,12 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
 
 
 def test_two_processes_fall_back_together_when_one_shard_is_damaged(tmp_path):
-  """2 processes x 2 devices, parameters sharded over the 4: a finite change in a shard of the newest checkpoint
-  that only process 1 holds makes both set it aside and resume from the one before, to the same parameters (to
-  rounding)."""
+  """Parameters sharded over 4 devices: checkpoints of 1 process x 4, resumed by 2 processes x 2, where a finite
+  change in a shard of the newest that only process 1 holds makes both set it aside and resume from the one before,
+  to the same parameters (to rounding)."""
   flags = ["--config.mesh.fsdp=4", "--config.train.max_steps=2", "--config.checkpoint.every=1",
            f"--config.data.datasets={tiny_config.get_config().data.datasets[1:2]!r}"]  # STS: one program.
-  first = _train(tmp_path / "w", 2, "--processes", "2", "--port", "12393", overrides=flags)
+  first = _train(tmp_path / "w", 4, overrides=flags)
   assert first.returncode == 0, first.stdout + first.stderr
   want = _params(tmp_path / "w")
   for name in ("model", "export"):

@@ -1,5 +1,7 @@
 """python -m piccolo_jax.verify on what leaves a run: a model dir, an export and a prepared dataset, whole and with
 one byte changed, a file cut short, missing or added. (Checkpoints: tests/test_faults.py.)"""
+import contextlib
+import io
 import pathlib
 import shutil
 import subprocess
@@ -7,16 +9,18 @@ import sys
 
 import pytest
 
-from piccolo_jax import config, encode, export, model as model_lib, modeldir, prepare, state
+from piccolo_jax import config, encode, export, model as model_lib, modeldir, prepare, state, verify
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = model_lib.Config(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, dense_out=48)
 
 
 def _verify(*dirs):
-  r = subprocess.run([sys.executable, "-m", "piccolo_jax.verify", *map(str, dirs)], cwd=REPO, capture_output=True,
-                     text=True)
-  return r.returncode, r.stdout.splitlines()
+  """(exit code, stdout lines) of python -m piccolo_jax.verify DIRS (its main, in this process)."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+    verify.main([str(d) for d in dirs])
+  return e.value.code, out.getvalue().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -61,5 +65,5 @@ def test_verify_good_and_damaged_model_export_and_prepared_data(written, tmp_pat
                                                                ("model", "export", "prepared")]
   (tmp_path / "nothing").mkdir()
   r = subprocess.run([sys.executable, "-m", "piccolo_jax.verify", str(tmp_path / "nothing")], cwd=REPO,
-                     capture_output=True, text=True)
+                     capture_output=True, text=True)  # The CLI itself, once.
   assert r.returncode == 1 and "not a model dir, export, prepared dataset, checkpoint or workdir" in r.stderr
