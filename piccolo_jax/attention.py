@@ -12,10 +12,10 @@ them. The implementations:
 | `cudnn` | cuDNN flash attention, packed THD layout (`q_offsets`/`kv_offsets`); Hopper or later | yes | 1 |
 | `auto` | `xla` on CPU, `splash` on TPU, `pallas_gpu` on GPU | | |
 
-The fused kernels run under `shard_map` over the batch axes of the mesh in context (`jax.set_mesh`, which the
-trainer sets), each device on its own rows; on the CPU they run in Pallas' interpret mode (a correctness tool,
-slow). `target(platform)` lowers for another platform from this host (bench.accel). docs/training.md,
-"Attention kernels", says how to choose.
+The fused kernels run under `shard_map` over the batch axes of the mesh the program is traced under (`on(mesh)`,
+which the train step and the refresh's embedder enter), each device on its own rows; on the CPU they run in Pallas'
+interpret mode (a correctness tool, slow). `target(platform)` lowers for another platform from this host
+(bench.accel). docs/training.md, "On accelerators", says how to choose.
 """
 import contextlib
 import contextvars

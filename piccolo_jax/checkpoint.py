@@ -146,12 +146,22 @@ def _agree(bad: bool) -> int | None:
 
 
 def restore_params(directory, step, target) -> dict:
-  """The parameters alone of checkpoint `step` in `directory`, onto target (ShapeDtypeStructs with shardings)."""
+  """The parameters alone of checkpoint `step` in `directory`, onto target (ShapeDtypeStructs with shardings),
+  checked against its digests where it has them: a ValueError names the array that differs, on every process."""
   target = {"params": target}
   args = ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))
+  checked = (epath.Path(directory) / str(step) / "digests").is_dir()
   with ocp.CheckpointManager(epath.Path(directory), item_names=ITEMS) as mngr:
-    return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    restored = mngr.restore(step, args=ocp.args.Composite(state=args, **(
+        {"digests": DigestRestore()} if checked else {})))
+  if checked:
+    stored = {k: v for k, v in restored["digests"]["arrays"].items() if k.startswith("params/")}
+    bad, _ = digest.check(restored["state"], stored)
+    if (found := _agree(bad is not None)) is not None:
+      raise ValueError(f"checkpoint {directory}/{step}: " + (f"array {bad[0]} (shard {bad[1]}) differs from its "
+                       f"digest on process {found}" if bad else f"process {found} found it damaged"))
+  return restored["state"]["params"]
 
 
 def _set_aside(mngr, step, reason):

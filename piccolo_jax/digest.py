@@ -3,10 +3,10 @@ prepared dataset (its digests.json). A value that changed but stayed finite (a f
 then shows.
 
 Shards: each process hashes the bytes of the shards it holds (replica 0 of each), keyed by the array's path and
-the shard's place in the global array ("0:384,0:1536"), in the blocking phase of a save, where Orbax copies them
-to the host too (xxh3 runs at ~27 GB/s on this CPU: BENCHMARKS.md, "Integrity"). A restore hashes its shards
-again: a stored shard inside one the process holds is compared (every one when the mesh is the same); one split
-over several devices of the new layout is counted unchecked.
+the shard's place in the global array ("0:384,0:1536"), before a save returns (checkpoint.save: the next step
+reuses the state's buffers; the cost is in BENCHMARKS.md, "Integrity"). A restore hashes its shards again: a
+stored shard inside one the process holds is compared (every one when the mesh is the same); one split over
+several devices of the new layout is counted unchecked.
 """
 import json
 import pathlib

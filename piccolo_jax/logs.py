@@ -51,8 +51,7 @@ class MetricLogger:
     now = time.perf_counter()
     dt, self.tick = now - self.tick, now
     # This process's real tokens (not padding), texts and squared lengths, times the processes.
-    tokens, scaled = meta["tokens"] * jax.process_count(), {k: meta.get(k, 0) * jax.process_count()
-                                                            for k in ("tokens", "squares", "texts")}
+    scaled = {k: meta.get(k, 0) * jax.process_count() for k in ("tokens", "squares", "texts")}
     self.task_loss |= {t: float(v) for t, v in m["task_loss"].items()}
     self.skipped += not bool(m["ok"])
     host = {"step": step, "task": task, "dataset": meta["dataset"], "row_length": meta["row_length"],
@@ -61,7 +60,7 @@ class MetricLogger:
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
             **{f"loss/{t}": float(v) for t, v in m["task_loss"].items() if t != task},
             "lr": float(self.schedule(step - 1)), "pad_frac": meta["pad_frac"],
-            "examples_per_s": self.global_batch / dt, "tokens_per_s": tokens / dt,
+            "examples_per_s": self.global_batch / dt, "tokens_per_s": scaled["tokens"] / dt,
             "nonfinite_skipped": self.skipped}
     host |= {f"loss/{task}/dim{d}": float(v) for d, v in zip(self.dims, np.ravel(m["loss_per_dim"]))}
     host |= {k: float(v) for k, v in m.get("stats", {}).items()}  # e.g. retrieval/masked_false_negatives

@@ -149,3 +149,11 @@ def test_merges_of_a_run_checkpoints(tmp_path):
   assert modeldir.load_config(tmp_path / "m" / "model") == cfg
   assert json.loads((tmp_path / "m" / "export" / "config_sentence_transformers.json").read_text())["prompts"] == {
       "query": "", "passage": ""}
+
+  def change(state):  # A finite change of one stored parameter: refused, not merged.
+    conftest.leaf(state, "params", "ffn_in", "kernel")[0].reshape(-1)[3] += 1e-3
+
+  conftest.rewrite_state(tmp_path / "run" / "checkpoints" / "4", change)
+  with pytest.raises(SystemExit):
+    merge.main([str(tmp_path / "m2"), *(str(tmp_path / "run" / "checkpoints" / str(s)) for s in steps)])
+  assert not (tmp_path / "m2").exists()
