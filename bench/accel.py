@@ -39,12 +39,13 @@ from bench import accel_bytes  # noqa: E402
 from bench import step as bench_step  # noqa: E402
 from piccolo_jax import attention, config, flops, sharding, state as state_lib, step as step_lib  # noqa: E402
 from piccolo_jax import model as model_lib  # noqa: E402
+from piccolo_jax import models
 
 TINY = model_lib.Config(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
                         dense_out=96, max_position=512)
 SHAPES = {  # model, row length, {task: rows}, negatives a retrieval row, MRL dims.
-    "stella": (state_lib.STELLA, 512, {"retrieval": 256}, 7, config.MRL_DIMS),
-    "stella-mixed": (state_lib.STELLA, 512, {"retrieval": 224, "sts": 16, "cls": 16}, 7, config.MRL_DIMS),
+    "stella": (models.STELLA, 512, {"retrieval": 256}, 7, config.MRL_DIMS),
+    "stella-mixed": (models.STELLA, 512, {"retrieval": 224, "sts": 16, "cls": 16}, 7, config.MRL_DIMS),
     "tiny": (TINY, 256, {"retrieval": 16, "sts": 8, "cls": 8}, 3, (32, 96)),
 }
 # The shape at which analytic bytes meet XLA's memory_analysis() of CPU compiles (float32: XLA:CPU computes

@@ -10,6 +10,7 @@ import numpy as np
 
 from bench import accel, harness
 from piccolo_jax import config, flops, sharding, state as state_lib, step as step_lib
+from piccolo_jax import models
 
 RUNS = {"cpu": ("xla", "splash", "pallas_gpu"), "gpu": ("xla", "pallas_gpu", "cudnn"), "tpu": ("xla", "splash")}
 # (task, rows of the global batch, negatives a row, row length L): retrieval as configs/finetune.py trains it at
@@ -28,7 +29,7 @@ def runnable(impl, dev) -> str:
 def jax_run(cfg, batch, dims, reps, warm=True) -> dict:
   """Step time, planned memory and loss of the real train step on batch."""
   mesh = sharding.make_mesh(1, jax.devices()[:1])
-  params = state_lib.random_params(cfg, 0)
+  params = models.random_params(cfg, 0)
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 1000)
   state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0)
   del params
@@ -52,7 +53,7 @@ def jax_run(cfg, batch, dims, reps, warm=True) -> dict:
 def torch_run(cfg, padded, task, dims, reps, device) -> dict:
   from bench import torch_ref  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  params = state_lib.random_params(cfg, 0)
+  params = models.random_params(cfg, 0)
   step, info = torch_ref.torch_trainer(cfg, params, dims, device, "bfloat16", cfg.remat != "none")
   del params
   cuda = device == "cuda"

@@ -11,7 +11,8 @@ import hashlib
 import json
 import pathlib
 
-from piccolo_jax import batch, cli, data, encode, plan, state, train
+from piccolo_jax import batch, cli, data, encode, plan, train
+from piccolo_jax import models
 from piccolo_jax.configs import demo
 
 PINNED = {"sts": (6, 7, 8), "cls": (29, 30), "retrieval": (14, 15, 18)}  # 35a04ec: from its first 256 steps.
@@ -30,7 +31,7 @@ def compare(ref, run):
 
 def padding():
   c = demo.get_config()
-  tables = data.load_tables(c.data, c.tasks, encode.load_tokenizer(state.tokenizer_dir(c.model)))
+  tables = data.open_tables(c.data, c.tasks, encode.load_tokenizer(models.tokenizer_dir(c.model)))
   n = plan.steps_per_epoch(c.data, tables) * c.train.epochs  # The run's steps, as train.start counts them.
   a = data.assembler(c.data, c.tasks, tables, steps=n)
   for name, menus in (("35a04ec's", PINNED), ("chosen now", dict(a.menus))):

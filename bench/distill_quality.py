@@ -9,7 +9,8 @@ import numpy as np
 
 from bench import harness
 from bench.stsb_compare import dev_spearman
-from piccolo_jax import sources, state as state_lib
+from piccolo_jax import models
+from piccolo_jax import sources
 from piccolo_jax.configs import distill
 
 
@@ -29,7 +30,7 @@ def load(path, cap=0):
 def pruned(c):
   """The student: c.model.init with only the encoder layers c.model.keep_layers, as the recipe builds it."""
   import torch
-  model = load(state_lib.resolve_init(c.model.init), c.tasks.distill.query_max_len)
+  model = load(models.resolve_init(c.model.init), c.tasks.distill.query_max_len)
   auto = model[0].auto_model
   auto.encoder.layer = torch.nn.ModuleList([auto.encoder.layer[i] for i in c.model.keep_layers])
   auto.config.num_hidden_layers = len(c.model.keep_layers)
@@ -84,7 +85,7 @@ def main():
   texts = [t for _, t in sources.lines(harness.ROOT / c.data.datasets[0]["path"])]
   steps = args.steps or c.train.max_steps or c.train.epochs * (len(texts) // batch)
   root = pathlib.Path(args.workdir).absolute() / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-  teacher = load(state_lib.resolve_init(c.tasks.distill.teacher))
+  teacher = load(models.resolve_init(c.tasks.distill.teacher))
   teacher_score, before = score(teacher), score(pruned(c))
   teacher.max_seq_length = cap
   teacher_emb, t_emb = harness.timed(lambda: teacher.encode(texts, batch_size=64, convert_to_numpy=True))

@@ -7,7 +7,8 @@ import tempfile
 import numpy as np
 
 from bench import harness
-from piccolo_jax import config, data, encode, plan as plan_lib, state
+from piccolo_jax import config, data, encode, plan as plan_lib
+from piccolo_jax import models
 
 DATASETS = {"retrieval-zh": {"kind": "jsonl", "path": "data/retrieval-zh/triplets.train.jsonl", "task": "retrieval"},
             "piccolo_example retri": {"kind": "piccolo", "path": "data/piccolo_example/retri.dataset"}}
@@ -32,7 +33,7 @@ def main():
   p.add_argument("--batches", default="32,256")
   p.add_argument("--negatives", default="1,7")
   args = p.parse_args()
-  tok = encode.load_tokenizer(state.resolve_init("minilm"))
+  tok = encode.load_tokenizer(models.resolve_init("minilm"))
   out = [["dataset", "rows", "global batch", "negatives a row", "rows with a duplicate (share of rows trained)",
           "masked pairs (share of row x candidate pairs)"]]
   with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +44,7 @@ def main():
           c.data.update(datasets=(entry,), global_batch_size=batch, prepared_dir=tmp)
           c.tasks.retrieval.neg_num = k
           try:
-            (t,) = data.load_tables(c.data, c.tasks, tok)
+            (t,) = data.open_tables(c.data, c.tasks, tok)
           except data.DataError:  # Fewer rows than a batch.
             continue
           r = count(plan_lib.Plan(c.data, c.tasks, [t]))

@@ -13,6 +13,7 @@ import xxhash
 
 from bench import harness
 from piccolo_jax import checkpoint, config, digest, sharding, state as state_lib
+from piccolo_jax import models
 
 
 class _Position:
@@ -53,8 +54,8 @@ def main():
   p = harness.parser(__doc__, reps=2)
   p.add_argument("--dir", default="/tmp/piccolo_jax_integrity", help="checkpoints go here (removed after)")
   args = p.parse_args()
-  cfg = state_lib.STELLA
-  params = state_lib.random_params(cfg, 0)
+  cfg = models.STELLA
+  params = models.random_params(cfg, 0)
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 1000)
   mesh = sharding.make_mesh(1)
   state, shardings, _, _ = state_lib.init_state(cfg, params, tx, mesh, 0)

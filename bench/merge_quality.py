@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from bench import harness, recipe_compare
-from piccolo_jax import encode, evaluate, merge, state
+from piccolo_jax import encode, evaluate, merge
+from piccolo_jax import models
 
 DATA = {"retrieval": '({"kind": "jsonl", "path": "data/retrieval-zh/triplets.train.jsonl", "task": "retrieval", '
                      '"limit": 1024},)',
@@ -50,7 +51,7 @@ def main():
     rows.append((name, f"{results[name]['sts']:.2f}", f"{results[name]['ndcg']:.2f}"))
     print(harness.table_md(rows)[-1], flush=True)
 
-  add("all-MiniLM-L6-v2 (the init)", state.resolve_init("minilm"))
+  add("all-MiniLM-L6-v2 (the init)", models.resolve_init("minilm"))
   runs = [train(root / f"demo-seed{s}", s) for s in seeds]
   for s, m in zip(seeds, runs):
     add(f"demo, seed {s}", m)

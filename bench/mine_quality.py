@@ -1,6 +1,6 @@
 """Quality of hard negatives: configs/demo.py restricted to retrieval-zh, trained with (a) its given negatives,
 (b) negatives mined by piccolo_jax.mine from the base model, (c) the mined ones re-mined during training
-(train.refresh_negatives_every), each (d) with in-batch false-negative masking (tasks.retrieval.false_negatives=
+(refresh.every), each (d) with in-batch false-negative masking (tasks.retrieval.false_negatives=
 model), (e) the mined ones plus the KL to the base model's scores of them (`mine --scores`,
 tasks.retrieval.kl_weight=1), (f) none (neg_num=0); each scored by piccolo_jax.evaluate on retrieval-zh rows held
 out from training (their queries, positives and given negatives)."""
@@ -13,9 +13,10 @@ import sys
 import numpy as np
 
 from bench import harness
+from piccolo_jax import models
 
 DATA = harness.ROOT / "data/retrieval-zh/triplets.train.jsonl"
-REFRESH, FN = ("--config.train.refresh_negatives_every=20",), ("--config.tasks.retrieval.false_negatives=model",)
+REFRESH, FN = ("--config.refresh.every=20",), ("--config.tasks.retrieval.false_negatives=model",)
 VARIANTS = {"given": ("train.jsonl", 1, ()), "mined": ("mined.jsonl", 1, ()), "refreshed": ("mined.jsonl", 1, REFRESH),
             "given+fn": ("train.jsonl", 1, FN), "mined+fn": ("mined.jsonl", 1, FN),
             "refreshed+fn": ("mined.jsonl", 1, REFRESH + FN),
@@ -104,8 +105,7 @@ def run_facts(workdir) -> dict:
 
 
 def _minilm() -> str:
-  from piccolo_jax import state  # pylint: disable=g-import-not-at-top
-  return state.resolve_init("minilm")
+  return models.resolve_init("minilm")
 
 
 def report(args, root, held, stats, mine_s, results):

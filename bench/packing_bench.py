@@ -6,7 +6,8 @@ import os
 import numpy as np
 
 from bench import harness, step as bench_step, torch_ref
-from piccolo_jax import config, data, encode, sharding, state as state_lib
+from piccolo_jax import config, data, encode, sharding
+from piccolo_jax import models
 from piccolo_jax.configs import demo
 
 RETRIEVAL_ZH = {"kind": "jsonl", "path": "data/retrieval-zh/triplets.train.jsonl"}
@@ -50,7 +51,7 @@ def limited(c, limit):
 
 def epoch(name, c, cfg, params, dims, tok, block, threads):
   """(table rows, figures) of one epoch of each run; the runs alternate in turns of `block` steps."""
-  tables = data.load_tables(c.data, c.tasks, tok)
+  tables = data.open_tables(c.data, c.tasks, tok)
   (assemble, menus_s) = harness.timed(lambda: data.assembler(c.data, c.tasks, tables))
   batches = {"packed": [assemble(s) for s in range(assemble.plan.steps_per_epoch)]}
   batches["torch pad-to-longest"] = [(to_longest(b), m) for b, m in batches["packed"]]
@@ -79,7 +80,7 @@ def attention_share(cfg, params, dims, tok, reps, limit):
   """Packed retrieval-zh batches at L = 512 and L = 128, alternating: t = a * R * L + b * R * L^2 per batch
   gives the attention's (the L^2 term's) share of the step at L = 512."""
   c = limited(DATA["retrieval-zh 64/512"](), limit)
-  tables = data.load_tables(c.data, c.tasks, tok)
+  tables = data.open_tables(c.data, c.tasks, tok)
   batch = {L: data.assembler(config.replace(c.data, pack_length=L), c.tasks, tables)(0)[0] for L in (512, 128)}
   runs = {L: (lambda r=jax_runner(cfg, params, dims), b=b: r(b, "retrieval")) for L, b in batch.items()}
   times, *_ = harness.alternate(runs, reps)
@@ -98,7 +99,7 @@ def planning(tok):
     c = retrieval_zh()
     c.data.update(datasets=(dict(RETRIEVAL_ZH, repeat=8),), global_batch_size=G)
     c.tasks.retrieval.neg_num = K
-    tables, row = data.load_tables(c.data, c.tasks, tok), [f"{G}, {K}", str(G * (2 + K))]
+    tables, row = data.open_tables(c.data, c.tasks, tok), [f"{G}, {K}", str(G * (2 + K))]
     for d, groups in ((c.data, 1), (config.replace(c.data, mix="groups"), 32)):
       assemble, start = harness.timed(lambda: data.assembler(d, c.tasks, tables, row_multiple=8, groups=groups))
       row += [f"{start:.2f}", f"{harness.timed(lambda: [assemble(s) for s in range(20)])[1] / 20 * 1e3:.1f}"]
@@ -116,7 +117,7 @@ def main():
   p.add_argument("--out", default=str(harness.ROOT / "BENCHMARKS.md"))
   args = p.parse_args()
   os.chdir(harness.ROOT)  # Data paths are relative.
-  cfg, params, tok_dir = state_lib.load_init(args.model)
+  cfg, params, tok_dir = models.load_init(args.model)
   E = cfg.embed_dim
   tok, dims = encode.load_tokenizer(tok_dir), (E // 3, 2 * E // 3, E)
   load0 = os.getloadavg()[0]

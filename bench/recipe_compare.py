@@ -17,7 +17,8 @@ import subprocess
 import sys
 
 from bench import harness
-from piccolo_jax import encode, evaluate, state
+from piccolo_jax import encode, evaluate
+from piccolo_jax import models
 
 COMPARE = {
     "recipe": {"global": ("--config.loss.groups=1", "--config.data.mix=dataset"),
@@ -58,7 +59,7 @@ def main():
   runs = COMPARE[args.compare]
   root = pathlib.Path(args.workdir).absolute() / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
   tasks = held_out(root)
-  base = evaluate.evaluate_tasks(encode.Embedder.load(state.resolve_init("minilm")), tasks, dims=(384,))
+  base = evaluate.evaluate_tasks(encode.Embedder.load(models.resolve_init("minilm")), tasks, dims=(384,))
   rows = [("run", "seed", "STS-B-zh valid Spearman@384", "held-out retrieval nDCG@10@384", "wall s")]
   rows.append(("all-MiniLM-L6-v2 (before)", "-", f"{base['sts-b-zh/spearman@384']:.2f}",
                f"{base['retrieval-heldout/ndcg_at_10@384']:.2f}", "-"))

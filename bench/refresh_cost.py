@@ -1,4 +1,4 @@
-"""What a refresh of the negatives costs (train.refresh_negatives_every, piccolo_jax/refresh.py) against the train
+"""What a refresh of the negatives costs (refresh.every, piccolo_jax/refresh.py) against the train
 step, by corpus size: configs/demo.py's model and retrieval settings on synthetic retrieval rows of C / 4 queries
 with 4 distinct passages each (1 positive, 3 negatives: retrieval-zh has 3.2 distinct texts a row; STS-B-en training
 sentences numbered to be distinct), so the corpus holds C texts. Times the steady train step, then one refresh
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from bench import harness
-from piccolo_jax import refresh, search, sharding, sources, train
+from piccolo_jax import mine, refresh, search, sharding, sources, train
 
 PER_ROW = 4  # Distinct passages a row: 1 positive, 3 negatives.
 
@@ -37,7 +37,7 @@ def measure(corpus, steps, tmp) -> dict:
   c = demo.get_config()
   c.data.datasets = ({"kind": "jsonl", "path": str(path), "task": "retrieval"},)
   c.eval.tasks, c.eval.best_metric = (), ""
-  c.train.refresh_negatives_every, c.data.prepared_dir = 10 ** 9, str(tmp / "prepared")
+  c.refresh.every, c.data.prepared_dir = 10 ** 9, str(tmp / "prepared")
   run = train.start(c, tmp / f"run-{corpus}")
   state, times = run.state, []
   for _ in range(steps + 3):  # 3 to compile and settle.
@@ -47,12 +47,13 @@ def measure(corpus, steps, tmp) -> dict:
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - t)
   step_s = harness.median(times[3:])
-  (t,) = refresh.refreshed(c, run.tables)
+  (t,) = refresh.refreshed(run.tables, c.tasks)
   embed = refresh.Embed(run.graphdef, run.rngs, run.mesh, c.data)
   passages = len(t.p_off) - 1
   embed(state["params"], t, "pos", np.arange(min(passages, 4096)), t.longest_passage)  # Compile.
   _, embed_s = harness.timed(lambda: embed(state["params"], t, "pos", np.arange(passages), t.longest_passage))
-  _, total_s = harness.timed(lambda: refresh.refresh(run, state["params"], 1))
+  _, total_s = harness.timed(lambda: refresh.refresh(run.workdir, embed, state["params"], [t],
+                                                     mine.config_options(c.refresh), c.seed, 1))
   epoch_s = step_s * (rows // c.data.global_batch_size)
   return {"corpus": passages, "queries": rows, "passage_tokens": int(t.p_off[-1]), "query_tokens": int(t.q_off[-1]),
           "step_s": step_s, "embed_passages_s": embed_s, "refresh_s": total_s, "rest_s": total_s - embed_s,

@@ -9,6 +9,7 @@ import numpy as np
 
 from bench import harness
 from piccolo_jax import attention, batch as batch_lib, config, flops as flops_lib, packing, sharding, state as state_lib
+from piccolo_jax import models
 from piccolo_jax import step as step_lib, tasks
 
 
@@ -18,10 +19,10 @@ def of_texts(texts, extras, L, S=packing.SEGMENTS, multiple=1, groups=1) -> batc
   fields = [(task, f, len(ids)) for task, by_field in texts.items() for f, ids in by_field.items()]
   flat = [np.asarray(t, np.int32) for by_field in texts.values() for ids in by_field.values() for t in ids]
   lens_N = np.array([len(t) for t in flat])
-  row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
-  packed = packing.pack(np.concatenate(flat), lens_N, row_N, slot_N, packing.round_up(rows, multiple), L, S)
+  placed, every = packing.Packed(lens_N, L, S), np.arange(len(lens_N))
+  packed = placed.pack(np.concatenate(flat), every, 0, packing.round_up(placed.rows, multiple))
   slots = {}
-  for (task, f, _), s in zip(fields, np.split((row_N * S + slot_N).astype(np.int32), np.cumsum([n for *_, n in fields])[:-1])):
+  for (task, f, _), s in zip(fields, np.split(placed.slots(every).astype(np.int32), np.cumsum([n for *_, n in fields])[:-1])):
     slots.setdefault(task, {})[f] = s
   return batch_lib.Batch(*(packed[k] for k in packing.ARRAYS), slots, extras, tuple((t, groups) for t in texts))
 
@@ -101,7 +102,7 @@ def parser(doc, reps, threads=False):
 def setup(args) -> tuple:
   """(model config, host params, task, K, MRL dims (E/3, 2E/3, E or stella's), (Batch, padded)) of the options;
   sets pseq."""
-  cfg, params, _ = state_lib.load_init(args.model)
+  cfg, params, _ = models.load_init(args.model)
   drop = {"dropout": args.dropout, "attention_dropout": args.dropout} if args.dropout >= 0 else {}
   cfg = cfg.replace(dtype=args.dtype, remat=args.remat, attention=args.attention, **drop)
   cfg = cfg.replace(attention_dropout=attention.check_dropout(cfg.attention, cfg.attention_dropout, args.dropout > 0))

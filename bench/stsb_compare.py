@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 from bench import harness
-from piccolo_jax import encode, evaluate, state as state_lib
+from piccolo_jax import encode, evaluate
+from piccolo_jax import models
 
 
 def dev_spearman(encoder) -> float:
@@ -21,7 +22,7 @@ def run_sentence_transformers(out_dir, seed):
   from sentence_transformers.losses import CoSENTLoss
   a, b, score = harness.read_stsb("data/sts-b-en/sts-b-en.train.tsv")
   train = datasets.Dataset.from_dict({"sentence1": a, "sentence2": b, "score": list(score / 5.0)})
-  model = st.SentenceTransformer(state_lib.resolve_init("minilm"), device="cpu")
+  model = st.SentenceTransformer(models.resolve_init("minilm"), device="cpu")
   args = st.SentenceTransformerTrainingArguments(
       output_dir=str(out_dir), num_train_epochs=1, per_device_train_batch_size=16, learning_rate=2e-5,
       warmup_ratio=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, seed=seed,

@@ -7,7 +7,7 @@ usage() {
   cat <<USAGE
 usage: launch/local.sh [--dry-run] [--processes N] [--port P] CONFIG WORKDIR [TRAIN_FLAGS...]
 
-  CONFIG       config name in configs/ (demo, finetune, stsb) or a path
+  CONFIG       config name in configs/ (demo, finetune, piccolo2, stsb, distill) or a path
   WORKDIR      run directory (checkpoints, logs, exported model)
   --processes  start N processes with a localhost coordinator (default 1);
                with GPUs each process gets one: CUDA_VISIBLE_DEVICES=i

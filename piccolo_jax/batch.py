@@ -72,18 +72,18 @@ def step_texts(plan, units) -> tuple[list, np.ndarray]:
   return out, np.concatenate(lens)
 
 
-def choose_menus(plan, c, multiple=1, steps=None, length_multiple=1) -> dict:
-  """{menu key: at most c.pack_menu row counts}: the least-padding menus for the rows that the run's `steps`
+def choose_menus(plan, data_cfg, multiple=1, steps=None, length_multiple=1) -> dict:
+  """{menu key: at most data.pack_menu row counts}: the least-padding menus for the rows that the run's `steps`
   steps need (default: an epoch's), PLANNED of them spread over the run where it has more; from the token
   lengths of the prepared data alone, a function of the datasets, seed and run length."""
   needed, steps = {}, steps or plan.steps_per_epoch
   for step in np.unique(np.linspace(0, steps - 1, min(steps, PLANNED)).astype(int)):
     units = plan.units(int(step))
     key, tasks = menu_key(plan, units)
-    L = row_length(plan, tasks, c.pack_length, length_multiple)
-    rows = packing.first_fit(step_texts(plan, units)[1], L, c.pack_segments)[2]
+    L = row_length(plan, tasks, data_cfg.pack_length, length_multiple)
+    rows = packing.first_fit(step_texts(plan, units)[1], L, data_cfg.pack_segments)[2]
     needed.setdefault(key, []).append(rows)
-  return {key: packing.row_menu(n, c.pack_menu, multiple) for key, n in needed.items()}
+  return {key: packing.row_menu(n, data_cfg.pack_menu, multiple) for key, n in needed.items()}
 
 
 class Assembler:
@@ -93,33 +93,38 @@ class Assembler:
   process count, so the same dropout masks) and copies the tokens of its own R / P rows only.
   """
 
-  def __init__(self, c, plan, menus, process_index=0, process_count=1, row_multiple=1, groups=1, length_multiple=1):
-    """c: the data config; menus: choose_menus'; row_multiple: R is a multiple of it (the devices);
-    length_multiple: L is (attention.block)."""
-    if c.global_batch_size % process_count or row_multiple % process_count:
-      raise ValueError(f"global batch {c.global_batch_size} and packed rows multiple {row_multiple} must be "
+  def __init__(self, data_cfg, plan, menus, process_index=0, process_count=1, row_multiple=1, length_multiple=1):
+    """menus: choose_menus'; row_multiple: R is a multiple of it (the devices); length_multiple: L is
+    (attention.block)."""
+    if data_cfg.global_batch_size % process_count or row_multiple % process_count:
+      raise ValueError(f"global batch {data_cfg.global_batch_size} and packed rows multiple {row_multiple} must be "
                        f"divisible by {process_count} processes")
-    self.c, self.plan, self.menus, self.p, self.P, self.multiple = c, plan, menus, process_index, process_count, row_multiple
-    self.groups_per_unit = plan.unit * groups // c.global_batch_size
+    self.data_cfg, self.plan, self.menus = data_cfg, plan, menus
+    self.process_index, self.process_count, self.row_multiple = process_index, process_count, row_multiple
+    self.groups_per_unit = plan.unit * plan.groups // data_cfg.global_batch_size
     self.length_multiple = length_multiple
 
+  def with_tables(self, tables) -> "Assembler":
+    """This assembler (menus included) over other tables of the same datasets (refreshed negatives)."""
+    return Assembler(self.data_cfg, self.plan.with_tables(tables), self.menus, self.process_index,
+                     self.process_count, self.row_multiple, self.length_multiple)
+
   def __call__(self, step, _=None) -> tuple[Batch, dict]:
-    units, S, tables = self.plan.units(step), self.c.pack_segments, self.plan.tables
+    units, S, tables = self.plan.units(step), self.data_cfg.pack_segments, self.plan.tables
     key, tasks = menu_key(self.plan, units)
-    L = row_length(self.plan, tasks, self.c.pack_length, self.length_multiple)
+    L = row_length(self.plan, tasks, self.data_cfg.pack_length, self.length_multiple)
     texts, lens_N = step_texts(self.plan, units)
-    row_N, slot_N, needed = packing.first_fit(lens_N, L, S)
-    R = packing.rows_for(needed, self.menus.get(key, ()), self.multiple) // self.P
-    local_N, at, tokens, order, slots = row_N // R == self.p, 0, [], [], [{} for _ in units]
+    packed = packing.Packed(lens_N, L, S)
+    R = packing.rows_for(packed.rows, self.menus.get(key, ()), self.row_multiple) // self.process_count
+    local_N, at, tokens, order, slots = packed.row_N // R == self.process_index, 0, [], [], [{} for _ in units]
     for u, field, slot, ids, keep in texts:
       n = np.arange(at, at + keep.sum())  # This field's kept texts, in lens_N.
       tokens.append(tables[units[u][0]].flat(slot, ids[keep][local_N[n]]))
       order.append(n[local_N[n]])
       slots[u][field] = np.zeros(len(ids), np.int32)  # Padding negatives read slot 0.
-      slots[u][field][keep] = row_N[n] * S + slot_N[n]
+      slots[u][field][keep] = packed.slots(n)
       at += len(n)
-    order = np.concatenate(order)
-    rows = packing.pack(np.concatenate(tokens), lens_N[order], row_N[order] - self.p * R, slot_N[order], R, L, S)
+    rows = packed.pack(np.concatenate(tokens), np.concatenate(order), self.process_index * R, R)
     extras = [extra_arrays(tables[d], sel) for d, sel in units]
     task_U = [tables[d].task for d, _ in units]
     mix = tuple((task, task_U.count(task) * self.groups_per_unit) for task in sorted(set(task_U)))
@@ -127,7 +132,7 @@ class Assembler:
                                        for k in per_unit[task_U.index(task)]} for task, _ in mix}
     real = int(lens_N[local_N].sum())
     info = dict(step=step, task=key, dataset=",".join(sorted({tables[d].name for d, _ in units})),
-                row_length=L, rows=R * self.P, slots=S, tokens=real, pad_frac=float(1 - real / (R * L)),
+                row_length=L, rows=R * self.process_count, slots=S, tokens=real, pad_frac=float(1 - real / (R * L)),
                 squares=int((lens_N[local_N].astype(np.int64) ** 2).sum()), texts=int(local_N.sum()))
     return Batch(*(rows[k] for k in packing.ARRAYS), by_task(slots), by_task(extras), mix), info
 

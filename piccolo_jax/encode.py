@@ -17,7 +17,9 @@ import transformers
 
 from piccolo_jax import attention
 from piccolo_jax import model as model_lib
+from piccolo_jax import models
 from piccolo_jax import packing
+from piccolo_jax import search
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)  # Row lengths: one compiled program per bucket.
 CHUNK = 4096  # Texts tokenized at a time: the tokenizer holds ~21 KB per 110-token text (BENCHMARKS.md).
@@ -65,9 +67,8 @@ class Embedder:
   @classmethod
   def load(cls, spec, *, dtype=None, buckets=DEFAULT_BUCKETS, packing=True) -> "Embedder":
     """Embedder of a piccolo_jax model dir, a sentence-transformers / HF BERT dir (converted in memory) or
-    'minilm' (state.load_init)."""
-    from piccolo_jax import state  # pylint: disable=g-import-not-at-top  (state imports the optimizer)
-    cfg, params, tok_dir = state.load_init(str(spec))
+    'minilm' (models.load_init)."""
+    cfg, params, tok_dir = models.load_init(str(spec))
     return cls.from_params(cfg.replace(dtype=dtype) if dtype else cfg, params, tok_dir, buckets, packing)
 
   @classmethod
@@ -143,25 +144,20 @@ class Embedder:
     into out_ND; returns the queue of texts in the rows left over."""
     if not queue:
       return queue
-    lens_N, S = np.array([len(ids) for _, ids in queue]), packing.SEGMENTS
+    lens_N = np.array([len(ids) for _, ids in queue])
     L = packing.round_up(bucket_length(lens_N.max(), self.buckets, max_length), self.block)
-    row_N, slot_N, rows = packing.first_fit(lens_N, L, S)
-    done = rows if final else rows // R * R
-    for first in range(0, done, R):
-      sel = np.flatnonzero((row_N >= first) & (row_N < first + R))
-      arrays = packing.pack(np.concatenate([queue[i][1] for i in sel]), lens_N[sel], row_N[sel] - first,
-                            slot_N[sel], R, L, S)
-      emb_RSD = np.asarray(_embed_packed(self.model, *(jnp.asarray(arrays[k]) for k in packing.ARRAYS)))
+    packed, left_N = packing.Packed(lens_N, L, packing.SEGMENTS), np.ones(len(queue), bool)
+    tokens = lambda sel: np.concatenate([queue[i][1] for i in sel])
+    embed = lambda arrays: np.asarray(_embed_packed(self.model, *(jnp.asarray(arrays[k]) for k in packing.ARRAYS)))
+    for sel, emb_nD in packed.embedded(R, tokens, embed, full_only=not final):
       self.computed += R * L
-      emb_ND = emb_RSD.reshape(R * S, -1)[(row_N[sel] - first) * S + slot_N[sel], :out_ND.shape[1]]
-      self._write(out_ND, [queue[i][0] for i in sel], emb_ND, normalize, progress)
-    return [q for q, r in zip(queue, row_N) if r >= done]
+      self._write(out_ND, [queue[i][0] for i in sel], emb_nD[:, :out_ND.shape[1]], normalize, progress)
+      left_N[sel] = False
+    return [q for q, left in zip(queue, left_N) if left]
 
   @staticmethod
   def _write(out_ND, rows, emb_ND, normalize, progress):
-    if normalize:
-      emb_ND = emb_ND / np.maximum(np.linalg.norm(emb_ND, axis=1, keepdims=True), 1e-12)
-    out_ND[rows] = emb_ND
+    out_ND[rows] = search.normalize(emb_ND) if normalize else emb_ND
     if progress:
       progress(len(rows))
 

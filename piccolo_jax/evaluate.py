@@ -240,7 +240,7 @@ def parse_task(spec: str) -> Task:
 
 def unit(emb_ND, rows, d):
   """The L2-normalised first d coordinates of emb_ND[rows]."""
-  return normalize(emb_ND[rows, :d])
+  return search.normalize(emb_ND[rows, :d])
 
 
 # scipy and scikit-learn are imported by the scorers that use them: a training run without evals skips them.
@@ -307,8 +307,6 @@ SCORERS = {"sts": score_sts, "pair": score_pair, "retrieval": score_retrieval, "
            "classification": score_classification, "clustering": score_clustering}
 
 
-def normalize(x_ND):
-  return x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)
 
 
 def check_dims(dims, full_dim) -> tuple:

@@ -94,8 +94,6 @@ def candidate_mask(q, p, n=None, *, n_mask=None, pos_id=None, neg_id=None, pos_s
     dup_BN = other_BN & (ids_N[None, :] == pos_id[:, None]) & (pos_id[:, None] >= 0)
   fn_BN = jnp.zeros(other_BN.shape, bool)
   if judge != "off":
-    if judge not in ("model", "teacher"):
-      raise ValueError(f"false-negative judge {judge!r}: expected off, model or teacher")
     s_BN = _dot(normalize(q), _candidates(p, n))
     pos_BN = jnp.broadcast_to(jnp.diagonal(s_BN)[:, None], s_BN.shape)
     if judge == "teacher" and n is not None and pos_score is not None:

@@ -32,8 +32,8 @@ from piccolo_jax import encode
 from piccolo_jax import export as export_lib
 from piccolo_jax import model as model_lib
 from piccolo_jax import modeldir
+from piccolo_jax import models
 from piccolo_jax import sharding
-from piccolo_jax import state
 from piccolo_jax import step as step_lib
 
 log = logging.getLogger("piccolo_jax.merge")
@@ -113,7 +113,7 @@ def load(spec) -> Source:
   path = pathlib.Path(str(spec))
   if path.name.isdigit() and path.parent.name == "checkpoints":
     return _checkpoint(path)
-  cfg, params, tok_dir = state.load_init(str(spec))
+  cfg, params, tok_dir = models.load_init(str(spec))
   st = pathlib.Path(tok_dir) / "config_sentence_transformers.json"
   prompts = json.loads(st.read_text()).get("prompts") or {} if st.is_file() else {}
   return Source(str(spec), cfg, params, tok_dir, prompts)
@@ -182,7 +182,7 @@ def example_losses(sources, data, examples, tok_dir) -> np.ndarray:
   c = config_lib.base()
   c.data.update(datasets=tuple(data_entry(d, examples) for d in data), global_batch_size=examples, pack_menu=1)
   c.loss.mrl_dims = (sources[0].cfg.embed_dim,)  # The full embeddings.
-  tables = data_lib.load_tables(c.data, c.tasks, encode.load_tokenizer(tok_dir))
+  tables = data_lib.open_tables(c.data, c.tasks, encode.load_tokenizer(tok_dir))
   assemble = data_lib.assembler(c.data, c.tasks, tables)
   batches = {}
   for step in range(assemble.plan.steps_per_epoch):

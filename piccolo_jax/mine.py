@@ -23,10 +23,10 @@ import tqdm
 
 from piccolo_jax import encode
 from piccolo_jax import modeldir
+from piccolo_jax import models
 from piccolo_jax import search
 from piccolo_jax import sharding
 from piccolo_jax import sources
-from piccolo_jax import state
 
 ROW_CHUNK = 4096  # Queries embedded, searched and written at a time.
 RANK_BINS = (1, 2, 4, 11, 101)  # Lower edges of the positive-rank histogram's bins (1-based ranks).
@@ -85,9 +85,10 @@ def threshold(pos_score, opts: Options) -> float:
   return out
 
 
-def row_rng(seed, row) -> np.random.Generator:
-  """Row `row`'s own generator: sampling is the same whatever the chunking, devices or processes."""
-  return np.random.default_rng([seed, row])
+def row_rng(key, row) -> np.random.Generator:
+  """Row `row`'s own generator, seeded (*key, row): sampling is the same whatever the chunking, devices or
+  processes. key: (--seed,) for mine; (config.seed, step) for a refresh in training."""
+  return np.random.default_rng([*key, row])
 
 
 def select(ids_T, s_T, pos_score, drop, norm_C, opts: Options, rng) -> tuple[np.ndarray, dict]:
@@ -128,17 +129,17 @@ class Stats:
     return {**self.counts, "positive_rank": dict(zip([*names, f">{self.opts.end}"], self.ranks.tolist()))}
 
 
-def mine_chunk(q_BD, corpus: search.Sharded, pos_BP, drop, norm_C, opts, first_row, stats, *, approx=False,
+def mine_chunk(q_BD, corpus: search.Sharded, pos_BP, drop, norm_C, opts, first_row, stats, *, key, approx=False,
                q_chunk=search.Q_CHUNK) -> list:
   """Chosen corpus ids per query of a chunk. pos_BP: positives' corpus ids (-1 padded after them); drop:
-  normal-form ids per query to leave out; first_row: the chunk's first row index (seeds its sampling)."""
+  normal-form ids per query to leave out; first_row: the chunk's first row index; key: row_rng's."""
   out, k = [], min(opts.end, corpus.size)
   for qs, s_BT, i_BT, g_BP in search.iter_top_k(q_BD, corpus, k, ids_QP=pos_BP, q_chunk=q_chunk, approx=approx):
     for r, (s_T, i_T, g_P) in enumerate(zip(s_BT, i_BT, g_BP)):
       b = qs + r
       pos_P = pos_BP[b][pos_BP[b] >= 0]
       hit_T = np.isin(i_T, pos_P)
-      rng = row_rng(opts.seed, first_row + b)
+      rng = row_rng(key, first_row + b)
       chosen, counts = select(i_T, s_T, g_P[:len(pos_P)].min(), drop[b], norm_C, opts, rng)
       stats.add(int(hit_T.argmax()) + 1 if hit_T.any() else 0, chosen, counts)
       out.append(chosen)
@@ -242,7 +243,8 @@ def mine_rows(embedder, rows, corpus: Corpus, corpus_ND, opts, stats, *, prefix=
       q_BD = embedder.encode([prefix + q for q, _, _ in chunk], batch_size=batch_size, max_length=max_length, dim=dim)
       pos_BP = padded([[corpus.ids[t] for t in p] for _, p, _ in chunk])
       drop = [corpus.norm_ids([q, *p, *(n if opts.originals == "append" else ())]) for q, p, n in chunk]
-      mined = mine_chunk(q_BD, corpus_ND, pos_BP, drop, corpus.norm_C, opts, first, stats, approx=approx)
+      mined = mine_chunk(q_BD, corpus_ND, pos_BP, drop, corpus.norm_C, opts, first, stats, key=(opts.seed,),
+                         approx=approx)
       for (q, p, n), ids in zip(chunk, mined):
         yield q, p, output_negatives([corpus.texts[i] for i in ids], n, opts.originals)
       bar.update(len(chunk))
@@ -300,18 +302,10 @@ def selection(args, **kw) -> Options:
                  relative_margin=args.relative_margin, **kw)
 
 
-def selection_options(flags: str, **kw) -> Options:
-  """Options from a string of add_selection_flags' flags, e.g. "--range 2-100 --negatives 7" (kw: seed)."""
-  p = argparse.ArgumentParser(prog="train.refresh_options", add_help=False, exit_on_error=False)
-  add_selection_flags(p)
-  try:
-    args, rest = p.parse_known_args(flags.split())
-  except argparse.ArgumentError as e:
-    raise ValueError(f"train.refresh_options={flags!r}: {e}") from None
-  if rest:
-    raise ValueError(f"train.refresh_options={flags!r}: unknown {' '.join(rest)}; it takes piccolo_jax.mine's "
-                     "--range, --negatives, --sampling, --relative-margin and --absolute-margin")
-  return selection(args, **kw)
+def config_options(c) -> Options:
+  """Options of the config section `refresh` (its margins < 0: off)."""
+  off = lambda margin: None if margin < 0 else margin
+  return Options(c.start, c.end, c.num, c.sampling, off(c.absolute_margin), off(c.relative_margin))
 
 
 def parse_args(argv=None):
@@ -343,9 +337,10 @@ def parse_args(argv=None):
   p.add_argument("--limit", type=int, default=0, help="first N usable rows of each input (0: all)")
   p.add_argument("--cache", default=None, help="dir for corpus embeddings, reused when model, settings and texts match")
   p.add_argument("--approx", action="store_true", help="jax.lax.approx_max_k per block (TPU; exact elsewhere)")
-  p.add_argument("--coordinator-address", default="", help="multi-process: host:port of process 0")
-  p.add_argument("--num-processes", type=int, default=1)
-  p.add_argument("--process-id", type=int, default=0)
+  p.add_argument("--coordinator_address", "--coordinator-address", default="",
+                 help="multi-process: host:port of process 0 (the trainer's flags)")
+  p.add_argument("--num_processes", "--num-processes", type=int, default=1)
+  p.add_argument("--process_id", "--process-id", type=int, default=0)
   args = p.parse_args(argv)
   return p, args, selection(args, originals=args.originals, seed=args.seed)
 
@@ -361,7 +356,7 @@ def run(args, opts) -> dict:
   if not rows:
     raise sources.DataError(f"{', '.join(args.input)}: no usable rows (skipped: {skipped})")
   corpus = build_corpus(rows, corpus_texts(args.corpus))
-  model = state.resolve_init(args.model)
+  model = models.resolve_init(args.model)
   embedder = encode.Embedder.load(model, dtype=args.dtype)
   mesh = sharding.make_mesh()
   lo, hi = search.process_rows(len(corpus.texts), mesh)  # Each process embeds the rows on its devices.
@@ -377,7 +372,7 @@ def run(args, opts) -> dict:
                     max_length=args.query_max_length, dim=args.dim, batch_size=args.batch_size, approx=args.approx,
                     progress=main_process)
   if args.scores:
-    teacher = embedder if args.teacher in ("", args.model) else encode.Embedder.load(state.resolve_init(args.teacher),
+    teacher = embedder if args.teacher in ("", args.model) else encode.Embedder.load(models.resolve_init(args.teacher),
                                                                                       dtype=args.dtype)
     out_rows = with_scores(teacher, mined, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                            query_max_length=args.query_max_length, passage_max_length=args.passage_max_length,

@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 
 from piccolo_jax import encode
+from piccolo_jax import search
 
 
 def _texts(inputs) -> list[str]:
@@ -57,11 +58,11 @@ class MtebEncoder:
 
   def similarity(self, a_ND, b_MD) -> np.ndarray:
     a_ND, b_MD = (np.atleast_2d(np.asarray(x, np.float32)) for x in (a_ND, b_MD))
-    return _unit(a_ND) @ _unit(b_MD).T
+    return search.normalize(a_ND) @ search.normalize(b_MD).T
 
   def similarity_pairwise(self, a_ND, b_ND) -> np.ndarray:
     a_ND, b_ND = (np.atleast_2d(np.asarray(x, np.float32)) for x in (a_ND, b_ND))
-    return (_unit(a_ND) * _unit(b_ND)).sum(1)
+    return (search.normalize(a_ND) * search.normalize(b_ND)).sum(1)
 
   @property
   def mteb_model_meta(self):
@@ -69,7 +70,3 @@ class MtebEncoder:
     from mteb.models import ModelMeta
     return ModelMeta.create_empty(overwrites={"name": self.name, "revision": "local", "embed_dim": self.dim,
                                               "similarity_fn_name": "cosine", "framework": ["JAX"]})
-
-
-def _unit(x_ND):
-  return x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)

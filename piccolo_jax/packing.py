@@ -84,25 +84,43 @@ def rows_for(needed, menu, multiple=1) -> int:
   return rows
 
 
-def layout(lens_N, row_N, slot_N, R, L, S):
-  """(flat token positions in [R * L] of the concatenated texts, seg, pos, pack_len [R, S]) of a first_fit."""
-  order = np.lexsort((slot_N, row_N))  # Texts fill a row in slot order.
-  start_N = np.zeros(len(lens_N), np.int64)
-  ends = np.cumsum(lens_N[order])
-  row_first = np.r_[True, row_N[order][1:] != row_N[order][:-1]]
-  base = np.maximum.accumulate(np.where(row_first, ends - lens_N[order], 0))
-  start_N[order] = ends - lens_N[order] - base
-  pos_T = np.arange(lens_N.sum()) - np.repeat(np.cumsum(lens_N) - lens_N, lens_N)
-  at_T = np.repeat(row_N * L + start_N, lens_N) + pos_T
-  len_RS = np.zeros((R, S), np.int32)
-  len_RS[row_N, slot_N] = lens_N
-  return at_T, np.repeat(slot_N + 1, lens_N), pos_T, len_RS
+class Packed:
+  """Texts of lens_N tokens placed by first_fit into rows of L tokens, S texts at most a row; batches of its
+  rows are packed (the trainer's Assembler: one batch a step; encode and refresh: embedded R rows at a time)."""
 
+  def __init__(self, lens_N, L, S):
+    self.lens_N, self.L, self.S = np.asarray(lens_N), L, S
+    self.row_N, self.slot_N, self.rows = first_fit(self.lens_N, L, S)
 
-def pack(tokens_T, lens_N, row_N, slot_N, R, L, S):
-  """{pack_tok, pack_seg, pack_pos, pack_len} of texts (tokens_T: their token ids concatenated)."""
-  at_T, seg_T, pos_T, len_RS = layout(lens_N, row_N, slot_N, R, L, S)
-  out = {k: np.zeros(R * L, np.int32) for k in ("pack_tok", "pack_seg", "pack_pos")}
-  out["pack_tok"][at_T], out["pack_seg"][at_T], out["pack_pos"][at_T] = tokens_T, seg_T, pos_T
-  return {k: v.reshape(R, L) for k, v in out.items()} | {"pack_len": len_RS}
+  def slots(self, sel, first=0):
+    """Texts sel's slots r * S + s of the [R * S, D] output of the batch of rows first..first + R."""
+    return (self.row_N[sel] - first) * self.S + self.slot_N[sel]
+
+  def pack(self, tokens_T, sel, first, R) -> dict:
+    """{pack_tok, pack_seg, pack_pos, pack_len} of rows first..first + R, which hold texts sel (tokens_T: theirs,
+    concatenated in sel's order)."""
+    lens_N, row_N, slot_N, L = self.lens_N[sel], self.row_N[sel] - first, self.slot_N[sel], self.L
+    order = np.lexsort((slot_N, row_N))  # Texts fill a row in slot order.
+    ends, start_N = np.cumsum(lens_N[order]), np.zeros(len(lens_N), np.int64)
+    row_first = np.r_[True, row_N[order][1:] != row_N[order][:-1]]
+    start_N[order] = ends - lens_N[order] - np.maximum.accumulate(np.where(row_first, ends - lens_N[order], 0))
+    pos_T = np.arange(lens_N.sum()) - np.repeat(np.cumsum(lens_N) - lens_N, lens_N)
+    at_T = np.repeat(row_N * L + start_N, lens_N) + pos_T  # Flat positions in [R * L].
+    out = {k: np.zeros(R * L, np.int32) for k in ("pack_tok", "pack_seg", "pack_pos")}
+    out["pack_tok"][at_T], out["pack_seg"][at_T], out["pack_pos"][at_T] = tokens_T, np.repeat(slot_N + 1, lens_N), pos_T
+    len_RS = np.zeros((R, self.S), np.int32)
+    len_RS[row_N, slot_N] = lens_N
+    return {k: v.reshape(R, L) for k, v in out.items()} | {"pack_len": len_RS}
+
+  def embedded(self, R, tokens, embed, full_only=False):
+    """Yields (sel, e_nD) per batch of R rows: its texts and their embeddings, embed(packed arrays) being the
+    model's [R * S, D] (or [R, S, D]) output; tokens(sel): the texts' token ids concatenated. full_only: the
+    last, partial batch is left out (its texts are those with row_N >= rows // R * R)."""
+    done = self.rows // R * R if full_only else self.rows
+    order = np.argsort(self.row_N, kind="stable")  # Texts by row: batch i holds rows iR .. iR + R - 1.
+    bounds = np.searchsorted(self.row_N[order], np.arange(0, done + R, R))
+    for first, a, b in zip(range(0, done, R), bounds, bounds[1:]):
+      sel = order[a:b]
+      e = embed(self.pack(tokens(sel), sel, first, R))
+      yield sel, e.reshape(R * self.S, -1)[self.slots(sel, first)]
 

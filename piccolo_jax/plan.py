@@ -11,24 +11,22 @@ from piccolo_jax import tasks as tasks_lib
 DataError = sources.DataError
 
 
-def unit_rows(c, groups=1) -> int:
-  """Rows of a plan's unit: the global batch (data.mix="dataset") or one of its loss groups ("groups")."""
-  if c.mix not in ("dataset", "groups"):
-    raise ValueError(f"data.mix={c.mix!r}: expected 'dataset' or 'groups'")
-  if groups < 1 or c.global_batch_size % groups:
-    raise ValueError(f"data.global_batch_size={c.global_batch_size} is not divisible by loss.groups={groups}")
-  return c.global_batch_size // groups if c.mix == "groups" else c.global_batch_size
+def unit_rows(data_cfg, groups=1) -> int:
+  """Rows of a plan's unit: the global batch (data.mix="dataset") or one of its loss groups ("groups"); the
+  config is checked (config.check)."""
+  return data_cfg.global_batch_size // groups if data_cfg.mix == "groups" else data_cfg.global_batch_size
 
 
-def steps_per_epoch(c, tables, groups=1) -> int:
-  unit = unit_rows(c, groups)
-  return sum(t.repeat * (len(t) // unit) for t in tables) * unit // c.global_batch_size
+def steps_per_epoch(data_cfg, tables, groups=1) -> int:
+  unit = unit_rows(data_cfg, groups)
+  return sum(t.repeat * (len(t) // unit) for t in tables) * unit // data_cfg.global_batch_size
 
 
 def negatives(t, tasks_cfg) -> int:
   """K of dataset t: its entry's neg_num, else its task's (0: the task takes no negatives)."""
-  own = tasks_cfg[t.task].get("neg_num", 0)
-  if t.neg_num is not None and "neg_num" not in tasks_lib.TASKS[t.task].defaults:
+  takes = tasks_lib.TASKS[t.task].negatives
+  own = tasks_cfg[t.task].neg_num if takes else 0
+  if t.neg_num is not None and not takes:
     raise DataError(f"{t.name}: neg_num={t.neg_num} is set, but task {t.task} takes no negatives")
   return own if t.neg_num is None else t.neg_num
 
@@ -83,12 +81,12 @@ class Plan:
   generator seeded with (seed, s); slots past a row's negatives are -1 (neg_valid False).
   """
 
-  def __init__(self, c, tasks_cfg, tables, groups=1):
-    self.seed, self.mix, self.tables, self.groups = c.seed, c.mix, tables, groups
-    self.unit = unit_rows(c, groups)
-    self.steps_per_epoch = steps_per_epoch(c, tables, groups)
+  def __init__(self, data_cfg, tasks_cfg, tables, groups=1):
+    self.data_cfg, self.tasks_cfg, self.tables, self.groups = data_cfg, tasks_cfg, tables, groups
+    self.seed, self.mix, self.unit = data_cfg.seed, data_cfg.mix, unit_rows(data_cfg, groups)
+    self.steps_per_epoch = steps_per_epoch(data_cfg, tables, groups)
     if not self.steps_per_epoch:
-      raise DataError(f"the datasets hold no global batch of {c.global_batch_size} rows")
+      raise DataError(f"the datasets hold no global batch of {data_cfg.global_batch_size} rows")
     self.k_D = [negatives(t, tasks_cfg) for t in tables]
     self.k = {t.task: max(k for u, k in zip(tables, self.k_D) if u.task == t.task) for t in tables}
     self.tasks = sorted(self.k)  # A mixed step's tasks, in this order.
@@ -97,6 +95,10 @@ class Plan:
       for slot, n in (("query", t.longest_query), ("pos", t.longest_passage), ("neg", t.longest_passage)):
         self.longest[t.task, slot] = max(self.longest.get((t.task, slot), 0), -(-n // 8) * 8)
     self._cache = {}
+
+  def with_tables(self, tables) -> "Plan":
+    """The plan of the same settings over other tables (the same datasets, other negatives)."""
+    return Plan(self.data_cfg, self.tasks_cfg, tables, self.groups)
 
   def epoch(self, epoch):
     """(dataset ids [S, U], rows [S, G]) of an epoch in training order: each step's U units (1, or

@@ -1,6 +1,6 @@
 """Prepared datasets: every source tokenised once into flat memory-mapped arrays that training reads.
 
-Usage: python -m piccolo_jax.prepare --config=finetune [--shard=I --num-shards=N] [--config.X=...]
+Usage: python -m piccolo_jax.prepare --config=finetune [--shard=I --num_shards=N] [--config.X=...]
 
 A prepared dataset is the directory `PREPARED_DIR/NAME-KEY`; KEY hashes everything its contents
 depend on: the dataset entry, its source files' sizes and mtimes, the tokenizer, the token caps,
@@ -23,6 +23,7 @@ Files (raw little-endian arrays, opened with np.memmap; n rows, m distinct passa
          reason, longest query and passage, pad id, token dtype, and the fingerprint.
   teacher-KEY.npy float16 [n, D]  where a teacher embeds the queries (task distill): teacher_vectors().
 """
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -36,10 +37,16 @@ import sys
 import time
 import uuid
 
+from absl import flags
 import numpy as np
 import tqdm
 
+from piccolo_jax import cli
+from piccolo_jax import config
 from piccolo_jax import digest
+from piccolo_jax import encode
+from piccolo_jax import modeldir
+from piccolo_jax import models
 from piccolo_jax import sources
 from piccolo_jax import tasks as tasks_lib
 
@@ -105,7 +112,8 @@ def fingerprint(entry, c, tasks_cfg, tokenizer) -> dict:
           "files": [stat(p) for p in source_files(entry)],
           "tokenizer": tokenizer_hash(tokenizer),
           "caps": sorted([*k, v] for k, v in tasks_lib.caps(tasks_cfg).items()),
-          "prefixes": {name: [tasks_cfg[name].get(k, "") for k in tasks_lib.PREFIXES] for name in tasks_lib.TASKS},
+          "prefixes": {name: [tasks_cfg[name][k] if k in task.prefixes else "" for k in tasks_lib.PREFIXES]
+                       for name, task in tasks_lib.TASKS.items()},
           "strict": bool(c.strict)}
 
 
@@ -119,10 +127,16 @@ def location(entry, c, tasks_cfg, tokenizer, root=None) -> tuple[pathlib.Path, d
 
 
 class Flat:
-  """An append-only flat array file."""
+  """An append-only flat array file; a context manager that closes it."""
 
   def __init__(self, path, dtype):
     self.f, self.dtype, self.n = open(path, "wb"), dtype, 0
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *_):
+    self.f.close()
 
   def add(self, values):
     a = np.asarray(values, self.dtype)
@@ -147,39 +161,39 @@ class Offsets(Flat):
 def _write(reader, caps, enc, tmp):
   """Streams the reader's rows into tmp's arrays; returns the manifest's counts."""
   tok_dt = np.uint16 if enc.vocab_size <= 65535 else np.int32
-  q_tok, p_tok = Flat(tmp / "q_tok.bin", tok_dt), Flat(tmp / "p_tok.bin", tok_dt)
-  q_off, p_off, pos_off, neg_off = (Offsets(tmp / f"{k}.bin") for k in ("q_off", "p_off", "pos_off", "neg_off"))
-  pos_ids, neg_ids = Flat(tmp / "pos_ids.bin", np.int32), Flat(tmp / "neg_ids.bin", np.int32)
-  labels = Flat(tmp / "labels.bin", np.float32)
-  pos_score, neg_score = Flat(tmp / "pos_score.bin", np.float32), Flat(tmp / "neg_score.bin", np.float32)
-  pool, longest, n, scored = {}, [0, 0], 0, 0
-  rows = iter(reader)
-  bar = tqdm.tqdm(desc=f"prepare {reader.name}", unit=" rows", disable=None, file=sys.stderr)
-  while chunk := list(itertools.islice(rows, CHUNK)):  # the first row sets reader.task
-    q_cap = caps[reader.task.name, "query"]
-    p_cap = caps.get((reader.task.name, "pos"), q_cap)
-    qp, pp = reader.prefix("query_prefix"), reader.prefix("passage_prefix")
-    new, ids = [], lambda texts: [_passage_id(pool, new, t) for t in texts]
-    pos, neg = [ids(p) for _, p, *_ in chunk], [ids(m) for _, _, m, *_ in chunk]
-    q_ids = enc([qp + q for q, *_ in chunk], q_cap)
-    p_ids = enc([pp + t for t in new], p_cap)
-    for store, off, seqs, i in ((q_tok, q_off, q_ids, 0), (p_tok, p_off, p_ids, 1)):
-      if seqs:
-        store.add(np.concatenate(seqs))
-        off.extend([len(s) for s in seqs])
-        longest[i] = max(longest[i], max(len(s) for s in seqs))
-    for flat, off, lists in ((pos_ids, pos_off, pos), (neg_ids, neg_off, neg)):
-      flat.add([j for x in lists for j in x])
-      off.extend([len(x) for x in lists])
-    labels.add([label for *_, label, _ in chunk])
-    for flat, i, lists in ((pos_score, 0, pos), (neg_score, 1, neg)):
-      flat.add([x for (*_, sc), ids_ in zip(chunk, lists) for x in (sc[i] if sc else [np.nan] * len(ids_))])
-    scored += sum(sc is not None for *_, sc in chunk)
-    n += len(chunk)
-    bar.update(len(chunk))
-  bar.close()
-  for f in (q_tok, p_tok, q_off, p_off, pos_off, neg_off, pos_ids, neg_ids, labels, pos_score, neg_score):
-    f.f.close()
+  with contextlib.ExitStack() as files:  # Closed (flushed) before the cls negatives below read them.
+    flat = lambda k, dtype: files.enter_context(Flat(tmp / f"{k}.bin", dtype))
+    q_tok, p_tok = flat("q_tok", tok_dt), flat("p_tok", tok_dt)
+    q_off, p_off, pos_off, neg_off = (files.enter_context(Offsets(tmp / f"{k}.bin"))
+                                      for k in ("q_off", "p_off", "pos_off", "neg_off"))
+    pos_ids, neg_ids, labels = flat("pos_ids", np.int32), flat("neg_ids", np.int32), flat("labels", np.float32)
+    pos_score, neg_score = flat("pos_score", np.float32), flat("neg_score", np.float32)
+    pool, longest, n, scored = {}, [0, 0], 0, 0
+    rows = iter(reader)
+    bar = tqdm.tqdm(desc=f"prepare {reader.name}", unit=" rows", disable=None, file=sys.stderr)
+    while chunk := list(itertools.islice(rows, CHUNK)):  # the first row sets reader.task
+      q_cap = caps[reader.task.name, "query"]
+      p_cap = caps.get((reader.task.name, "pos"), q_cap)
+      qp, pp = reader.prefix("query_prefix"), reader.prefix("passage_prefix")
+      new, ids = [], lambda texts: [_passage_id(pool, new, t) for t in texts]
+      pos, neg = [ids(p) for _, p, *_ in chunk], [ids(m) for _, _, m, *_ in chunk]
+      q_ids = enc([qp + q for q, *_ in chunk], q_cap)
+      p_ids = enc([pp + t for t in new], p_cap)
+      for store, off, seqs, i in ((q_tok, q_off, q_ids, 0), (p_tok, p_off, p_ids, 1)):
+        if seqs:
+          store.add(np.concatenate(seqs))
+          off.extend([len(s) for s in seqs])
+          longest[i] = max(longest[i], max(len(s) for s in seqs))
+      for store, off, lists in ((pos_ids, pos_off, pos), (neg_ids, neg_off, neg)):
+        store.add([j for x in lists for j in x])
+        off.extend([len(x) for x in lists])
+      labels.add([label for *_, label, _ in chunk])
+      for store, i, lists in ((pos_score, 0, pos), (neg_score, 1, neg)):
+        store.add([x for (*_, sc), ids_ in zip(chunk, lists) for x in (sc[i] if sc else [np.nan] * len(ids_))])
+      scored += sum(sc is not None for *_, sc in chunk)
+      n += len(chunk)
+      bar.update(len(chunk))
+    bar.close()
   if reader.label_layout:  # cls label rows: the negatives are every other class, in order of appearance
     own, k = np.fromfile(tmp / "pos_ids.bin", np.int32), len(pool)
     np.concatenate([[0], np.arange(1, n + 1, dtype=np.int64) * (k - 1)]).tofile(tmp / "neg_off.bin")
@@ -235,12 +249,11 @@ def teacher_vectors(entry, tasks_cfg, path, strict=False) -> str:
   """The file name of the teacher's unit embeddings (float16 [rows, D], np.save format) of the queries of the
   prepared dataset at `path`, computed once: TEACHER-KEY.npy, KEY hashing the teacher's files, its token cap
   and the prefix (the prepared dir's own key covers the texts), so another teacher never reads them."""
-  from piccolo_jax import encode, modeldir, state  # pylint: disable=g-import-not-at-top  (jax)
   d, rows = tasks_cfg.distill, json.loads((path / "manifest.json").read_text())["rows"]
   if not d.teacher:
     raise sources.DataError(f"{entry.get('name') or entry.get('path')}: task distill needs a teacher: set "
                             "tasks.distill.teacher (a model dir, or minilm)")
-  spec, cap = state.resolve_init(d.teacher), int(d.teacher_max_len or d.query_max_len)
+  spec, cap = models.resolve_init(d.teacher), int(d.teacher_max_len or d.query_max_len)
   prefix = tasks_lib.prefix(tasks_lib.TASKS["distill"], tasks_cfg, entry, "query_prefix")
   key = hashlib.sha256(json.dumps([modeldir.files_key(spec), cap, prefix]).encode()).hexdigest()[:16]
   name = f"teacher-{key}.npy"
@@ -288,6 +301,10 @@ class Prepared:
     for k in ("neg_off", "neg_ids", "neg_score") if self.negatives else ():
       setattr(self, k, _map(pathlib.Path(self.negatives) / f"{k}.bin", ARRAYS[k]))
 
+  def with_negatives(self, negatives) -> "Prepared":
+    """This dataset reading its negatives from the dir `negatives` (refreshed ones) instead."""
+    return Prepared(self.path, self.repeat, self.neg_num, self.teacher_file, str(negatives))
+
   def __reduce__(self):  # grain workers reopen the files instead of receiving a copy of them
     return Prepared, (self.path, self.repeat, self.neg_num, self.teacher_file, self.negatives)
 
@@ -320,11 +337,6 @@ def open_one(entry, c, tasks_cfg, tokenizer, root=None) -> Prepared:
   return Prepared(path, int(entry.get("repeat", 1)), entry.get("neg_num"), teacher)
 
 
-def open_all(c, tasks_cfg, tokenizer, root=None) -> list[Prepared]:
-  """Every dataset of data config c, prepared where missing and memory-mapped."""
-  return [open_one(e, c, tasks_cfg, tokenizer, root) for e in sources.expand(c.datasets)]
-
-
 def shard_entries(entries, shard, num_shards) -> list:
   """Shard `shard` of num_shards: entries dealt largest source first to the least-loaded shard."""
   size = lambda e: sum(p.stat().st_size for p in source_files(e) if p.is_file())
@@ -338,8 +350,6 @@ def shard_entries(entries, shard, num_shards) -> list:
 
 
 def main():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from piccolo_jax import cli, config, encode, state  # pylint: disable=g-import-not-at-top
   config_flag = cli.define_config_flag()
   flags.DEFINE_integer("shard", 0, "this process's shard of the datasets (several hosts or processes)")
   flags.DEFINE_integer("num_shards", 1, "number of shards: each prepares its share of the datasets")
@@ -350,7 +360,7 @@ def main():
     config.check(c)
     if not 0 <= f.shard < f.num_shards:
       raise ValueError(f"--shard={f.shard} is not in [0, --num_shards={f.num_shards})")
-    tokenizer = encode.load_tokenizer(state.tokenizer_dir(c.model))
+    tokenizer = encode.load_tokenizer(models.tokenizer_dir(c.model))
     for e in shard_entries(sources.expand(c.data.datasets), f.shard, f.num_shards):
       t = open_one(e, c.data, c.tasks, tokenizer)
       print(f"{t.name}: {t.task}, {len(t)} rows, {t.p_off.size - 1} passages, "

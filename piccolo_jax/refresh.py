@@ -1,17 +1,10 @@
-"""Hard negatives re-mined during training: train.refresh_negatives_every = N (docs/training.md).
+"""Hard negatives re-mined during training (config section `refresh`; docs/training.md, "Stale negatives").
 
-Before batch S, for S a positive multiple of N, every retrieval dataset with negatives is mined again with the
-parameters after S steps. Its queries and distinct passages (the prepared tokens: the prefixes and token caps
-that training sees) are embedded on the whole mesh, packed rows split over every device and the unit embeddings
-gathered to every process; the passages are placed on the mesh for the miner's exact search (search.place,
-iter_top_k), and each row gets new negatives as `python -m piccolo_jax.mine` chooses them (mine.select with
-train.refresh_options: ranks START..END, minus the row's positives, minus candidates scoring within the margin
-of its positive, NUM of the rest, drawn by the row's own generator seeded (seed, S, row)). Every process computes
-the same negatives; process 0 writes them, as prepared arrays (neg_off, neg_ids, neg_score: NaN, no teacher
-scored them), to WORKDIR/negatives/step-S/DATASET/, in a temporary directory renamed when complete. Training
-then reads them memory-mapped (prepare.Prepared's `negatives`) and checkpoints name the version they train on,
-so a resume reads the same files; a version already complete on disk is reused, a partial one is ignored.
+Every process embeds a dataset's prepared texts on the whole mesh and mines them with mine.mine_chunk, so all
+compute the same negatives; process 0 writes them to WORKDIR/negatives/step-S/DATASET/ (renamed when complete),
+which training memory-maps (prepare.Prepared.with_negatives) and checkpoints name.
 """
+import contextlib
 import functools
 import json
 import logging
@@ -26,7 +19,6 @@ import tqdm
 from flax import nnx
 
 from piccolo_jax import attention
-from piccolo_jax import data as data_lib
 from piccolo_jax import losses
 from piccolo_jax import mine
 from piccolo_jax import modeldir
@@ -40,30 +32,18 @@ log = logging.getLogger("piccolo_jax.train")
 ROW_TOKENS = 16384  # Tokens of the packed rows embedded a call (all devices together, at least a row each).
 
 
-def due(c, step) -> bool:
-  """Whether training re-mines before batch `step` (c: the train config)."""
-  every = c.refresh_negatives_every
-  return bool(every) and step > 0 and step % every == 0
+def due(refresh_cfg, step) -> bool:
+  """Whether training re-mines before batch `step`."""
+  return bool(refresh_cfg.every) and step > 0 and step % refresh_cfg.every == 0
 
 
 def name(step) -> str:
   return f"step-{step}"
 
 
-def refreshed(config, tables) -> list:
+def refreshed(tables, tasks_cfg) -> list:
   """The tables whose negatives a refresh replaces: retrieval datasets that train with negatives."""
-  return [t for t in tables if t.task == "retrieval" and plan_lib.negatives(t, config.tasks)]
-
-
-def check(config):
-  """Refuses what a refresh cannot honour, in one line each."""
-  every, kl = config.train.refresh_negatives_every, config.tasks.retrieval.kl_weight
-  if every < 0:
-    raise ValueError(f"train.refresh_negatives_every={every}: expected 0 (off) or a number of steps")
-  if every and kl:
-    raise ValueError(f"train.refresh_negatives_every={every} with tasks.retrieval.kl_weight={kl}: refreshed "
-                     "negatives have no teacher scores; score them offline (mine --scores) instead")
-  mine.selection_options(config.train.refresh_options)
+  return [t for t in tables if t.task == "retrieval" and plan_lib.negatives(t, tasks_cfg)]
 
 
 class Embed:
@@ -85,69 +65,53 @@ class Embed:
   def __call__(self, params, t, slot, ids, longest, progress=None) -> np.ndarray:
     """float32 [len(ids), D] of queries (slot "query") or passages `ids` of table t; longest: their longest."""
     L = max(packing.round_up(self.pack_length, self.block), packing.round_up(longest, math.lcm(8, self.block)))
-    lens_N = t.q_len(ids) if slot == "query" else t.p_len(ids)
-    row_N, slot_N, rows = packing.first_fit(lens_N, L, self.S)
+    packed = packing.Packed(t.q_len(ids) if slot == "query" else t.p_len(ids), L, self.S)
     R = packing.round_up(max(1, ROW_TOKENS // L), self.mesh.size)
-    order = np.argsort(row_N, kind="stable")  # Texts by row: a call embeds rows first..first + R.
-    bounds = np.searchsorted(row_N[order], np.arange(0, rows + R, R))
+    embed = lambda arrays: np.asarray(self.fn(params, self.rngs, *(
+        jax.make_array_from_callback(arrays[k].shape, self.rows, arrays[k].__getitem__) for k in packing.ARRAYS))
+        .addressable_data(0))
     out_ND = None
-    for first, a, b in zip(range(0, rows, R), bounds, bounds[1:]):
-      sel = order[a:b]
-      arrays = packing.pack(t.flat(slot, ids[sel]), lens_N[sel], row_N[sel] - first, slot_N[sel], R, L, self.S)
-      rows_RL = [jax.make_array_from_callback(arrays[k].shape, self.rows, arrays[k].__getitem__)
-                 for k in packing.ARRAYS]
-      e_ND = np.asarray(self.fn(params, self.rngs, *rows_RL).addressable_data(0))
+    for sel, e_nD in packed.embedded(R, lambda sel: t.flat(slot, ids[sel]), embed):
       if out_ND is None:
-        out_ND = np.empty((len(ids), e_ND.shape[1]), np.float32)
-      out_ND[sel] = e_ND[(row_N[sel] - first) * self.S + slot_N[sel]]
+        out_ND = np.empty((len(ids), e_nD.shape[1]), np.float32)
+      out_ND[sel] = e_nD
       if progress:
         progress(len(sel))
     return out_ND
 
 
-def mine_table(embed, params, t, opts, seed, step, out_dir, show) -> dict:
-  """Re-mines table t's negatives into out_dir (written by process 0); returns mine.Stats' report."""
+def mine_table(embed, params, t, opts, key, out_dir, show) -> dict:
+  """Re-mines table t's negatives into out_dir (written by process 0) with mine.mine_chunk; returns mine.Stats'
+  report. key: mine.row_rng's, (seed, step)."""
   P = len(t.p_off) - 1
   with tqdm.tqdm(total=P, unit=" text", desc=f"refresh {t.name}: embed passages", file=sys.stderr,
                  disable=not show) as bar:
     corpus = search.place(embed(params, t, "pos", np.arange(P), t.longest_passage, bar.update), embed.mesh)
-  writing = jax.process_index() == 0
-  if writing:
-    neg_off, neg_ids = prepare.Offsets(out_dir / "neg_off.bin"), prepare.Flat(out_dir / "neg_ids.bin", np.int32)
-  stats, ident_C = mine.Stats(opts), np.arange(P)
-  with tqdm.tqdm(total=len(t), unit=" query", desc=f"refresh {t.name}: mine", file=sys.stderr,
-                 disable=not show) as bar:
+  writing, stats = jax.process_index() == 0, mine.Stats(opts)
+  with contextlib.ExitStack() as files, tqdm.tqdm(total=len(t), unit=" query", desc=f"refresh {t.name}: mine",
+                                                   file=sys.stderr, disable=not show) as bar:
+    if writing:
+      neg_off = files.enter_context(prepare.Offsets(out_dir / "neg_off.bin"))
+      neg_ids = files.enter_context(prepare.Flat(out_dir / "neg_ids.bin", np.int32))
     for first in range(0, len(t), mine.ROW_CHUNK):
       rows = np.arange(first, min(first + mine.ROW_CHUNK, len(t)))
-      q_BD = embed(params, t, "query", rows, t.longest_query)
       pos = [t.pos_ids[t.pos_off[r]:t.pos_off[r + 1]] for r in rows]
-      pos_BP = mine.padded(pos)
-      chosen = []
-      for qs, s_BT, i_BT, g_BP in search.iter_top_k(q_BD, corpus, min(opts.end, P), ids_QP=pos_BP):
-        for b, (s_T, i_T, g_P) in enumerate(zip(s_BT, i_BT, g_BP)):
-          r, pos_P = first + qs + b, pos[qs + b]
-          rng = np.random.default_rng([seed, step, r])
-          ids, counts = mine.select(i_T, s_T, g_P[:len(pos_P)].min(), pos_P, ident_C, opts, rng)
-          hit_T = np.isin(i_T, pos_P)
-          stats.add(int(hit_T.argmax()) + 1 if hit_T.any() else 0, ids, counts)
-          chosen.append(ids)
+      chosen = mine.mine_chunk(embed(params, t, "query", rows, t.longest_query), corpus, mine.padded(pos), pos,
+                               np.arange(P), opts, first, stats, key=key)  # Passage ids are their own normal form.
       if writing:
         neg_ids.add(np.concatenate(chosen) if chosen else [])
         neg_off.extend([len(x) for x in chosen])
       bar.update(len(rows))
   if writing:
-    for f in (neg_off, neg_ids):
-      f.f.close()
     np.full(neg_ids.n, np.nan, np.float32).tofile(out_dir / "neg_score.bin")
   return stats.report()
 
 
-def refresh(run, params, step) -> tuple[str, dict]:
-  """(version, metrics) of the negatives re-mined before batch `step` with `params`, written under
-  run.workdir/negatives (or found there complete)."""
-  root, version, start = run.workdir / "negatives", name(step), time.perf_counter()
+def refresh(workdir, embed, params, tables, opts, seed, step) -> tuple[str, dict]:
+  """(version, metrics) of the negatives of `tables` re-mined before batch `step` with `params` and mine.Options
+  `opts`, written under workdir/negatives (or found there complete)."""
+  root, version, start = workdir / "negatives", name(step), time.perf_counter()
   final = root / version
-  opts = mine.selection_options(run.config.train.refresh_options)
   metrics = {}
   if not (final / "done.json").is_file():
     tmp = root / f".{version}.tmp"
@@ -155,12 +119,11 @@ def refresh(run, params, step) -> tuple[str, dict]:
       shutil.rmtree(tmp, ignore_errors=True)  # A refresh cut short (kill -9) left it.
       tmp.mkdir(parents=True)
     modeldir.sync(f"refresh {version}: start")
-    embed = Embed(run.graphdef, run.rngs, run.mesh, run.config.data, attention.block(run.mcfg.attention))
     show = jax.process_index() == 0
-    for t in refreshed(run.config, run.tables):
+    for t in tables:
       if show:
         (tmp / t.path.name).mkdir()
-      report = mine_table(embed, params, t, opts, run.config.seed, step, tmp / t.path.name, show)
+      report = mine_table(embed, params, t, opts, (seed, step), tmp / t.path.name, show)
       metrics |= {f"refresh/{t.name}/{k}": report[k] for k in ("negatives", "rows_without", "filtered")}
       metrics[f"refresh/{t.name}/positive_first"] = report["positive_rank"].get("1", 0) / max(report["rows"], 1)
     if show:
@@ -176,24 +139,13 @@ def refresh(run, params, step) -> tuple[str, dict]:
   return version, metrics
 
 
-def iterator(run, version, position):
-  """The data iterator over run.tables with the refreshed negatives `version` ("" : the datasets' own) at the
-  data position `position` (a grain state), its packing menus the run's (chosen from the datasets' own)."""
-  tables = run.tables
+def with_version(tables, tasks_cfg, workdir, version) -> list:
+  """The tables, those that a refresh replaces reading the negatives refreshed at `version` ("": their own)."""
   if not version:
-    run.data.set_state(position)
-    return run.data
-  where = run.workdir / "negatives" / version
+    return tables
+  where = workdir / "negatives" / version
   if not (where / "done.json").is_file():
     raise FileNotFoundError(f"{where}: the checkpoint trains on negatives refreshed at {version}, which are "
                             "missing; restore that directory, or resume from an earlier checkpoint")
-  mined = {t.path for t in refreshed(run.config, tables)}
-  tables = [prepare.Prepared(t.path, t.repeat, t.neg_num, t.teacher_file, str(where / t.path.name))
-            if t.path in mined else t for t in tables]
-  c = run.config
-  plan = plan_lib.Plan(c.data, c.tasks, tables, c.loss.groups)
-  a = run.assemble
-  it = data_lib.make_iterator(type(a)(c.data, plan, a.menus, a.p, a.P, a.multiple, c.loss.groups, a.length_multiple),
-                              c.data)
-  it.set_state(position)
-  return it
+  mined = {t.path for t in refreshed(tables, tasks_cfg)}
+  return [t.with_negatives(where / t.path.name) if t.path in mined else t for t in tables]

@@ -1,8 +1,7 @@
 """The run directory: its identity (the resolved config), its best model, and the final model and export.
 
-A workdir belongs to one run. Resuming with a config that changes the model, data, loss or
-optimizer is refused; the fields in RESUMABLE may change (with a warning). `model/` and `export/`
-are always those of the run's final step: rebuilt when missing or when the run was extended.
+A workdir belongs to one run (config.check_workdir). `model/` and `export/` are always those of the run's final
+step: rebuilt when missing or when the run was extended.
 """
 import json
 import logging
@@ -17,57 +16,10 @@ from piccolo_jax import export as export_lib
 from piccolo_jax import modeldir
 
 log = logging.getLogger("piccolo_jax.train")
-CONFIG = "config.json"
 STAMP = "export.json"  # {"step": N}: the step model/ and export/ hold.
-# Fields that may change when a run resumes: the length of the run, logging, checkpoint cadence,
-# evaluation, export, the input pipeline's parallelism, the mesh, the attention kernel and remat (none changes the
-# math of a step).
-RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.max_nonfinite_steps",
-             "train.chunk_size", "checkpoint.every", "checkpoint.keep", "eval.", "export.",
-             "data.worker_count", "data.prepared_dir", "data.worker_threads", "data.prefetch", "mesh.",
-             "model.attention", "model.remat", "train.merge_last")
-
-
-class ConfigChangeError(ValueError):
-  """The workdir holds a run with another config."""
-
-
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-  return {prefix[:-1]: tree}
-
-
-def config_diff(old: dict, new: dict) -> dict:
-  """{dotted field: (old, new)} of the fields that differ."""
-  a, b = _flat(old), _flat(new)
-  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
-
-
-def check_config(workdir, config):
-  """Refuses to resume a run under a config that changes what it trains; warns on RESUMABLE changes."""
-  path = pathlib.Path(workdir) / CONFIG
-  if not path.is_file():
-    return
-  old = json.loads(path.read_text())
-  if gone := sorted({line for k in _flat(old) if (line := config_lib.moved(k))}):
-    raise ConfigChangeError(f"{workdir} holds a run of an older config schema ({'; '.join(gone)}): finish it "
-                            "with the piccolo_jax that started it, or use a new --workdir")
-  diff = config_diff(old, json.loads(config.to_json_best_effort()))
-  added = _flat(json.loads(config_lib.base().to_json_best_effort()))  # Fields new since, at their defaults:
-  diff = {k: v for k, v in diff.items() if k in _flat(old) or v[1] != added.get(k, v[0])}  # the same run.
-  fixed = {k: v for k, v in diff.items() if not any(k == p or k.startswith(p) for p in RESUMABLE if p)}
-  show = lambda d: ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in d.items())
-  if fixed:
-    raise ConfigChangeError(f"{workdir} holds a run with another config ({show(fixed)}); use a new "
-                            "--workdir, or the run's own values (its config.json)")
-  if diff:
-    log.warning("resuming %s with changed settings: %s", workdir, show(diff))
-
-
 def write_config(workdir, config):
   if jax.process_index() == 0:
-    (pathlib.Path(workdir) / CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
+    (pathlib.Path(workdir) / config_lib.RUN_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
 def write_model(workdir, mcfg, tok_dir):
@@ -121,11 +73,11 @@ class Best:
       log.info("new best %s = %.4f at step %d -> %s", self.metric, self.value, step, self.dir)
 
 
-def export_final(run, step, params, evals, merged=()):
-  """Writes run.workdir/model (collective) and run.workdir/export (sentence-transformers, with a model card
-  and the training prefixes as prompts) of step, unless they already hold that step. run: a train.Run;
-  evals: the step's eval metrics; merged: the checkpoint steps params are the mean of (train.merge_last)."""
-  workdir, is_main, mcfg, tok_dir = run.workdir, jax.process_index() == 0, run.mcfg, run.tok_dir
+def export_final(workdir, config, mcfg, tok_dir, tables, step, params, evals, merged=()):
+  """Writes workdir/model (collective) and workdir/export (sentence-transformers, with a model card and the
+  training prefixes as prompts) of step, unless they already hold that step. evals: the step's eval metrics;
+  merged: the checkpoint steps params are the mean of (train.merge_last)."""
+  is_main = jax.process_index() == 0
   stamp, made = workdir / STAMP, {"step": step} | ({"merged": list(merged)} if merged else {})
   done = stamp.is_file() and json.loads(stamp.read_text()) == made
   if done and (workdir / "model").is_dir() and (workdir / "export").is_dir():
@@ -138,11 +90,10 @@ def export_final(run, step, params, evals, merged=()):
   modeldir.sync("export: cleared")
   modeldir.save_model_dir(new_model, mcfg, params, tok_dir)
   if is_main:
-    c = run.config
-    card = export_lib.model_card(mcfg, base=c.model.init or "random init", step=step, tables=run.tables,
-                                 config=c.to_json_best_effort(indent=1), evals=evals, merged=merged)
-    export_lib.write_sentence_transformers(mcfg, params, tok_dir, new_export, c.export.truncate_dim or None,
-                                           prompts=export_lib.prompts(c.tasks), card=card)
+    card = export_lib.model_card(mcfg, base=config.model.init or "random init", step=step, tables=tables,
+                                 config=config.to_json_best_effort(indent=1), evals=evals, merged=merged)
+    export_lib.write_sentence_transformers(mcfg, params, tok_dir, new_export, config.export.truncate_dim or None,
+                                           prompts=export_lib.prompts(config.tasks), card=card)
     _replace(new_model, workdir / "model")
     _replace(new_export, workdir / "export")
     stamp.write_text(json.dumps(made) + "\n")

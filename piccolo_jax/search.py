@@ -35,14 +35,17 @@ def _step(s_BT, i_BT, q_BD, c_ND, start, n_valid, k):
   return merge(s_BT, i_BT, top_BT, start + pos_BT, k)
 
 
-def _rows(x_ND, start, n, dim, normalize) -> np.ndarray:
+def normalize(x_ND) -> np.ndarray:
+  """Rows L2-normalised on the host (zero rows stay zero); losses.normalize is the one in JAX."""
+  return x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)
+
+
+def _rows(x_ND, start, n, dim, unit) -> np.ndarray:
   """float32 [n, dim]: rows start.. of x (zeros past its end), first dim coordinates, optionally L2-normalised."""
   out_ND = np.zeros((n, dim), np.float32)
   rows = x_ND[start:start + n, :dim]
   out_ND[:len(rows)] = rows
-  if normalize:  # As evaluate.normalize, row by row: the same bits.
-    out_ND /= np.maximum(np.linalg.norm(out_ND, axis=1, keepdims=True), 1e-12)
-  return out_ND
+  return normalize(out_ND) if unit else out_ND
 
 
 def _even(n, chunk) -> int:

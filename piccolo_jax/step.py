@@ -5,6 +5,8 @@ group's loss is taken on its own rows (and their negatives) only, and the step l
 the step's groups: the DDP average of per-GPU losses when the groups are the original's GPUs
 (docs/training.md). A step of one dataset is a mix of one task.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,27 +23,33 @@ def dropout_key(seed, step):
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def task_loss(task, emb, extras, c, groups=1):
+def task_loss(task, emb, extras, config, groups=1):
   """(loss, per-MRL-dim losses, {name: mean over groups} of its loss_args' logged scalars) of one task's rows from
   its fields' embeddings {field: [N, D]} and extras: the mean over `groups` equal groups of consecutive rows.
-  c: a config with `loss` and `tasks` sections."""
-  spec, settings = tasks_lib.TASKS[task], c.tasks[task]
-  mrl = losses.matryoshka(spec.loss, dims=tuple(c.loss.mrl_dims), weights=c.loss.mrl_weights, return_per_dim=True)
-  static = {k: settings[k] for k in spec.settings}
+  config: a run's config (its `loss` and `tasks` sections)."""
+  spec = tasks_lib.TASKS[task]
+  mrl = losses.matryoshka(spec.loss, dims=tuple(config.loss.mrl_dims), weights=config.loss.mrl_weights,
+                          return_per_dim=True)
 
   def group(emb, extras):
-    args, kwargs, *stats = spec.loss_args(emb, extras, settings)
-    return *mrl(*args, **kwargs, **static), (stats or [{}])[0]
+    a = spec.loss_args(emb, extras, config.tasks[task])
+    return *mrl(*a.args, **a.kwargs), a.stats or {}
 
   split = lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
   loss_G, per_dim_GL, stats_G = jax.vmap(group)(*jax.tree.map(split, (emb, extras)))
   return jnp.mean(loss_G), jnp.mean(per_dim_GL, axis=0), jax.tree.map(jnp.mean, stats_G)
 
 
-def step_loss(emb_RSD, batch, c, project=None):
-  """(loss, (per-MRL-dim losses, {task: its groups' mean loss}, {task/name: logged scalar})) of a batch from its
-  packed rows' embeddings; project: the model's map to a teacher's dimension (model.Bert.project), for the tasks
-  that take it."""
+class Aux(NamedTuple):
+  """What a step's loss reports besides its value."""
+  per_dim: jax.Array  # Per-MRL-dim losses [len(loss.mrl_dims)].
+  by_task: dict  # {task: its groups' mean loss}.
+  stats: dict  # {task/name: logged scalar} (tasks.LossArgs.stats).
+
+
+def step_loss(emb_RSD, batch, config, project=None) -> tuple[jax.Array, Aux]:
+  """(loss, Aux) of a batch from its packed rows' embeddings; project: the model's map to a teacher's dimension
+  (model.Bert.project), for the tasks that take it."""
   emb_ND = emb_RSD.reshape(-1, emb_RSD.shape[-1])
   total = sum(n for _, n in batch.mix)
   loss, per_dim, by_task, stats = 0.0, 0.0, {}, {}
@@ -49,34 +57,34 @@ def step_loss(emb_RSD, batch, c, project=None):
     emb = {f: emb_ND[slots] for f, slots in batch.slots[task].items()}
     if project is not None and tasks_lib.TASKS[task].mapped:
       emb = {f: project(e) for f, e in emb.items()}
-    by_task[task], dims, task_stats = task_loss(task, emb, batch.extras[task], c, n)
+    by_task[task], dims, task_stats = task_loss(task, emb, batch.extras[task], config, n)
     loss, per_dim = loss + n / total * by_task[task], per_dim + n / total * dims
     stats |= {f"{task}/{k}": v for k, v in task_stats.items()}
-  return loss, (per_dim, by_task, stats)
+  return loss, Aux(per_dim, by_task, stats)
 
 
-def value_and_grad(graphdef, rngs, params, batch, c, key=None, chunk_size=0):
-  """((loss, (per-MRL-dim losses, {task: loss})), grads) of a batch; with chunk_size > 0 by gradient
+def value_and_grad(graphdef, rngs, params, batch, config, key=None, chunk_size=0):
+  """((loss, Aux), grads) of a batch; with chunk_size > 0 by gradient
   caching (piccolo_jax.gradcache), chunk_size packed rows at a time (not with a distillation map: its
   gradient would be lost; train.start refuses it). key: the dropout key."""
   if chunk_size:
     embed_fn = gradcache.nnx_embed_fn(graphdef, rngs, lambda model, rows: model.packed(*rows))
-    grad_fn = gradcache.cached_value_and_grad(embed_fn, lambda e: step_loss(e["rows"], batch, c), chunk_size)
+    grad_fn = gradcache.cached_value_and_grad(embed_fn, lambda e: step_loss(e["rows"], batch, config), chunk_size)
     return grad_fn(params, {"rows": batch.rows()}, key)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, rngs)
     if key is not None:
       nnx.reseed(model, default=key)
-    return step_loss(model.packed(*batch.rows()), batch, c, model.project)
+    return step_loss(model.packed(*batch.rows()), batch, config, model.project)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def make_train_step(graphdef, tx, c, chunk_size=0, mesh=None):
+def make_train_step(graphdef, tx, config, chunk_size=0, mesh=None):
   """The jitted step (state, batch, rngs) -> (state, metrics); non-finite updates are skipped.
 
-  Dropout keys depend only on (c.seed, step), so a resumed run replays the same masks. chunk_size > 0
+  Dropout keys depend only on (config.seed, step), so a resumed run replays the same masks. chunk_size > 0
   gets the same gradient by gradient caching, chunk_size packed rows at a time. mesh: the one the batch is
   sharded over, where the fused attention kernels run per device (attention.attend).
   """
@@ -86,8 +94,8 @@ def make_train_step(graphdef, tx, c, chunk_size=0, mesh=None):
       return _train_step(state, batch, rngs)
 
   def _train_step(state, batch, rngs):
-    key = dropout_key(c.seed, state["step"])
-    (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, c, key,
+    key = dropout_key(config.seed, state["step"])
+    (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, config, key,
                                                               chunk_size)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

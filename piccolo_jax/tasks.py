@@ -6,7 +6,7 @@ section `tasks.NAME` is built from `defaults`: token caps of its `query` slot (a
 `temperature` and `weight`, and `query_prefix` / `passage_prefix` (tasks that take prefixes).
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from piccolo_jax import losses
 
@@ -18,17 +18,30 @@ class Task:
   layouts: tuple  # Column layouts it reads (slot -> column); the best-matching one is used.
   fields: tuple  # (batch field, slot) of its texts, slot query | pos | neg; K `neg` texts a row.
   loss: Callable  # A loss of losses.py: embeddings positional, settings and arrays as keywords.
-  loss_args: Callable  # ({field: emb [N, D]}, the task's arrays, its config section) -> (positional args,
-  # keyword args[, {name: scalar} logged per step as TASK/NAME]) of the loss, on one loss group's rows.
+  loss_args: Callable  # ({field: emb [N, D]}, the task's arrays, its config section) -> LossArgs of the loss on
+  # one loss group's rows: the one route by which its settings and arrays reach it.
   defaults: dict  # Its config section tasks.NAME.
   extras: tuple = ()  # Its non-text arrays: label float32 [B], neg_valid bool [B, K], pos_id int32 [B] and
   # neg_id [B, K] (passage ids, -1 none), pos_score float32 [B] and neg_score [B, K] (teacher scores, NaN where
   # none), teacher float32 [B, D] (teacher embeddings).
-  settings: tuple = ("temperature", "weight")  # Fields of tasks.NAME passed to the loss as keywords.
+  negatives: bool = False  # Rows have K negatives (tasks.NAME.neg_num; a dataset entry's neg_num).
+  prefixes: tuple = ()  # The prefixes it takes: query_prefix, passage_prefix (tasks.NAME and dataset entries).
+  scored: bool = False  # Rows may carry teacher scores, for a KL term (SCORE_KL).
   mapped: bool = False  # Its embeddings go through model.Bert.project (to a teacher's dimension) first.
   label: str = ""  # "score": the label slot is a number; "class": a class name, which becomes the
   # positive, with the other classes as negatives.
   pos_list: bool = True  # The pos slot may hold a list of positives (else exactly one string).
+
+
+class LossArgs(NamedTuple):
+  args: tuple  # Positional: embeddings (and arrays).
+  kwargs: dict  # Settings and arrays as keywords.
+  stats: dict | None = None  # {name: scalar} logged per step as TASK/NAME.
+
+
+def settings(s, *names) -> dict:
+  """The fields `names` of a task's config section, as a loss's keywords."""
+  return {k: s[k] for k in names}
 
 
 PICCOLO_TRIPLET = {"query": "text", "pos": "text_pos", "neg": "text_neg"}
@@ -55,8 +68,9 @@ def _retrieval_args(e, b, s):
       q, p, n, n_mask=arrays["neg_valid"], pos_id=b.get("pos_id"), neg_id=b.get("neg_id"),
       pos_score=arrays["pos_score"], neg_score=arrays["neg_score"], duplicates=s.mask_duplicates,
       judge=s.false_negatives, margin=s.fn_margin, relative=s.fn_relative)
-  return (q, p, n), {"n_mask": arrays["neg_valid"], "keep": keep, "pos_score": arrays["pos_score"],
-                     "neg_score": arrays["neg_score"]}, shares
+  return LossArgs((q, p, n), {"n_mask": arrays["neg_valid"], "keep": keep, "pos_score": arrays["pos_score"],
+                             "neg_score": arrays["neg_score"], **settings(s, "temperature", "weight", *SCORE_KL)},
+                  shares)
 
 
 TASKS = {task.name: task for task in (
@@ -64,7 +78,7 @@ TASKS = {task.name: task for task in (
          layouts=(PICCOLO_TRIPLET, {"query": "query", "pos": "pos", "neg": "neg"}),
          fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")),
          extras=("neg_valid", "pos_id", "neg_id", "pos_score", "neg_score"),
-         loss=losses.retrieval, settings=("temperature", "weight", *SCORE_KL), loss_args=_retrieval_args,
+         loss=losses.retrieval, loss_args=_retrieval_args, negatives=True, prefixes=tuple(PREFIXES), scored=True,
          defaults=dict(query_max_len=64, passage_max_len=512, neg_num=1, temperature=0.01, weight=1.0,
                        kl_weight=0.0, kl_temperature=0.0, teacher_temperature=0.02, **MASKING, **PREFIXES)),
     Task("sts", aliases=("cosent",),
@@ -72,18 +86,20 @@ TASKS = {task.name: task for task in (
                   {"query": "sentence1", "pos": "sentence2", "label": "label"},
                   {"query": "sentence1", "pos": "sentence2", "label": "score"}),
          fields=(("text_a", "query"), ("text_b", "pos")), extras=("label",), label="score", pos_list=False,
-         loss=losses.cosent,
-         loss_args=lambda e, b, s: ((e["text_a"], e["text_b"], b["label"]), {}),
+         loss=losses.cosent, prefixes=tuple(PREFIXES),
+         loss_args=lambda e, b, s: LossArgs((e["text_a"], e["text_b"], b["label"]),
+                                            settings(s, "temperature", "weight")),
          defaults=dict(query_max_len=64, passage_max_len=512, temperature=0.05, weight=0.04, **PREFIXES)),
     Task("cls", aliases=("cls_contrast",),
          layouts=(PICCOLO_TRIPLET, {"query": "text", "label": "label"}),
          fields=(("query", "query"), ("pos", "pos"), ("neg", "neg")), extras=("neg_valid",), label="class",
-         loss=losses.cls_contrast,
-         loss_args=lambda e, b, s: ((e["query"], e["pos"], e["neg"]), {"n_mask": b["neg_valid"]}),
+         loss=losses.cls_contrast, negatives=True,
+         loss_args=lambda e, b, s: LossArgs((e["query"], e["pos"], e["neg"]),
+                                            {"n_mask": b["neg_valid"], **settings(s, "temperature", "weight")}),
          defaults=dict(query_max_len=512, passage_max_len=512, neg_num=10, temperature=0.05, weight=0.2)),
     Task("distill", aliases=(), layouts=({"query": "text"},), fields=(("text", "query"),), extras=("teacher",),
-         loss=losses.embedding_distill, settings=("weight", *EMBED_DISTILL), mapped=True,
-         loss_args=lambda e, b, s: ((e["text"], b["teacher"]), {}),
+         loss=losses.embedding_distill, mapped=True, prefixes=("query_prefix",),
+         loss_args=lambda e, b, s: LossArgs((e["text"], b["teacher"]), settings(s, "weight", *EMBED_DISTILL)),
          defaults=dict(query_max_len=128, teacher="", teacher_max_len=0, weight=1.0, cosine=1.0, similarity=1.0,
                        relative=1.0, margin=0.015, query_prefix="")),
 )}
@@ -107,7 +123,7 @@ def fields(task: Task, k: int) -> list[tuple[str, str]]:
 def caps(tasks_cfg) -> dict:
   """(task, slot) -> token cap of its `query` and `pos` slots (negatives share the positives' store)."""
   return {(name, slot): int(tasks_cfg[name][f"{kind}_max_len"]) for name in TASKS
-          for slot, kind in (("query", "query"), ("pos", "passage")) if f"{kind}_max_len" in tasks_cfg[name]}
+          for slot, kind in (("query", "query"), ("pos", "passage")) if has_slot(TASKS[name], slot)}
 
 
 def has_slot(task: Task, slot: str) -> bool:
@@ -116,4 +132,4 @@ def has_slot(task: Task, slot: str) -> bool:
 
 def prefix(task: Task, tasks_cfg, entry, key) -> str:
   """A dataset's query_prefix or passage_prefix: its entry's, else its task's ("" where the task takes none)."""
-  return entry.get(key, tasks_cfg[task.name][key]) if key in task.defaults else ""
+  return entry.get(key, tasks_cfg[task.name][key]) if key in task.prefixes else ""

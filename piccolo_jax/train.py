@@ -1,6 +1,6 @@
 """Piccolo2 multi-task training: python -m piccolo_jax.train --config=NAME --workdir=DIR.
 
-NAME is a file in configs/ (finetune, piccolo2, demo, stsb) or a path to a config file; override any
+NAME is a file in configs/ (finetune, piccolo2, demo, stsb, distill) or a path to a config file; override any
 field with --config.optim.lr=2e-5. The run resumes from the workdir's latest checkpoint.
 """
 import dataclasses
@@ -12,7 +12,6 @@ import signal
 
 from absl import flags
 import jax
-from jax.experimental import multihost_utils
 from flax import nnx
 
 from piccolo_jax import attention
@@ -25,12 +24,15 @@ from piccolo_jax import evaluate
 from piccolo_jax import flops
 from piccolo_jax import logs
 from piccolo_jax import merge
+from piccolo_jax import mine
+from piccolo_jax import models
 from piccolo_jax import plan as plan_lib
 from piccolo_jax import refresh
 from piccolo_jax import rundir
 from piccolo_jax import sharding
 from piccolo_jax import state as state_lib
 from piccolo_jax import step as step_lib
+from piccolo_jax import tasks as tasks_lib
 
 log = logging.getLogger("piccolo_jax.train")
 
@@ -130,35 +132,28 @@ class Run:
   data: object
 
 
-def load_tables(config, tokenizer):
-  """The prepared datasets; process 0 prepares missing ones first, so that processes sharing a
-  prepared_dir prepare each once (with local dirs, every process prepares its own)."""
-  load = lambda: data_lib.load_tables(config.data, config.tasks, tokenizer, config.loss.groups)
-  tables = load() if jax.process_index() == 0 else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("piccolo_jax: prepared data")
-  return tables or load()
+def data_at(run, version, position):
+  """The data iterator at `position` (a grain state), on the negatives refreshed at `version` ("": the datasets'
+  own), with the run's packing menus."""
+  it = run.data
+  if version:
+    tables = refresh.with_version(run.tables, run.config.tasks, run.workdir, version)
+    it = data_lib.make_iterator(run.assemble.with_tables(tables), run.config.data)
+  it.set_state(position)
+  return it
 
 
 def start(config, workdir) -> Run:
   """Checks the config against the workdir, loads model and data, builds the state and step function."""
   config_lib.check(config)
-  refresh.check(config)
-  rundir.check_config(workdir, config)
+  config_lib.check_workdir(workdir, config)
   mesh = sharding.make_mesh(config.mesh.fsdp)
-  mcfg, params, tok_dir = state_lib.init_params(config)
+  mcfg, params, tok_dir = models.init_params(config)
   tokenizer = encode.load_tokenizer(tok_dir)
-  tables = load_tables(config, tokenizer)
+  tables = data_lib.open_tables(config.data, config.tasks, tokenizer, config.loss.groups)
+  config_lib.check_run(config, tables, refresh.refreshed(tables, config.tasks), mcfg.embed_dim)
   if teachers := {t.teacher.shape[1] for t in tables if t.teacher is not None}:
-    if len(teachers) > 1:
-      raise ValueError(f"the distill datasets' teacher vectors differ in size {sorted(teachers)}: one teacher a run")
-    mcfg, params = state_lib.add_distill_map(mcfg, params, teachers.pop(), config.seed)
-    if mcfg.distill_dim and config.train.chunk_size:
-      raise ValueError(f"train.chunk_size={config.train.chunk_size}: gradient caching cannot train the map to the "
-                       f"teacher's dimension {mcfg.distill_dim}; use a teacher of the student's {mcfg.embed_dim}")
-  if config.train.refresh_negatives_every and not refresh.refreshed(config, tables):
-    raise ValueError(f"train.refresh_negatives_every={config.train.refresh_negatives_every}: no retrieval dataset "
-                     "trains with negatives (tasks.retrieval.neg_num > 0) to refresh")
+    mcfg, params = models.add_distill_map(mcfg, params, teachers.pop(), config.seed)
   workdir.mkdir(parents=True, exist_ok=True)  # Only once start-up has succeeded.
   rundir.write_config(workdir, config)
   if tok_dir:
@@ -183,7 +178,7 @@ def train(config, workdir) -> dict:
     state, step, position = checkpoint.restore_latest(mngr, run.state, run.shardings)
     negatives = (position or {}).pop("negatives", "")  # The version of refreshed negatives it trains on.
     if position:
-      run.data = refresh.iterator(run, negatives, position)
+      run.data = data_at(run, negatives, position)
     log.info("%s steps of global batch %d (loss groups %d, data.mix %s) on %d devices %s%s", run.total,
              c.data.global_batch_size, c.loss.groups, c.data.mix, jax.device_count(), dict(run.mesh.shape),
              f", resuming at step {step}" if step else "")
@@ -191,19 +186,22 @@ def train(config, workdir) -> dict:
                                run.schedule, c.train.log_every, enabled=jax.process_index() == 0,
                                flops=lambda info: flops.step_flops(run.mcfg, info))
     evals, nonfinite = Evals(c, run, logger), NonFinite(c.train.max_nonfinite_steps, mngr)
+    embed = refresh.Embed(run.graphdef, run.rngs, run.mesh, c.data, attention.block(run.mcfg.attention)) \
+        if c.refresh.every else None
     if not step:  # Start-up facts: the rows each dataset dropped, by reason, and those with teacher scores
       # (tasks.retrieval.kl_weight); the model before training.
       logger.write(0, {f"data/{t.name}/skipped/{why}": n for t in run.tables for why, n in t.skipped.items()} |
                    {f"data/{t.name}/teacher_scored_rows": t.scored_rows for t in run.tables
-                    if c.tasks[t.task].get("kl_weight")}, echo=False)
+                    if tasks_lib.TASKS[t.task].scored and c.tasks[t.task].kl_weight}, echo=False)
       if c.eval.tasks:
         evals(0, state_lib.host_params(state["params"], run.mesh))
     while step < run.total and not preempt.requested:
-      if refresh.due(c.train, step):
+      if refresh.due(c.refresh, step):
         nonfinite.check(logger.flush())
-        negatives, facts = refresh.refresh(run, state["params"], step)
+        negatives, facts = refresh.refresh(run.workdir, embed, state["params"], refresh.refreshed(run.tables, c.tasks),
+                                           mine.config_options(c.refresh), c.seed, step)
         logger.write(step, facts, echo=False)
-        run.data = refresh.iterator(run, negatives, run.data.get_state())
+        run.data = data_at(run, negatives, run.data.get_state())
       batch, info = next(run.data)
       state, metrics = run.train_step(state, sharding.put_batch(batch, run.mesh), run.rngs)
       nonfinite.check(logger.push(step + 1, metrics, info))  # The step before's: one step stays in flight.
@@ -226,7 +224,7 @@ def train(config, workdir) -> dict:
   logger.close()
   if jax.process_index() == 0 and len(evals.results) > 1:
     print(evals.summary())
-  rundir.export_final(run, step, params, scores, merged)
+  rundir.export_final(run.workdir, c, run.mcfg, run.tok_dir, run.tables, step, params, scores, merged)
   return logger.last | {f"eval/{k}": v for k, v in scores.items()}
 
 

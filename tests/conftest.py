@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from piccolo_jax import modeldir  # noqa: E402
+from piccolo_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -77,8 +78,7 @@ def straight_run(tmp_path_factory):
 def minilm_layers(n):
   """all-MiniLM-L6-v2 cut to its first n layers, dropout off: the real weights where a test needs their
   scale but not all six layers' compile time."""
-  from piccolo_jax import state  # pylint: disable=g-import-not-at-top
-  cfg, params = state.prune(*state.load_init("minilm")[:2], range(n))
+  cfg, params = models.prune(*models.load_init("minilm")[:2], range(n))
   return cfg.replace(dropout=0.0, attention_dropout=0.0), params
 
 

@@ -13,7 +13,7 @@ from bench import step as bench_step
 from piccolo_jax import config
 from piccolo_jax import model as model_lib
 from piccolo_jax import modeldir
-from piccolo_jax import state
+from piccolo_jax import models
 from piccolo_jax import step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ TINY = model_lib.Config(hidden_size=32, num_layers=2, num_heads=4, intermediate_
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, minilm_path):
   out = tmp_path_factory.mktemp("bench") / "tiny"
-  modeldir.save_model_dir(out, TINY, state.random_params(TINY, 0), minilm_path)
+  modeldir.save_model_dir(out, TINY, models.random_params(TINY, 0), minilm_path)
   return out
 
 

@@ -53,7 +53,7 @@ def small(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_tables(small, tok):
-  return data.load_tables(small.data, small.tasks, tok)
+  return data.open_tables(small.data, small.tasks, tok)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def big(data_dir):
 
 @pytest.fixture(scope="module")
 def big_tables(big, tok):
-  return data.load_tables(big.data, big.tasks, tok)
+  return data.open_tables(big.data, big.tasks, tok)
 
 
 def assembler(c, tables, p=0, P=1, **kw):
@@ -314,7 +314,7 @@ def test_jsonl_pairs_and_label_triplets(tmp_path, tok):
   pairs.write_text("".join(json.dumps({"sentence1": f"x{i}", "sentence2": f"y{i}", "label": i % 2}) + "\n"
                            for i in range(8)))
   c = _config(({"kind": "jsonl", "path": str(cls)}, {"kind": "jsonl", "path": str(pairs)}), global_batch_size=4)
-  t_cls, t_pairs = data.load_tables(c.data, c.tasks, tok)
+  t_cls, t_pairs = data.open_tables(c.data, c.tasks, tok)
   assert (t_cls.task, t_pairs.task) == ("cls", "sts")
   row = lambda off, ids, i: _texts(t_cls, "pos", ids[off[i]:off[i + 1]], tok)
   assert _texts(t_cls, "query", [4], tok) == ["t4"] and row(t_cls.pos_off, t_cls.pos_ids, 4) == ["b"]
@@ -394,20 +394,21 @@ def test_skipped_rows_counted_strict_and_too_small(tmp_path, tok, caplog):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   c = _config(({"kind": "jsonl", "path": str(path)},), global_batch_size=8)
   with caplog.at_level("INFO", logger="piccolo_jax.data"):
-    (t,) = data.load_tables(c.data, c.tasks, tok)
+    (t,) = data.open_tables(c.data, c.tasks, tok)
   assert len(t) == 9 and t.skipped == {"empty text": 1, "no positive": 3}  # no negative: kept
   assert "s.jsonl: skipped rows {'empty text': 1, 'no positive': 3" in caplog.text
   with pytest.raises(data.DataError, match=r"s\.jsonl: line 9: field 'query': empty text"):
-    data.load_tables(config.replace(c.data, strict=True), c.tasks, tok)
+    data.open_tables(config.replace(c.data, strict=True), c.tasks, tok)
   with pytest.raises(data.DataError, match="9 usable rows, fewer than one global batch of 16"):
-    data.load_tables(config.replace(c.data, global_batch_size=16), c.tasks, tok)
+    data.open_tables(config.replace(c.data, global_batch_size=16), c.tasks, tok)
 
 
 def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   """A question/answer task with in-batch negatives only: one Task, read, batched and scored."""
   qa = tasks.Task("qa", aliases=("question_answer",), layouts=({"query": "question", "pos": "answer"},),
                   fields=(("query", "query"), ("pos", "pos")), loss=losses.retrieval_infonce,
-                  loss_args=lambda e, b, s: ((e["query"], e["pos"]), {}),
+                  loss_args=lambda e, b, s: tasks.LossArgs((e["query"], e["pos"]),
+                                                           tasks.settings(s, "temperature", "weight")),
                   defaults=dict(query_max_len=32, passage_max_len=32, temperature=0.05, weight=1.0))
   monkeypatch.setitem(tasks.TASKS, "qa", qa)
   path = tmp_path / "qa.jsonl"
@@ -415,7 +416,7 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
                           for i in range(8)))
   c = _config(({"kind": "jsonl", "path": str(path)},), global_batch_size=4)
   c.loss.mrl_dims = (8, 16)
-  (t,) = data.load_tables(c.data, c.tasks, tok)
+  (t,) = data.open_tables(c.data, c.tasks, tok)
   assert t.task == "qa" and _texts(t, "query", [3], tok) == ["q3?"] and _texts(t, "pos", t.pos_ids[3:4], tok) == ["a3"]
   b, info = assembler(c, [t])(0)
   assert set(b.slots["qa"]) == {"query", "pos"} and b.extras["qa"] == {} and info["task"] == "qa"
@@ -441,5 +442,5 @@ def test_prepare_cli_shards_are_what_training_opens(tmp_path, tok, monkeypatch):
   monkeypatch.setenv("PICCOLO_JAX_CACHE", str(tmp_path))
   monkeypatch.setattr(prepare, "_write", lambda *a: pytest.fail("training prepared a dataset again"))
   c = tiny_config.get_config()
-  tables = data.load_tables(c.data, c.tasks, tok)
+  tables = data.open_tables(c.data, c.tasks, tok)
   assert [t.task for t in tables] == ["retrieval", "sts", "cls"] and all(len(t) == 32 for t in tables)

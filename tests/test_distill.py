@@ -9,7 +9,8 @@ import pytest
 from conftest import error_line, minilm_layers
 from test_losses import _check_grad, np_cos, rand, ref_retrieval, shard  # pylint: disable=unused-import  (fixture)
 import tiny_config
-from piccolo_jax import config, encode, losses as L, modeldir, plan as plan_lib, prepare, sources, state, train
+from piccolo_jax import config, encode, losses as L, modeldir, plan as plan_lib, prepare, sources, train
+from piccolo_jax import models
 
 
 # float64 numpy references, from the issue text with plain loops.
@@ -177,7 +178,7 @@ def test_bad_score_columns_named(tmp_path, row, why):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return encode.load_tokenizer(state.resolve_init("minilm"))
+  return encode.load_tokenizer(models.resolve_init("minilm"))
 
 
 # Teacher vectors, pruned students.
@@ -188,7 +189,7 @@ def teachers(tmp_path_factory):
   root = tmp_path_factory.mktemp("teachers")
   for n in (1, 2):
     cfg, params = minilm_layers(n)
-    modeldir.save_model_dir(root / f"l{n}", cfg, params, state.resolve_init("minilm"))
+    modeldir.save_model_dir(root / f"l{n}", cfg, params, models.resolve_init("minilm"))
   return root
 
 
@@ -223,10 +224,10 @@ def test_pruned_student_equals_sentence_transformers(minilm_path):
   import torch  # pylint: disable=g-import-not-at-top
   texts = ["A man is playing a flute.", "Ein Hund rennt.", "two dogs run on the beach at noon"]
   keep = (0, 2, 4)
-  cfg, params, tok_dir = state.load_init(str(minilm_path))
-  cfg, params = state.prune(cfg, params, keep)
+  cfg, params, tok_dir = models.load_init(str(minilm_path))
+  cfg, params = models.prune(cfg, params, keep)
   with pytest.raises(ValueError, match=r"model.keep_layers=\(0, 6\): expected distinct layer indices in \[0, 6\)"):
-    state.prune(*state.load_init(str(minilm_path))[:2], (0, 6))
+    models.prune(*models.load_init(str(minilm_path))[:2], (0, 6))
   model = st.SentenceTransformer(str(minilm_path), device="cpu")
   auto = model[0].auto_model
   auto.encoder.layer = torch.nn.ModuleList([auto.encoder.layer[i] for i in keep])
@@ -261,13 +262,13 @@ def test_a_run_of_the_schema_before_distillation_resumes(tmp_path):
   from piccolo_jax import rundir  # pylint: disable=g-import-not-at-top
   c = tiny_config.get_config()
   rundir.write_config(tmp_path, c)
-  old = json.loads((tmp_path / rundir.CONFIG).read_text())
+  old = json.loads((tmp_path / config.RUN_FILE).read_text())
   del old["tasks"]["distill"], old["model"]["keep_layers"], old["tasks"]["retrieval"]["kl_weight"]
-  (tmp_path / rundir.CONFIG).write_text(json.dumps(old))
-  rundir.check_config(tmp_path, c)
+  (tmp_path / config.RUN_FILE).write_text(json.dumps(old))
+  config.check_workdir(tmp_path, c)
   c.tasks.retrieval.kl_weight = 1.0
-  with pytest.raises(rundir.ConfigChangeError, match=r"tasks.retrieval.kl_weight None -> 1.0"):
-    rundir.check_config(tmp_path, c)
+  with pytest.raises(config.ConfigChangeError, match=r"tasks.retrieval.kl_weight None -> 1.0"):
+    config.check_workdir(tmp_path, c)
 
 
 def test_score_distillation_trains_and_counts_scored_rows(tmp_path):

@@ -13,6 +13,7 @@ import tiny_config
 from bench import step as bench_step
 from piccolo_jax import config
 from piccolo_jax import gradcache, losses, sharding, train
+from piccolo_jax import models
 from piccolo_jax import step as step_lib
 from piccolo_jax import model as model_lib
 from piccolo_jax import state as state_lib
@@ -69,7 +70,7 @@ def test_cached_step_equals_plain_step():
   mesh = sharding.make_mesh(fsdp=2)
   cfg, optim = _cfg(), config.base().optim
   optim.update(lr=1e-3, warmup_steps=0)
-  params = state_lib.random_params(cfg, 0)
+  params = models.random_params(cfg, 0)
   tx, _ = state_lib.make_optimizer(optim, params, 10)
   batch = sharding.put_batch(_batch(np.random.default_rng(1)), mesh)
   out, hlo = {}, {}
@@ -103,7 +104,7 @@ def test_dropout_is_replayed_per_chunk():
   cfg = _cfg(dropout=0.1)
   graphdef, rngs = _split_model(cfg)
   embed_fn = gradcache.nnx_embed_fn(graphdef, rngs)
-  params = state_lib.random_params(cfg, 0)
+  params = models.random_params(cfg, 0)
   texts = {f: _texts(np.random.default_rng(i), n) for i, (f, n) in enumerate([("query", B), ("pos", B), ("neg", B * K)])}
   key = jax.random.key(3)
 
@@ -128,7 +129,7 @@ def test_dropout_is_replayed_per_chunk():
 
 def test_chunk_size_must_divide_rows_and_devices():
   graphdef, rngs = _split_model(_cfg())
-  params = state_lib.random_params(_cfg(), 0)
+  params = models.random_params(_cfg(), 0)
   embed_fn = gradcache.nnx_embed_fn(graphdef, rngs)
   texts = {"query": _texts(np.random.default_rng(0), 16), "pos": _texts(np.random.default_rng(1), 16),
            "neg": _texts(np.random.default_rng(2), 48)}
@@ -146,7 +147,7 @@ def test_cached_temp_memory_is_a_fraction_of_plain():
   cfg = _cfg()
   graphdef, rngs = _split_model(cfg)
   embed_fn = gradcache.nnx_embed_fn(graphdef, rngs)
-  params = state_lib.random_params(cfg, 0)
+  params = models.random_params(cfg, 0)
   rng = np.random.default_rng(0)
   texts = {f: _texts(rng, 256, 64) for f in ("query", "pos", "neg")}
 

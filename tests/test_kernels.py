@@ -9,6 +9,7 @@ import pytest
 import tiny_config
 from bench import accel, accel_bytes
 from piccolo_jax import attention, config, flops, sharding, state as state_lib, step as step_lib
+from piccolo_jax import models
 from test_packing import _assert_close, _loss_config, _split
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def mixed(minilm_path):
   """A step of all three tasks from the bundled data (4 loss groups, rows of L = 128, a multiple of 8)."""
   from piccolo_jax import data, encode  # pylint: disable=g-import-not-at-top
   c = tiny_config.get_config()
-  tables = data.load_tables(c.data, c.tasks, encode.load_tokenizer(minilm_path))
+  tables = data.open_tables(c.data, c.tasks, encode.load_tokenizer(minilm_path))
   assemble = data.assembler(config.replace(c.data, mix="groups"), c.tasks, tables, row_multiple=8, groups=4,
                             length_multiple=128)
   return next(b for b, _ in map(assemble, range(assemble.plan.steps_per_epoch)) if len(b.mix) == 3)
@@ -29,24 +30,24 @@ def test_attention_dropout_setting():
   c.model.dropout = -1.0
   for impl, want in (("xla", 0.1), ("cudnn", 0.1), ("splash", 0.0), ("pallas_gpu", 0.0)):
     c.model.attention = impl
-    cfg = state_lib.init_params(c)[0]
+    cfg = models.init_params(c)[0]
     assert (cfg.attention, cfg.attention_dropout, cfg.dropout) == (impl, want, 0.1)
   c.model.attention_dropout = 0.05
   with pytest.raises(ValueError, match=r"^model.attention=pallas_gpu \(pallas_gpu\) cannot apply attention dropout "
                                        r"\(model.attention_dropout=0.05\): set --config.model.attention_dropout=0"):
     c.model.attention = "pallas_gpu"
-    state_lib.init_params(c)
+    models.init_params(c)
   c.model.attention, c.model.attention_dropout = "auto", 0.0
-  assert state_lib.init_params(c)[0].attention == "xla"  # auto, on CPU.
+  assert models.init_params(c)[0].attention == "xla"  # auto, on CPU.
   with pytest.raises(ValueError, match="model.attention='flash': expected one of auto, xla, splash"):
     c.model.attention = "flash"
-    state_lib.init_params(c)
+    models.init_params(c)
 
 
 def test_remat_policies_give_the_plain_gradient(mixed):
   """Every remat policy's loss and gradient equal no remat's, with dropout on (the same masks are replayed)."""
   c = tiny_config.get_config()
-  cfg, params, _ = state_lib.init_params(c)
+  cfg, params, _ = models.init_params(c)
   lc, b = _loss_config((16, 32)), sharding.put_batch(mixed, sharding.make_mesh(1))
 
   def grads(policy):

@@ -45,7 +45,7 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
   resumes in one process."""
   two = tiny_config.get_config().data.datasets[:2]  # Retrieval and STS: one group each a step, one program.
   mixed = ["--config.data.mix=groups", "--config.loss.groups=2", f"--config.data.datasets={two!r}",
-           "--config.train.refresh_negatives_every=2", "--config.tasks.retrieval.false_negatives=model"]
+           "--config.refresh.every=2", "--config.tasks.retrieval.false_negatives=model"]
   single = _train(tmp_path / "single", 4, overrides=mixed)
   assert single.returncode == 0, single.stdout + single.stderr
   multi = _train(tmp_path / "multi", 2, "--processes", "2", "--port", "12391", overrides=mixed)

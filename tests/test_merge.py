@@ -10,7 +10,7 @@ import pytest
 
 import conftest
 import tiny_config
-from piccolo_jax import checkpoint, encode, merge, model as model_lib, modeldir, state, train
+from piccolo_jax import checkpoint, encode, merge, model as model_lib, modeldir, models as models_lib, train
 
 TINY = model_lib.Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dense_out=48)
 
@@ -20,17 +20,17 @@ def _host(tree):
 
 
 def test_mean_of_identical_models_is_the_model_bit_for_bit():
-  p = state.random_params(TINY, 0)
+  p = models_lib.random_params(TINY, 0)
   assert jax.device_count() == 8  # Sharded over every device.
   got = _host(merge.merge("mean", [p, p, p], [0.2, 0.3, 0.5]))
   jax.tree.map(np.testing.assert_array_equal, got, p)
-  q = state.random_params(TINY, 1)
+  q = models_lib.random_params(TINY, 1)
   want = jax.tree.map(lambda a, b: 0.25 * a + 0.75 * b, p, q)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), _host(merge.merge("mean", [p, q], [1, 3])), want)
 
 
 def test_slerp_endpoints_and_closed_form():
-  p, q = state.random_params(TINY, 0), state.random_params(TINY, 1)
+  p, q = models_lib.random_params(TINY, 0), models_lib.random_params(TINY, 1)
   jax.tree.map(np.testing.assert_array_equal, _host(merge.merge("slerp", [p, q], [], t=0.0)), p)
   jax.tree.map(np.testing.assert_array_equal, _host(merge.merge("slerp", [p, q], [], t=1.0)), q)
   a, b = {"v": np.array([2.0, 0.0], np.float32)}, {"v": np.array([0.0, 1.0], np.float32)}
@@ -86,7 +86,7 @@ def models(tmp_path_factory, minilm_path):
   cfg, params = conftest.minilm_layers(2)
   rng = np.random.default_rng(0)
   noisy = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32) * np.std(x), params)
-  one = state.prune(cfg, params, [0])
+  one = models_lib.prune(cfg, params, [0])
   dirs = {}
   for name, (c, p) in {"a": (cfg, params), "b": (cfg, noisy), "one": one, "vocab": (cfg, params)}.items():
     modeldir.save_model_dir(root / name, c, p, minilm_path)

@@ -38,7 +38,8 @@ def reference(q_QD, c_CD, pos, drop, norm_C, opts):
                 low * (1 - opts.relative_margin) if opts.relative_margin is not None else np.inf)
     cands = [c for c in order[opts.start:] if norm_C[c] not in drop[r] and s_QC[r, c] <= limit]
     if len(cands) > opts.num and opts.sampling == "random":
-      cands = [cands[i] for i in sorted(mine.row_rng(opts.seed, 100 + r).choice(len(cands), opts.num, replace=False))]
+      rng = mine.row_rng((opts.seed,), 100 + r)
+      cands = [cands[i] for i in sorted(rng.choice(len(cands), opts.num, replace=False))]
     out.append(cands[:opts.num])
   return out, ranks
 
@@ -64,7 +65,7 @@ def test_mined_negatives_equal_brute_force(problem, devices, opts):
   q, c, pos, drop, norm_C = problem
   corpus = search.place(c, mesh_of(devices), c_chunk=16)  # Several blocks per device, the last padded.
   stats = mine.Stats(opts)
-  got = mine.mine_chunk(q, corpus, mine.padded(pos), drop, norm_C, opts, 100, stats, q_chunk=8)
+  got = mine.mine_chunk(q, corpus, mine.padded(pos), drop, norm_C, opts, 100, stats, key=(opts.seed,), q_chunk=8)
   want, ranks = reference(q, c, pos, drop, norm_C, opts)
   assert [g.tolist() for g in got] == want
   for g, p in zip(got, drop):  # Never a positive's text.
@@ -98,7 +99,7 @@ def test_filter_drops_exactly_the_candidates_above_the_margin():
                      (mine.Options(start=0, end=8, num=8, relative_margin=None, absolute_margin=0.25), [2, 4, 5, 7]),
                      (mine.Options(start=0, end=8, num=8, relative_margin=0.25, absolute_margin=0.5), [4]),
                      (mine.Options(start=1, end=8, num=8, relative_margin=None), [1, 2, 3, 4, 5, 6, 7])]:
-    chosen, counts = mine.select(ids_T, s_T, 1.0, np.array([0]), norm_C, opts, mine.row_rng(0, 0))
+    chosen, counts = mine.select(ids_T, s_T, 1.0, np.array([0]), norm_C, opts, mine.row_rng((0,), 0))
     assert chosen.tolist() == kept, opts
     assert counts["filtered"] == len(ids_T[opts.start:]) - len(kept) - counts["same_text"]
 

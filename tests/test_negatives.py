@@ -8,6 +8,7 @@ import pytest
 
 from test_losses import _check_grad, np_cos, np_lse, rand, shard  # pylint: disable=unused-import  (fixture)
 from piccolo_jax import config, losses as L, step as step_lib
+from piccolo_jax import models
 
 
 def ref_keep(q, p, n, n_mask, pos_id, neg_id, ps=None, ns=None, dup=True, judge="off", margin=0.0, relative=False):
@@ -172,7 +173,7 @@ def test_prepared_passage_ids_mark_duplicates(tmp_path):
   the texts (4 rows: two share positive A, which is also the fourth row's negative; B is a positive and a
   negative)."""
   # pylint: disable-next=g-import-not-at-top
-  from piccolo_jax import batch as batch_lib, data, encode, plan as plan_lib, state
+  from piccolo_jax import batch as batch_lib, data, encode, plan as plan_lib
   pos, neg = ["A", "B", "A", "E"], ["B", "C", "D", "A"]
   path = tmp_path / "r.jsonl"
   path.write_text("".join(json.dumps({"query": f"q{i}", "pos": [f"passage {p}"], "neg": [f"passage {n}"]}) + "\n"
@@ -180,7 +181,7 @@ def test_prepared_passage_ids_mark_duplicates(tmp_path):
   c = config.base()
   c.data.update(datasets=({"kind": "jsonl", "path": str(path), "task": "retrieval"},), global_batch_size=4,
                 prepared_dir=str(tmp_path / "prepared"))
-  (t,) = data.load_tables(c.data, c.tasks, encode.load_tokenizer(state.resolve_init("minilm")))
+  (t,) = data.open_tables(c.data, c.tasks, encode.load_tokenizer(models.resolve_init("minilm")))
   ((_, sel),) = plan_lib.Plan(c.data, c.tasks, [t]).units(0)
   ex = batch_lib.extra_arrays(t, sel)
   rows = sel["query"]

@@ -17,6 +17,7 @@ from piccolo_jax import attention
 from piccolo_jax import config
 from piccolo_jax import data
 from piccolo_jax import encode
+from piccolo_jax import models
 from piccolo_jax import packing
 from piccolo_jax import sharding
 from piccolo_jax import state as state_lib
@@ -38,11 +39,12 @@ def test_first_fit_puts_every_text_once_in_its_row():
   rng = np.random.default_rng(0)
   for L, S, n in ((64, 4, 50), (32, 64, 200), (128, 8, 7), (16, 1, 9), (512, 64, 0)):
     lens = rng.integers(1, L + 1, n)
-    row, slot, R = packing.first_fit(lens, L, S)
+    placed = packing.Packed(lens, L, S)
+    row, slot, R = placed.row_N, placed.slot_N, placed.rows
     assert sorted(set(row)) == list(range(R))  # no empty row
     assert all(lens[row == r].sum() <= L and (row == r).sum() <= S for r in range(R))
     assert len(set(zip(row, slot))) == n and (slot < S).all()
-    b = packing.pack(np.repeat(np.arange(1, n + 1), lens), lens, row, slot, R, L, S)
+    b = placed.pack(np.repeat(np.arange(1, n + 1), lens), np.arange(n), 0, R)
     for i in range(n):
       m = b["pack_seg"][row[i]] == slot[i] + 1
       np.testing.assert_array_equal(b["pack_tok"][row[i]][m], np.full(lens[i], i + 1))
@@ -82,7 +84,7 @@ def c():
 
 @pytest.fixture(scope="module")
 def tables(c, minilm_path):
-  return data.load_tables(c.data, c.tasks, encode.load_tokenizer(minilm_path))
+  return data.open_tables(c.data, c.tasks, encode.load_tokenizer(minilm_path))
 
 
 def test_processes_split_the_rows_of_one_packing(c, tables):
@@ -104,7 +106,7 @@ def test_processes_split_the_rows_of_one_packing(c, tables):
 
 @pytest.fixture(scope="module")
 def minilm():
-  cfg, params, _ = state_lib.load_init("minilm")
+  cfg, params, _ = models.load_init("minilm")
   return cfg.replace(dropout=0.0, attention_dropout=0.0), params
 
 
@@ -219,7 +221,7 @@ def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch, tw
 def test_packed_gradient_caching_remat_and_bf16(c, mixed_batch):
   """On the step of all three tasks (tiny random BERT): gradient caching and remat give the plain gradient;
   bfloat16 compute stays close to it."""
-  cfg, params, _ = state_lib.init_params(c)
+  cfg, params, _ = models.init_params(c)
   cfg, mesh = cfg.replace(dropout=0.0, attention_dropout=0.0), sharding.make_mesh(1)
   lc = _loss_config((16, 32))
 

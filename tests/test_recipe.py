@@ -14,6 +14,7 @@ from flax import nnx
 import conftest
 import tiny_config
 from piccolo_jax import config, data, encode, export, losses, model as model_lib, sharding
+from piccolo_jax import models
 from piccolo_jax import plan as plan_lib, state as state_lib, step as step_lib, train
 
 G = 4  # Loss groups of the tests' global batch of 16: 4 rows each.
@@ -59,7 +60,7 @@ def mixed_cfg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tables(mixed_cfg):
-  return data.load_tables(mixed_cfg.data, mixed_cfg.tasks, encode.load_tokenizer(mixed_cfg.model.tokenizer), G)
+  return data.open_tables(mixed_cfg.data, mixed_cfg.tasks, encode.load_tokenizer(mixed_cfg.model.tokenizer), G)
 
 
 def _assembler(c, tables, p=0, P=1, multiple=2):
@@ -88,7 +89,7 @@ def test_mixed_plan_deals_each_group_once_and_processes_agree(mixed_cfg, tables)
     for h in halves:
       jax.tree.map(np.testing.assert_array_equal, (h.slots, h.extras), (b.slots, b.extras))
   with pytest.raises(ValueError, match="not divisible by loss.groups=3"):
-    plan_lib.Plan(mixed_cfg.data, mixed_cfg.tasks, tables, groups=3)
+    config.check(config.replace(mixed_cfg, loss=config.replace(mixed_cfg.loss, groups=3)))
 
 
 def test_rows_without_negatives_are_kept_with_in_batch_negatives_only(mixed_cfg, tables):
@@ -163,9 +164,9 @@ def test_grouped_mixed_step_equals_torch_ddp_of_the_original(mixed_cfg, tables):
 def test_extended_positions_train_all_rows():
   cfg = model_lib.Config(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                          dropout=0.0, attention_dropout=0.0)
-  params = state_lib.random_params(cfg, 0)
+  params = models.random_params(cfg, 0)
   emb = params["embeddings"]["position"]
-  emb["embedding"] = state_lib.extend_positions(emb["embedding"], 1024, "tile")
+  emb["embedding"] = models.extend_positions(emb["embedding"], 1024, "tile")
   cfg = cfg.replace(max_position=1024, max_seq_length=1024)
   graphdef, _, rngs = nnx.split(model_lib.abstract_model(cfg), nnx.Param, ...)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (2, 600)), jnp.int32)
@@ -197,7 +198,7 @@ def test_resume_is_bit_exact_with_mixed_steps(mixed_cfg, tmp_path):
   shutil.rmtree(tmp_path / "resumed" / "model")
   last = train.train(c, tmp_path / "resumed")
   assert last["task"] == "mixed" and {"loss/retrieval", "loss/sts"} <= set(last)
-  a, b = (state_lib.load_init(str(tmp_path / r / "model"))[1] for r in ("straight", "resumed"))
+  a, b = (models.load_init(str(tmp_path / r / "model"))[1] for r in ("straight", "resumed"))
   jax.tree.map(np.testing.assert_array_equal, a, b)
   rows = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "task" in r] == list(range(1, 5))

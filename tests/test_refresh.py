@@ -17,7 +17,7 @@ from piccolo_jax import prepare, train
 
 ENTRY = {"kind": "jsonl", "path": str(DATA / "retrieval-zh/triplets.train.jsonl"), "task": "retrieval", "limit": 512}
 # 32 steps an epoch; refreshes before batches 3 and 6 of 8, with false-negative masking.
-RUN = {"data.datasets": (ENTRY,), "data.pack_menu": 1, "train.max_steps": 8, "train.refresh_negatives_every": 3,
+RUN = {"data.datasets": (ENTRY,), "data.pack_menu": 1, "train.max_steps": 8, "refresh.every": 3,
        "checkpoint.every": 1, "checkpoint.keep": 20, "tasks.retrieval.neg_num": 2,
        "tasks.retrieval.false_negatives": "model"}
 FLAGS = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in RUN.items()]
@@ -119,8 +119,12 @@ def test_refresh_config_errors(tmp_path):
   with pytest.raises(ValueError, match="refreshed negatives have no teacher scores"):
     train.train(c, tmp_path / "a")
   c = _config()
-  c.train.refresh_options = "--range 2-50 --negativs 3"
-  with pytest.raises(ValueError, match="unknown --negativs 3"):
+  c.refresh.start = 300  # Past refresh.end.
+  with pytest.raises(ValueError, match="expected 0 <= start < end"):
+    train.train(c, tmp_path / "b")
+  c = _config()
+  c.train.refresh_options = "--range 2-50"  # A config of the older schema: one line naming the new home.
+  with pytest.raises(ValueError, match="train.refresh_options is now the section refresh"):
     train.train(c, tmp_path / "b")
   c = _config()
   c.tasks.retrieval.neg_num = 0

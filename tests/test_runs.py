@@ -11,8 +11,9 @@ import pytest
 import conftest
 import tiny_config
 from conftest import error_line, metric_steps, params, steps
-from piccolo_jax import cli, data, encode, evaluate, export, rundir, sources, train
+from piccolo_jax import cli, config, data, encode, evaluate, export, sources, train
 from piccolo_jax import convert as convert_lib
+from piccolo_jax import models
 
 
 def _sts_only(**train):
@@ -50,14 +51,14 @@ def test_nonfinite_steps_are_skipped_below_the_limit(tmp_path):
   train.train(c, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["nonfinite_skipped"] for r in rows if "task" in r] == [1, 2, 3]
-  init = train.state_lib.init_params(c)[1]
+  init = models.init_params(c)[1]
   jax.tree.map(np.testing.assert_array_equal, params(tmp_path / "model"), init)  # Nothing applied.
 
 
 def test_a_run_of_the_old_config_schema_is_refused_naming_the_moves(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"data": {"neg_num": 7, "packing": True}, "loss": {"sts": {"temperature": 0.05}}}))
-  with pytest.raises(rundir.ConfigChangeError) as e:
-    rundir.check_config(tmp_path, _sts_only(max_steps=2))
+  with pytest.raises(config.ConfigChangeError) as e:
+    config.check_workdir(tmp_path, _sts_only(max_steps=2))
   assert "data.neg_num is now tasks.retrieval.neg_num; data.packing is gone" in str(e.value)
   assert "loss.sts.temperature is now tasks.sts.temperature and tasks.sts.weight" in str(e.value)
 
@@ -68,7 +69,7 @@ def test_extend_finished_run_reexports_and_config_changes_are_refused(tmp_path):
   lr, wide = c.copy_and_resolve_references(), c.copy_and_resolve_references()
   lr.optim.lr, wide.model.arch.hidden_size = 0.01, 64
   for changed, shown in ((lr, "optim.lr 0.003 -> 0.01"), (wide, "model.arch.hidden_size 32 -> 64")):
-    with pytest.raises(rundir.ConfigChangeError, match=shown):
+    with pytest.raises(config.ConfigChangeError, match=shown):
       train.train(changed, tmp_path)
   assert json.loads((tmp_path / "export.json").read_text()) == {"step": 2}
   before = params(tmp_path / "model")

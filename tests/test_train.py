@@ -11,6 +11,7 @@ import tiny_config
 from piccolo_jax.configs import finetune
 from piccolo_jax import model as model_lib
 from piccolo_jax import cli, config, encode, modeldir, rundir, sharding, state, step as step_lib, train
+from piccolo_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,7 +55,7 @@ def test_train_learns_compiles_once_per_shape_and_freezes(tmp_path, monkeypatch)
   assert steps[0]._cache_size() == len({(m["task"], m["row_length"], m["rows"]) for m in rows})
   assert steps[0]._cache_size() <= 3 * c.data.pack_menu  # Packed: at most pack_menu row counts per task.
   # Frozen position embeddings are bit-identical; word embeddings moved.
-  init = state.random_params(state.init_params(c)[0], c.seed)
+  init = models.random_params(models.init_params(c)[0], c.seed)
   cfg = modeldir.load_config(tmp_path / "model")
   final = modeldir.load_params(tmp_path / "model", cfg)
   np.testing.assert_array_equal(final["embeddings"]["position"]["embedding"],
@@ -90,7 +91,7 @@ def test_fsdp_shards_state_and_matches_data_parallel(tmp_path):
     losses[fsdp] = [m[f"loss/{m['task']}"] for m in _metrics(tmp_path / f"fsdp{fsdp}") if "task" in m]
   np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
   mesh = sharding.make_mesh(fsdp=4)
-  cfg, params, _ = state.init_params(c)
+  cfg, params, _ = models.init_params(c)
   tx, _ = state.make_optimizer(c.optim, params, 10)
   st, _, _, _ = state.init_state(cfg, params, tx, mesh, 0)
   word = st["params"]["embeddings"]["word"]["embedding"]
@@ -115,6 +116,8 @@ def test_config_by_name_and_overrides():
   c = finetune.get_config()
   assert c.model.dense_out == 1792 and c.loss.mrl_dims[-1] == 1792 and c.model.dtype == "bfloat16"
   assert c.optim.lr == 1e-5 and c.train.epochs == 3 and "embeddings/position" in c.optim.freeze
+  with pytest.raises(ValueError, match=r"^set --config.model.init \(.*stella.*\) and --config.data.datasets"):
+    config.check(c)  # finetune names neither the stella dir nor the data: one line naming both.
 
 
 def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
@@ -141,11 +144,11 @@ def test_best_tracker(tmp_path):
 
 def test_position_extension():
   p = np.random.default_rng(0).normal(size=(8, 4))
-  tiled = state.extend_positions(p, 20, "tile")
+  tiled = models.extend_positions(p, 20, "tile")
   np.testing.assert_array_equal(tiled[8:16], p)
-  h = state.extend_positions(p, 64, "hierarchical")
+  h = models.extend_positions(p, 64, "hierarchical")
   np.testing.assert_allclose(h[:8], p, atol=1e-12)  # The first n positions are unchanged.
   u = (p - 0.4 * p[0]) / 0.6
   np.testing.assert_allclose(h[3 * 8 + 5], 0.4 * u[3] + 0.6 * u[5], atol=1e-12)
   with pytest.raises(ValueError, match="position_extension 'rope'"):
-    state.extend_positions(p, 16, "rope")
+    models.extend_positions(p, 16, "rope")

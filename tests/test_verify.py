@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from piccolo_jax import config, encode, export, model as model_lib, modeldir, prepare, state, verify
+from piccolo_jax import config, encode, export, model as model_lib, modeldir, prepare, verify
+from piccolo_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = model_lib.Config(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, dense_out=48)
@@ -26,7 +27,7 @@ def _verify(*dirs):
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, minilm_path, data_dir):
   root = tmp_path_factory.mktemp("verify")
-  modeldir.save_model_dir(root / "model", TINY, state.random_params(TINY, 0), minilm_path)
+  modeldir.save_model_dir(root / "model", TINY, models.random_params(TINY, 0), minilm_path)
   export.export(root / "model", root / "export")
   entry = {"kind": "tsv", "path": str(data_dir / "sts-b-en/sts-b-en.dev.tsv"), "task": "sts", "limit": 20}
   prepared = prepare.prepare(entry, config.section("data"), config.section("tasks"), encode.load_tokenizer(minilm_path),

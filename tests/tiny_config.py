@@ -2,7 +2,7 @@
 import pathlib
 
 from piccolo_jax import config
-from piccolo_jax import state
+from piccolo_jax import models
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 
@@ -10,7 +10,7 @@ DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 def get_config():
   c = config.base()
   c.model.init = ""
-  c.model.tokenizer = state.resolve_init("minilm")
+  c.model.tokenizer = models.resolve_init("minilm")
   c.model.arch = dict(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
   c.model.dropout = 0.1
   c.data.datasets = (
