@@ -33,15 +33,15 @@ class CheckpointError(RuntimeError):
 
 
 @contextlib.contextmanager
-def manager(workdir, c):
-  """Async Orbax manager keeping the last c.keep checkpoints in c.dir (default workdir/checkpoints).
+def manager(workdir, checkpoint_cfg):
+  """Async Orbax manager keeping the last checkpoint.keep checkpoints in checkpoint.dir (default WORKDIR/checkpoints).
 
   However the block exits (an exception included), the save in flight completes first, so the
   newest checkpoint on disk is always whole.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, enable_async_checkpointing=True,
+  options = ocp.CheckpointManagerOptions(max_to_keep=checkpoint_cfg.keep, enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
-  directory = c.get("dir") or (pathlib.Path(workdir) / "checkpoints").absolute()
+  directory = checkpoint_cfg.get("dir") or (pathlib.Path(workdir) / "checkpoints").absolute()
   mngr = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
   try:
     yield mngr

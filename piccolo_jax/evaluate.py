@@ -307,8 +307,6 @@ SCORERS = {"sts": score_sts, "pair": score_pair, "retrieval": score_retrieval, "
            "classification": score_classification, "clustering": score_clustering}
 
 
-
-
 def check_dims(dims, full_dim) -> tuple:
   dims = tuple(dict.fromkeys(dims or (full_dim,)))
   for d in dims:

@@ -302,10 +302,11 @@ def selection(args, **kw) -> Options:
                  relative_margin=args.relative_margin, **kw)
 
 
-def config_options(c) -> Options:
+def config_options(refresh_cfg) -> Options:
   """Options of the config section `refresh` (its margins < 0: off)."""
   off = lambda margin: None if margin < 0 else margin
-  return Options(c.start, c.end, c.num, c.sampling, off(c.absolute_margin), off(c.relative_margin))
+  r = refresh_cfg
+  return Options(r.start, r.end, r.num, r.sampling, off(r.absolute_margin), off(r.relative_margin))
 
 
 def parse_args(argv=None):

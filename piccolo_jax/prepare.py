@@ -104,7 +104,7 @@ def tokenizer_hash(tokenizer) -> str:
   return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
-def fingerprint(entry, c, tasks_cfg, tokenizer) -> dict:
+def fingerprint(entry, data_cfg, tasks_cfg, tokenizer) -> dict:
   """What a prepared dataset's contents depend on (`repeat` and `neg_num` apply when it is read)."""
   stat = lambda p: [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), None]
   return {"format": FORMAT,
@@ -114,15 +114,15 @@ def fingerprint(entry, c, tasks_cfg, tokenizer) -> dict:
           "caps": sorted([*k, v] for k, v in tasks_lib.caps(tasks_cfg).items()),
           "prefixes": {name: [tasks_cfg[name][k] if k in task.prefixes else "" for k in tasks_lib.PREFIXES]
                        for name, task in tasks_lib.TASKS.items()},
-          "strict": bool(c.strict)}
+          "strict": bool(data_cfg.strict)}
 
 
-def location(entry, c, tasks_cfg, tokenizer, root=None) -> tuple[pathlib.Path, dict]:
+def location(entry, data_cfg, tasks_cfg, tokenizer, root=None) -> tuple[pathlib.Path, dict]:
   """(directory, fingerprint) of an entry's prepared dataset."""
-  fp = fingerprint(entry, c, tasks_cfg, tokenizer)
+  fp = fingerprint(entry, data_cfg, tasks_cfg, tokenizer)
   key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
   name = entry.get("name") or pathlib.Path(entry["path"]).name
-  root = pathlib.Path(root or c.get("prepared_dir") or default_dir())
+  root = pathlib.Path(root or data_cfg.get("prepared_dir") or default_dir())
   return root / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-64:]}-{key}", fp
 
 
@@ -216,9 +216,9 @@ def _passage_id(pool, new, text):
   return j
 
 
-def prepare(entry, c, tasks_cfg, tokenizer, root=None) -> pathlib.Path:
-  """The prepared directory of one dataset entry under data config c, preparing it if missing."""
-  final, fp = location(entry, c, tasks_cfg, tokenizer, root)
+def prepare(entry, data_cfg, tasks_cfg, tokenizer, root=None) -> pathlib.Path:
+  """The prepared directory of one dataset entry under the data config, preparing it if missing."""
+  final, fp = location(entry, data_cfg, tasks_cfg, tokenizer, root)
   if (final / "manifest.json").is_file():
     return final
   final.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def prepare(entry, c, tasks_cfg, tokenizer, root=None) -> pathlib.Path:
   tmp.mkdir()
   try:
     start, caps = time.perf_counter(), tasks_lib.caps(tasks_cfg)
-    enc, reader = Encoders(tokenizer, caps.values()), sources.read(entry, tasks_cfg, c.strict)
+    enc, reader = Encoders(tokenizer, caps.values()), sources.read(entry, tasks_cfg, data_cfg.strict)
     counts = _write(reader, caps, enc, tmp)
     manifest = {"name": reader.name, "task": reader.task.name, **counts, "skipped": reader.skipped,
                 "pad_id": enc.pad_id, "fingerprint": fp}
@@ -329,11 +329,11 @@ class Prepared:
     return tok[np.repeat(start - np.cumsum(n) + n, n) + np.arange(n.sum())].astype(np.int32)
 
 
-def open_one(entry, c, tasks_cfg, tokenizer, root=None) -> Prepared:
+def open_one(entry, data_cfg, tasks_cfg, tokenizer, root=None) -> Prepared:
   """One dataset entry, prepared where missing (with its teacher's vectors: task distill) and memory-mapped."""
-  path = prepare(entry, c, tasks_cfg, tokenizer, root)
+  path = prepare(entry, data_cfg, tasks_cfg, tokenizer, root)
   is_distill = json.loads((path / "manifest.json").read_text())["task"] == "distill"
-  teacher = teacher_vectors(entry, tasks_cfg, path, c.strict) if is_distill else ""
+  teacher = teacher_vectors(entry, tasks_cfg, path, data_cfg.strict) if is_distill else ""
   return Prepared(path, int(entry.get("repeat", 1)), entry.get("neg_num"), teacher)
 
 

@@ -49,8 +49,8 @@ def refreshed(tables, tasks_cfg) -> list:
 class Embed:
   """Unit embeddings of a prepared dataset's texts by the model of some parameters, on the whole mesh."""
 
-  def __init__(self, graphdef, rngs, mesh, c, length_multiple=1):
-    self.mesh, self.S, self.pack_length, self.rngs = mesh, c.pack_segments, c.pack_length, rngs
+  def __init__(self, graphdef, rngs, mesh, data_cfg, length_multiple=1):
+    self.mesh, self.S, self.pack_length, self.rngs = mesh, data_cfg.pack_segments, data_cfg.pack_length, rngs
     self.rows, self.block = sharding.batch_sharding(mesh), length_multiple
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))

@@ -36,8 +36,8 @@ from piccolo_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
-# The tiny CLI run that resume and fault tests repeat (12 steps, checkpoints every 2).
-TINY_RUN = {"checkpoint.every": 2, "train.epochs": 2, "data.pack_menu": 1}  # One program per task.
+# The tiny CLI run that resume and fault tests repeat (12 steps, checkpoints every 2, the last 5 kept).
+TINY_RUN = {"checkpoint.every": 2, "checkpoint.keep": 5, "train.epochs": 2, "data.pack_menu": 1}  # One program per task.
 
 
 def run_tiny(workdir, *extra):

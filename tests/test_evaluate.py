@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from piccolo_jax import convert, encode
+from piccolo_jax import convert, encode, search
 from piccolo_jax import evaluate as ev
 from piccolo_jax.mteb_adapter import MtebEncoder
 
@@ -32,7 +32,7 @@ class HashEncoder:
     return np.stack([hash_vec(t) for t in texts])
 
   def encode(self, texts, batch_size=32, max_length=None, dim=None, normalize=True):  # Embedder's signature.
-    return ev.normalize(self(texts)[:, :dim])
+    return search.normalize(self(texts)[:, :dim])
 
 
 def unit(x):

@@ -3,19 +3,20 @@ bit-identical to the session's uninterrupted run, damaged checkpoints fall back,
 
 The runs read the compiled steps of the straight run (conftest). What needs no process boundary is in
 test_runs.py."""
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import conftest
 from conftest import error_line, metric_steps, same_params, steps
+from piccolo_jax import verify
 
 
 def _run(workdir, *extra):
@@ -71,29 +72,14 @@ def test_random_kill9_during_saves_resumes_bit_identical(straight_run, tmp_path)
 
 
 def test_damaged_checkpoints_fall_back_then_stop_with_one_line(straight_run, tmp_path):
+  """Checkpoints 4..12 of the uninterrupted run, each newer one damaged another way: a parameter of 8 and an Adam
+  moment of 6 changed by a finite amount (python -m piccolo_jax.verify names each), 10 without its data position, 12
+  with a truncated array file. The run sets all four aside, resumes at 4 and ends with the uninterrupted run's
+  parameters; then the data position of the newest changed: back to 10, the same parameters; then no checkpoint
+  readable: one error line. (One run falls back past every kind of damage: the CLI runs of the fall-backs.)"""
   w = tmp_path / "w"
   shutil.copytree(straight_run / "straight", w)
-  assert steps(w) == [8, 10, 12]
-  biggest = max((p for p in (w / "checkpoints/12").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  os.truncate(biggest, biggest.stat().st_size // 2)  # 12: a truncated array file.
-  (w / "checkpoints/10/data/metadata").unlink()  # 10: no data position.
-  shutil.rmtree(w / "model")
-  rc, out = _run(w)
-  assert rc == 0 and out.count("is damaged") == 2 and "resuming at step 8" in out, out
-  assert sorted(p.name.split(".")[0] for p in (w / "checkpoints").glob("*.corrupt-*")) == ["10", "12"]
-  same_params(straight_run / "straight" / "model", w / "model")
-  for step in steps(w):
-    (w / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
-  rc, out = _run(w)
-  assert rc != 0 and "no usable checkpoint" in error_line(out)
-
-
-def test_finite_damage_is_caught_by_digests_and_falls_back(straight_run, tmp_path):
-  """One value changed, and still finite, in a parameter of checkpoint 12, an Adam moment of 10, then the data
-  position of the newest: python -m piccolo_jax.verify names each; the run sets each aside, falls back to the one
-  before and ends with the uninterrupted run's parameters."""
-  w = tmp_path / "w"
-  shutil.copytree(straight_run / "straight", w)
+  assert steps(w) == [4, 6, 8, 10, 12]
   shutil.rmtree(w / "model")
 
   def bump(*words):
@@ -102,17 +88,23 @@ def test_finite_damage_is_caught_by_digests_and_falls_back(straight_run, tmp_pat
       x.reshape(-1)[7] += 1e-3
     return change
 
-  conftest.rewrite_state(w / "checkpoints/12", bump("params", "ffn_in", "kernel"))
-  conftest.rewrite_state(w / "checkpoints/10", bump("mu", "query", "kernel"))
-  verify = subprocess.run([sys.executable, "-m", "piccolo_jax.verify", str(w / "checkpoints")], cwd=conftest.REPO,
-                          capture_output=True, text=True)
-  assert verify.returncode == 1, verify.stdout + verify.stderr
-  lines = verify.stdout.splitlines()
-  assert any("checkpoints/12: array params/layers/0/ffn_in/kernel (shard 0:32,0:64) differs from its digest" in l
-             for l in lines) and any("checkpoints/10: array opt/" in l and "/mu/" in l for l in lines), lines
-  assert "checkpoints/8: ok (checkpoint)" in verify.stdout
+  conftest.rewrite_state(w / "checkpoints/8", bump("params", "ffn_in", "kernel"))
+  conftest.rewrite_state(w / "checkpoints/6", bump("mu", "query", "kernel"))
+  out = io.StringIO()  # verify's CLI in a process of its own: tests/test_verify.py.
+  with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+    verify.main([str(w / "checkpoints")])
+  lines = out.getvalue().splitlines()
+  assert e.value.code == 1, lines
+  assert any("checkpoints/8: array params/layers/0/ffn_in/kernel (shard 0:32,0:64) differs from its digest" in l
+             for l in lines) and any("checkpoints/6: array opt/" in l and "/mu/" in l for l in lines), lines
+  assert all(f"checkpoints/{s}: ok (checkpoint)" in out.getvalue() for s in (4, 10, 12)), lines
+  biggest = max((p for p in (w / "checkpoints/12").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(biggest, biggest.stat().st_size // 2)  # 12: a truncated array file.
+  (w / "checkpoints/10/data/metadata").unlink()  # 10: no data position.
   rc, out = _run(w)
-  assert rc == 0 and out.count("differs from its digest on process 0") == 2 and "resuming at step 8" in out, out
+  assert rc == 0 and out.count("is damaged") == 4 and "resuming at step 4" in out, out
+  assert out.count("differs from its digest on process 0") == 2, out
+  assert sorted(int(p.name.split(".")[0]) for p in (w / "checkpoints").glob("*.corrupt-*")) == [6, 8, 10, 12]
   same_params(straight_run / "straight" / "model", w / "model")
   data = w / "checkpoints/12/data/metadata"
   data.write_text(data.read_text().replace('"next_index": 12', '"next_index": 11'))
@@ -120,6 +112,10 @@ def test_finite_damage_is_caught_by_digests_and_falls_back(straight_run, tmp_pat
   rc, out = _run(w)
   assert rc == 0 and "data position" in out and "differs from its digest" in out and "resuming at step 10" in out
   same_params(straight_run / "straight" / "model", w / "model")
+  for step in steps(w):
+    (w / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+  rc, out = _run(w)
+  assert rc != 0 and "no usable checkpoint" in error_line(out)
 
 
 def test_bad_flags_are_one_line(straight_run, tmp_path):
