@@ -71,6 +71,7 @@ def base() -> ml_collections.ConfigDict:
       grad_accum=1,  # Steps whose gradients are averaged into one update (optax.MultiSteps).
       freeze=("embeddings/position",))  # Regexps on parameter paths (positions: see model.max_position).
   c.train = dict(epochs=3, max_steps=0, log_every=10,  # max_steps > 0 overrides epochs; metrics every N steps.
+                 tensorboard=True,  # Metrics also to WORKDIR/tb (tensorboardX), beside metrics.jsonl.
                  chunk_size=0,  # > 0: gradient caching, chunk_size packed rows at a time.
                  max_nonfinite_steps=5,  # NaN/Inf steps in a row that are skipped before the run stops.
                  merge_last=1)  # N > 1: model/ and export/ are the mean of the last N checkpoints (merge.py).
@@ -137,10 +138,6 @@ def check(c: ml_collections.ConfigDict):
   if c.tasks.retrieval.false_negatives not in ("off", "model", "teacher"):
     raise ValueError(f"tasks.retrieval.false_negatives={c.tasks.retrieval.false_negatives!r}: expected off, "
                      "model or teacher")
-  check_refresh(c)
-
-
-def check_refresh(c):
   r, kl = c.refresh, c.tasks.retrieval.kl_weight
   if r.every < 0:
     raise ValueError(f"refresh.every={r.every}: expected 0 (off) or a number of steps")
@@ -187,7 +184,7 @@ def replace(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigD
 RESUMABLE = ("train.epochs", "train.max_steps", "train.log_every", "train.max_nonfinite_steps",
              "train.chunk_size", "checkpoint.every", "checkpoint.keep", "eval.", "export.",
              "data.worker_count", "data.prepared_dir", "data.worker_threads", "data.prefetch", "mesh.",
-             "model.attention", "model.remat", "train.merge_last")
+             "model.attention", "model.remat", "train.merge_last", "train.tensorboard")
 
 
 class ConfigChangeError(ValueError):

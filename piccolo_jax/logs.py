@@ -5,7 +5,6 @@ import time
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from piccolo_jax import flops as flops_lib
@@ -16,8 +15,9 @@ class MetricLogger:
   on the device between steps), updates the bar, writes every `every` steps to metrics.jsonl and tb/."""
 
   def __init__(self, workdir, total_steps, start_step, global_batch, mrl_dims, schedule, every,
-               enabled=True, flops=None):
-    """flops: info -> (computed, real) FLOPs of a global step (flops.step_flops), for FLOP/s and MFU."""
+               enabled=True, flops=None, tensorboard=True):
+    """flops: info -> (computed, real) FLOPs of a global step (flops.step_flops), for FLOP/s and MFU;
+    tensorboard: also write tb/."""
     self.enabled, self.every, self.dims, self.flops = enabled, every, tuple(mrl_dims), flops
     kind = jax.devices()[0].device_kind
     self.peak = (flops_lib.peak(kind) or 0) * jax.device_count()  # 0: an unknown kind (a CPU), FLOP/s only.
@@ -33,8 +33,10 @@ class MetricLogger:
                     disable=not enabled)
     self.jsonl = open(path, "a") if enabled else None
     # purge_step: TensorBoard drops the earlier run's events from start_step + 1 on.
-    self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1 if start_step else None) \
-        if enabled else None
+    self.tb = None
+    if enabled and tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (it imports torch if installed)
+      self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1 if start_step else None)
     self.tick, self.task_loss, self.last, self.skipped, self.pending = time.perf_counter(), {}, {}, 0, None
 
   def push(self, step, metrics, info) -> dict | None:
@@ -87,7 +89,7 @@ class MetricLogger:
       return
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
-    for k, v in metrics.items():
+    for k, v in metrics.items() if self.tb else ():
       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
         self.tb.add_scalar(k, v, step)
     if echo:
@@ -98,4 +100,5 @@ class MetricLogger:
     self.bar.close()
     if self.enabled:
       self.jsonl.close()
+    if self.tb:
       self.tb.close()

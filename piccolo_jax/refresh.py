@@ -37,10 +37,6 @@ def due(refresh_cfg, step) -> bool:
   return bool(refresh_cfg.every) and step > 0 and step % refresh_cfg.every == 0
 
 
-def name(step) -> str:
-  return f"step-{step}"
-
-
 def refreshed(tables, tasks_cfg) -> list:
   """The tables whose negatives a refresh replaces: retrieval datasets that train with negatives."""
   return [t for t in tables if t.task == "retrieval" and plan_lib.negatives(t, tasks_cfg)]
@@ -110,7 +106,7 @@ def mine_table(embed, params, t, opts, key, out_dir, show) -> dict:
 def refresh(workdir, embed, params, tables, opts, seed, step) -> tuple[str, dict]:
   """(version, metrics) of the negatives of `tables` re-mined before batch `step` with `params` and mine.Options
   `opts`, written under workdir/negatives (or found there complete)."""
-  root, version, start = workdir / "negatives", name(step), time.perf_counter()
+  root, version, start = workdir / "negatives", f"step-{step}", time.perf_counter()
   final = root / version
   metrics = {}
   if not (final / "done.json").is_file():

@@ -184,7 +184,7 @@ def train(config, workdir) -> dict:
              f", resuming at step {step}" if step else "")
     logger = logs.MetricLogger(run.workdir, run.total, step, c.data.global_batch_size, c.loss.mrl_dims,
                                run.schedule, c.train.log_every, enabled=jax.process_index() == 0,
-                               flops=lambda info: flops.step_flops(run.mcfg, info))
+                               flops=lambda info: flops.step_flops(run.mcfg, info), tensorboard=c.train.tensorboard)
     evals, nonfinite = Evals(c, run, logger), NonFinite(c.train.max_nonfinite_steps, mngr)
     embed = refresh.Embed(run.graphdef, run.rngs, run.mesh, c.data, attention.block(run.mcfg.attention)) \
         if c.refresh.every else None

@@ -37,7 +37,9 @@ from piccolo_jax import models
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 # The tiny CLI run that resume and fault tests repeat (12 steps, checkpoints every 2, the last 5 kept).
-TINY_RUN = {"checkpoint.every": 2, "checkpoint.keep": 5, "train.epochs": 2, "data.pack_menu": 1}  # One program per task.
+# No tb/: tensorboardX imports torch, 1-2 s of every CLI process's start (in-process runs write it).
+TINY_RUN = {"checkpoint.every": 2, "checkpoint.keep": 5, "train.epochs": 2, "data.pack_menu": 1,  # One program per task.
+            "train.tensorboard": False}
 
 
 def run_tiny(workdir, *extra):

@@ -15,8 +15,8 @@ import tiny_config
 from piccolo_jax import modeldir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-OVERRIDES = ["--config.train.epochs=1", "--config.data.pack_menu=1",
-             "--config.checkpoint.every=2", "--config.checkpoint.keep=10"]
+OVERRIDES = ["--config.train.epochs=1", "--config.data.pack_menu=1", "--config.train.tensorboard=False",
+             "--config.checkpoint.every=2", "--config.checkpoint.keep=10"]  # No tb/: see conftest.TINY_RUN.
 
 
 def _env(devices):
