@@ -1,4 +1,5 @@
-"""The training config schema: every field, its default and its meaning, in one place.
+"""The training config: its schema (every field with its default and meaning; the tasks.NAME sections come from
+the task registry, tasks.TASKS) and its validation (check, check_workdir, check_run). docs/reference.md lists both.
 
 A config file (configs/NAME.py, or any path) defines `get_config()` that edits `base()`;
 `--config.SECTION.FIELD=VALUE` overrides a field from the command line (piccolo_jax/cli.py).
