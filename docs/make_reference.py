@@ -127,19 +127,11 @@ def _value(v) -> str:
   return "`" + (repr(tuple(v)) if isinstance(v, (list, tuple)) else repr(v)) + "`"
 
 
-def _flat(c, prefix=""):
-  for k, v in c.items():
-    if hasattr(v, "items"):
-      yield from _flat(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
-
-
 def config_section() -> list[str]:
   from piccolo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from piccolo_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base().copy_and_resolve_references()
-  values = dict(_flat(c))
+  values = config_lib.flat(c)
   groups, intro = config_comments(Source(inspect.getsourcefile(config_lib)))
   out = ["## Config fields", "",
          "`piccolo_jax.config.base()`, the schema every config edits: each field with its default and the comment "

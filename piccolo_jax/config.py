@@ -192,15 +192,16 @@ class ConfigChangeError(ValueError):
   """The workdir holds a run with another config."""
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+def flat(tree, prefix="") -> dict:
+  """{dotted field: value} of a config or its JSON."""
+  if hasattr(tree, "items"):
+    return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
   return {prefix[:-1]: tree}
 
 
 def config_diff(old: dict, new: dict) -> dict:
   """{dotted field: (old, new)} of the fields that differ."""
-  a, b = _flat(old), _flat(new)
+  a, b = flat(old), flat(new)
   return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
@@ -210,12 +211,12 @@ def check_workdir(workdir, config):
   if not path.is_file():
     return
   old = json.loads(path.read_text())
-  if gone := sorted({line for k in _flat(old) if (line := moved(k))}):
+  if gone := sorted({line for k in flat(old) if (line := moved(k))}):
     raise ConfigChangeError(f"{workdir} holds a run of an older config schema ({'; '.join(gone)}): finish it "
                             "with the piccolo_jax that started it, or use a new --workdir")
   diff = config_diff(old, json.loads(config.to_json_best_effort()))
-  added = _flat(json.loads(base().to_json_best_effort()))  # Fields new since, at their defaults:
-  diff = {k: v for k, v in diff.items() if k in _flat(old) or v[1] != added.get(k, v[0])}  # the same run.
+  added = flat(json.loads(base().to_json_best_effort()))  # Fields new since, at their defaults:
+  diff = {k: v for k, v in diff.items() if k in flat(old) or v[1] != added.get(k, v[0])}  # the same run.
   fixed = {k: v for k, v in diff.items() if not any(k == p or k.startswith(p) for p in RESUMABLE if p)}
   show = lambda d: ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in d.items())
   if fixed:

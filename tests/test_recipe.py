@@ -206,20 +206,12 @@ def test_resume_is_bit_exact_with_mixed_steps(mixed_cfg, tmp_path):
 
 def test_piccolo2_differs_from_finetune_in_the_readme_table_only():
   from piccolo_jax.configs import finetune, piccolo2
-  a, b = (dict(_flat(m.get_config())) for m in (finetune, piccolo2))
+  a, b = (config.flat(m.get_config()) for m in (finetune, piccolo2))
   assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {
       "loss.groups": (1, 32), "data.mix": ("dataset", "groups"), "optim.clip_norm": (1.0, 0.0),
       "optim.warmup_ratio": (0.05, 0.0), "tasks.retrieval.mask_duplicates": (True, False)}
   readme = (tiny_config.DATA.parent / "README.md").read_text()
   assert "| `loss.groups` | 1 | 32 |" in readme and "| `tasks.retrieval.mask_duplicates` | True | False |" in readme
-
-
-def _flat(c, prefix=""):
-  for k, v in c.items():
-    if hasattr(v, "items"):
-      yield from _flat(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
 
 
 def test_neg_num_entry_is_checked(mixed_cfg, tables):
