@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 
@@ -110,22 +109,16 @@ def refresh(workdir, embed, params, tables, opts, seed, step) -> tuple[str, dict
   final = root / version
   metrics = {}
   if not (final / "done.json").is_file():
-    tmp = root / f".{version}.tmp"
-    if jax.process_index() == 0:
-      shutil.rmtree(tmp, ignore_errors=True)  # A refresh cut short (kill -9) left it.
-      tmp.mkdir(parents=True)
-    modeldir.sync(f"refresh {version}: start")
     show = jax.process_index() == 0
-    for t in tables:
+    with modeldir.atomic_dir(final, collective=True) as tmp:  # One a refresh cut short (kill -9) left is cleared.
+      for t in tables:
+        if show:
+          (tmp / t.path.name).mkdir()
+        report = mine_table(embed, params, t, opts, (seed, step), tmp / t.path.name, show)
+        metrics |= {f"refresh/{t.name}/{k}": report[k] for k in ("negatives", "rows_without", "filtered")}
+        metrics[f"refresh/{t.name}/positive_first"] = report["positive_rank"].get("1", 0) / max(report["rows"], 1)
       if show:
-        (tmp / t.path.name).mkdir()
-      report = mine_table(embed, params, t, opts, (seed, step), tmp / t.path.name, show)
-      metrics |= {f"refresh/{t.name}/{k}": report[k] for k in ("negatives", "rows_without", "filtered")}
-      metrics[f"refresh/{t.name}/positive_first"] = report["positive_rank"].get("1", 0) / max(report["rows"], 1)
-    if show:
-      (tmp / "done.json").write_text(json.dumps({"step": step, **metrics}) + "\n")
-      tmp.rename(final)
-    modeldir.sync(f"refresh {version}: written")
+        (tmp / "done.json").write_text(json.dumps({"step": step, **metrics}) + "\n")
   else:
     log.info("refresh: %s found complete in %s; reusing it", version, root)
     metrics = {k: v for k, v in json.loads((final / "done.json").read_text()).items() if k != "step"}
