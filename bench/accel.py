@@ -90,7 +90,7 @@ def _pad(ids):
 
 
 def real_tokens(batch) -> flops.Tokens:
-  lens = np.asarray(batch.lengths).reshape(-1)
+  lens = np.concatenate([np.asarray(r.lengths).reshape(-1) for r in batch.rows])
   return flops.Tokens.of_texts(lens[lens > 0])
 
 
@@ -118,7 +118,7 @@ def abstract_state(cfg, mesh, seed=0):
 
 def abstract_batch(batch, mesh):
   rows = sharding.batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), batch.rows()), \
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), batch.rows), \
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
                    (batch.slots, batch.extras))
 
@@ -126,8 +126,8 @@ def abstract_batch(batch, mesh):
 def step_args(cfg, batch, dims, mesh):
   """(jitted train step, its arguments as ShapeDtypeStructs) of the real trainer's step."""
   state, graphdef, rngs, tx = abstract_state(cfg, mesh)
-  (tok, seg, pos, lens), (slots, extras) = abstract_batch(batch, mesh)
-  b = type(batch)(tok, seg, pos, lens, slots, extras, batch.mix)
+  rows, (slots, extras) = abstract_batch(batch, mesh)
+  b = type(batch)(rows, slots, extras, batch.mix)
   return step_lib.make_train_step(graphdef, tx, loss_config(dims), 0, mesh), (state, b, rngs)
 
 
@@ -155,7 +155,7 @@ def lower_one(cfg, batch, dims, mesh, platform, impl) -> dict:
   with attention.target(platform), stub_cudnn() if impl == "cudnn" else contextlib.nullcontext():
     exp = export.export(step, platforms=[platform], disabled_checks=checks)(*args)
   secs, text = time.perf_counter() - t, exp.mlir_module()
-  L = batch.tokens.shape[1]
+  L = batch.rows[0].tokens.shape[1]
   square = sorted(set(re.findall(rf"tensor<((?:\d+x)*{L}x{L}x(?:f32|bf16|f16))>", text)))
   calls = sorted(set(re.findall(r"custom_call @([\w$.]+)", text)))
   return {"platform": platform, "attention": impl, "seconds": round(secs, 2), "devices": exp.nr_devices,
@@ -167,14 +167,14 @@ def lower(args):
   cfg = cfg.replace(dtype="bfloat16", remat=args.remat, attention_dropout=0.0)
   mesh = sharding.make_mesh(args.fsdp)
   batch, _ = texts(tasks, K, L, args.passage_median, cfg.vocab_size)
-  R, S = batch.lengths.shape
-  out = {"shape": args.shape, "rows": R, "row_length": L, "texts": int((batch.lengths > 0).sum()),
+  R, S = batch.rows[0].lengths.shape
+  out = {"shape": args.shape, "rows": R, "row_length": L, "texts": int((batch.rows[0].lengths > 0).sum()),
          "queries": sum(tasks.values()), "mesh": dict(mesh.shape), "exports": []}
   for platform in args.platforms.split(","):
     for impl in EXPORTS[platform] + (("xla",) if args.with_xla else ()):
       out["exports"].append(lower_one(cfg, batch, dims, mesh, platform, impl))
       print(json.dumps(out["exports"][-1]), flush=True)
-  real, rows = real_tokens(batch), flops.Tokens.of_rows(R, L, S)
+  real, rows = real_tokens(batch), flops.Tokens.of_rows(((R, L),), S)
   out["flops"] = {"real": flops.train_flops(cfg, real), "computed": flops.train_flops(cfg, rows, cfg.remat),
                   "real_tokens": real.tokens, "computed_tokens": rows.tokens, "real_squares": real.squares,
                   "computed_squares": rows.squares}
@@ -183,7 +183,7 @@ def lower(args):
     small, (Ls, Rs) = COMPARE, (256, 32)
     b, _ = texts({"retrieval": Rs}, 3, Ls, 60, small.vocab_size)
     out["xla_memory"] = accel_bytes.compare(small, b, (128, 256))
-    out["xla_memory_shape"] = {"hidden": small.hidden_size, "layers": small.num_layers, "rows": b.tokens.shape[0],
+    out["xla_memory_shape"] = {"hidden": small.hidden_size, "layers": small.num_layers, "rows": b.rows[0].tokens.shape[0],
                                "row_length": Ls, "dtype": small.dtype}
   print("\n".join(accel_bytes.markdown(out)))
   print(json.dumps(out))

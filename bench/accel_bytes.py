@@ -66,7 +66,7 @@ def largest_batch(cfg, L, S, impl, policy, devices, fsdp, queries_per_row) -> di
 
 def table(cfg, batch, mesh, tasks) -> dict:
   """Bytes per device of the step on `batch` (every device's rows), per remat policy, with the largest batch."""
-  (R, L), S = batch.tokens.shape, batch.lengths.shape[1]
+  (R, L), S = batch.rows[0].tokens.shape, batch.rows[0].lengths.shape[1]
   devices, fsdp, queries = mesh.size, mesh.shape["fsdp"], sum(tasks.values())
   out = {}
   for policy in POLICIES:
@@ -83,7 +83,7 @@ def compare(cfg, batch, dims, policies=POLICIES) -> list:
   activations) and XLA's temporaries, in MB; computed FLOPs and XLA's count, compiled and as lowered}]."""
   from bench import accel  # pylint: disable=g-import-not-at-top
   mesh, rows = sharding.make_mesh(1, jax.devices()[:1]), []
-  (R, L), S = batch.tokens.shape, batch.lengths.shape[1]
+  (R, L), S = batch.rows[0].tokens.shape, batch.rows[0].lengths.shape[1]
   for policy in policies:
     c = cfg.replace(remat=policy, attention="xla", attention_dropout=0.0)
     step, args = accel.step_args(c, batch, dims, mesh)
@@ -95,7 +95,7 @@ def compare(cfg, batch, dims, policies=POLICIES) -> list:
                  "xla_arguments_mb": mem.argument_size_in_bytes / 2**20,
                  "analytic_step_mb": (mine["total"] - mine["parameters"] - mine["optimizer"]) / 2**20,
                  "xla_temp_mb": mem.temp_size_in_bytes / 2**20, "compile_s": secs,
-                 "computed_flops": flops.train_flops(c, flops.Tokens.of_rows(R, L, S), policy),
+                 "computed_flops": flops.train_flops(c, flops.Tokens.of_rows(((R, L),), S), policy),
                  "xla_flops": count(compiled.cost_analysis()), "lowered_flops": count(lowered.cost_analysis())})
   return rows
 

@@ -15,7 +15,8 @@ from piccolo_jax import batch, cli, data, encode, plan, train
 from piccolo_jax import models
 from piccolo_jax.configs import demo
 
-PINNED = {"sts": (6, 7, 8), "cls": (29, 30), "retrieval": (14, 15, 18)}  # 35a04ec: from its first 256 steps.
+PINNED = {k: batch.Menu((128,), tuple((R,) for R in v))  # 35a04ec's: from its first 256 steps, one row length.
+          for k, v in {"sts": (6, 7, 8), "cls": (29, 30), "retrieval": (14, 15, 18)}.items()}
 MATH = ("loss", "grad_norm", "eval/", "lr", "rows")  # metrics.jsonl fields that are the run's arithmetic.
 
 
@@ -38,8 +39,8 @@ def padding():
     a.menus, real, total, programs = menus, 0, 0, set()
     for s in range(n):
       b, info = a(s)
-      real, total = real + info["tokens"], total + b.tokens.size
-      programs.add((info["task"], b.tokens.shape))
+      real, total = real + info["tokens"], total + sum(r.tokens.size for r in b.rows)
+      programs.add((info["task"], info["shape"]))
     print(f"menus {name} {menus}: padding over {n} steps {1 - real / total:.2%}, {len(programs)} programs")
 
 

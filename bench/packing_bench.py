@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from bench import harness, step as bench_step, torch_ref
-from piccolo_jax import config, data, encode, sharding
+from piccolo_jax import config, data, encode, flops, sharding
 from piccolo_jax import models
 from piccolo_jax.configs import demo
 
@@ -49,31 +49,42 @@ def limited(c, limit):
   return c
 
 
+ONE = "packed, one row length"  # data.pack_lengths=1: the rows before issue 34.
+
+
 def epoch(name, c, cfg, params, dims, tok, block, threads):
   """(table rows, figures) of one epoch of each run; the runs alternate in turns of `block` steps."""
   tables = data.open_tables(c.data, c.tasks, tok)
   (assemble, menus_s) = harness.timed(lambda: data.assembler(c.data, c.tasks, tables))
-  batches = {"packed": [assemble(s) for s in range(assemble.plan.steps_per_epoch)]}
+  one = data.assembler(config.replace(c.data, pack_lengths=1), c.tasks, tables)
+  batches = {"packed": [assemble(s) for s in range(assemble.plan.steps_per_epoch)],
+             ONE: [one(s) for s in range(one.plan.steps_per_epoch)]}
   batches["torch pad-to-longest"] = [(to_longest(b), m) for b, m in batches["packed"]]
   real = sum(m["tokens"] for _, m in batches["packed"])
-  runs = {"packed": jax_runner(cfg, params, dims),
+  runs = {"packed": jax_runner(cfg, params, dims), ONE: jax_runner(cfg, params, dims),
           "torch pad-to-longest": torch_ref.torch_trainer(cfg, params, dims, threads=threads)[0]}
-  shapes = {(m["task"], b.tokens.shape): (b, m["task"]) for b, m in batches["packed"]}
-  _, compile_s = harness.timed(lambda: [runs["packed"](b, t) for b, t in shapes.values()])  # Untimed, apart.
+  shapes, compile_s = {}, {}
+  for k in ("packed", ONE):
+    shapes[k] = {(m["task"], m["shape"]): (b, m["task"]) for b, m in batches[k]}
+    _, compile_s[k] = harness.timed(lambda: [runs[k](b, t) for b, t in shapes[k].values()])  # Untimed, apart.
   secs = dict.fromkeys(runs, 0.0)
   for first in range(0, len(batches["packed"]), block):
     for k, run in runs.items():
       run(batches[k][first][0], batches[k][first][1]["task"])  # Settles after the other run (untimed).
       for b, m in batches[k][first:first + block]:
         secs[k] += harness.timed(lambda: run(b, m["task"]))[1]
-  padded = {"packed": sum(b.tokens.size for b, _ in batches["packed"]),
+  padded = {k: sum(r.tokens.size for b, _ in batches[k] for r in b.rows) for k in ("packed", ONE)} | {
             "torch pad-to-longest": sum(x.size for b, _ in batches["torch pad-to-longest"]
                                         for k, x in b.items() if k.endswith("_mask"))}
+  squares = {k: sum(R * L * L for _, m in batches[k] for R, L in m["shape"]) for k in ("packed", ONE)} | {
+             "torch pad-to-longest": sum(x.shape[0] * x.shape[1] ** 2 for b, _ in batches["torch pad-to-longest"]
+                                         for k, x in b.items() if k.endswith("_mask"))}
+  attn = lambda k: flops.train_flops(cfg, flops.Tokens(0, squares[k], 0)) / real / 1e6  # Attention's alone.
   rows = [(name, k, f"{1 - real / padded[k]:.1%}", f"{secs[k]:.0f}", f"{real / secs[k]:.0f}",
-           f"{secs['torch pad-to-longest'] / secs[k]:.2f}", f"{compile_s:.0f}" if k == "packed" else "-",
-           str(len(shapes)) if k == "packed" else "-") for k in runs]
+           f"{secs['torch pad-to-longest'] / secs[k]:.2f}", f"{compile_s[k]:.0f}" if k in shapes else "-",
+           str(len(shapes[k])) if k in shapes else "-", f"{attn(k):.1f}") for k in runs]
   return rows, {"steps": len(batches["packed"]), "real_tokens": real, "secs": secs, "padded": padded,
-                "compile_s": compile_s, "menus": assemble.menus, "menus_s": menus_s}
+                "compile_s": compile_s, "menus": assemble.menus, "menus_s": menus_s, "squares": squares}
 
 
 def attention_share(cfg, params, dims, tok, reps, limit):
@@ -81,11 +92,12 @@ def attention_share(cfg, params, dims, tok, reps, limit):
   gives the attention's (the L^2 term's) share of the step at L = 512."""
   c = limited(DATA["retrieval-zh 64/512"](), limit)
   tables = data.open_tables(c.data, c.tasks, tok)
-  batch = {L: data.assembler(config.replace(c.data, pack_length=L), c.tasks, tables)(0)[0] for L in (512, 128)}
+  batch = {L: data.assembler(config.replace(c.data, pack_length=L, pack_lengths=1), c.tasks, tables)(0)[0]
+           for L in (512, 128)}
   runs = {L: (lambda r=jax_runner(cfg, params, dims), b=b: r(b, "retrieval")) for L, b in batch.items()}
   times, *_ = harness.alternate(runs, reps)
   t = {L: harness.median(v) for L, v in times.items()}
-  RL = {L: b.tokens.size for L, b in batch.items()}
+  RL = {L: b.rows[0].tokens.size for L, b in batch.items()}
   a, b = np.linalg.solve([[RL[L], RL[L] * L] for L in (512, 128)], [t[L] for L in (512, 128)])
   return t, RL, b * RL[512] * 512 / t[512]
 
@@ -126,7 +138,8 @@ def main():
                    [f"20 batches after start-up; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end"],
                    {}, args.out)
     return
-  rows, out = [("data", "run", "padding", "epoch s", "real tokens/s", "vs torch", "compile s", "programs")], {}
+  rows, out = [("data", "run", "padding", "epoch s", "real tokens/s", "vs torch", "compile s", "programs",
+                "attention MFLOP per real token")], {}
   for name in args.data.split(","):
     c = limited(DATA[name](), args.limit)
     r, out[name] = epoch(name, c, cfg, params, dims, tok, args.block, args.threads or os.cpu_count())
@@ -134,8 +147,13 @@ def main():
   t, RL, share = attention_share(cfg, params, dims, tok, args.reps, args.limit) if args.reps else ({}, {}, None)
   steps = ", ".join(f"{k}: {v['steps']} steps" for k, v in out.items())
   notes = [f"one epoch each ({steps}), global batch 32, "
-           f"{args.model} fp32 with its dropout, MRL dims {dims}; both runs train the same batches (same rows and "
+           f"{args.model} fp32 with its dropout, MRL dims {dims}; the runs train the same batches (same rows and "
            f"negatives), alternating in turns of {args.block} steps, each turn after one untimed step",
+           f"packed: data.pack_lengths={c.data.pack_lengths} row lengths a step (menus: "
+           f"{'; '.join(f'{k}: {v}' for d in out.values() for k, v in d['menus'].items())}); "
+           f"{ONE}: data.pack_lengths=1, the rows before issue 34; attention MFLOP per real token: the training "
+           "FLOPs of the attention products computed (every row's L x L, padding and masked blocks included; "
+           "piccolo_jax/flops.py) over the real tokens",
            "real tokens: the texts' own tokens (cls padding negatives excluded), the same count for every run; "
            "padding: the share of the tokens computed that are not real; compile time and programs apart",
            f"attention share of the packed retrieval-zh step at L = 512: {share:.1%} (step {t[512]:.2f} s for "

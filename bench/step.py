@@ -15,16 +15,18 @@ from piccolo_jax import step as step_lib, tasks
 
 def of_texts(texts, extras, L, S=packing.SEGMENTS, multiple=1, groups=1) -> batch_lib.Batch:
   """A batch.Batch of texts given as token ids, {task: {field: [ids, ...]}}, with {task: extras}, packed into
-  rows of L tokens, R a multiple of `multiple`; each task `groups` loss groups."""
+  rows of L tokens (or of several lengths, L a tuple), each length's rows a multiple of `multiple`; each task
+  `groups` loss groups."""
   fields = [(task, f, len(ids)) for task, by_field in texts.items() for f, ids in by_field.items()]
   flat = [np.asarray(t, np.int32) for by_field in texts.values() for ids in by_field.values() for t in ids]
   lens_N = np.array([len(t) for t in flat])
   placed, every = packing.Packed(lens_N, L, S), np.arange(len(lens_N))
-  packed = placed.pack(np.concatenate(flat), every, 0, packing.round_up(placed.rows, multiple))
-  slots = {}
-  for (task, f, _), s in zip(fields, np.split(placed.slots(every).astype(np.int32), np.cumsum([n for *_, n in fields])[:-1])):
+  R_G = [packing.round_up(R, multiple) for R in placed.rows]
+  rows, slots = placed.pack(np.concatenate(flat), every, [0] * len(R_G), R_G), {}
+  for (task, f, _), s in zip(fields, np.split(placed.slots(every, R_G).astype(np.int32),
+                                              np.cumsum([n for *_, n in fields])[:-1])):
     slots.setdefault(task, {})[f] = s
-  return batch_lib.Batch(*(packed[k] for k in packing.ARRAYS), slots, extras, tuple((t, groups) for t in texts))
+  return batch_lib.Batch(rows, slots, extras, tuple((t, groups) for t in texts))
 
 
 def synthetic(task, B, Lq, Lp, K, vocab, seed=0) -> tuple:
@@ -188,7 +190,7 @@ def main(argv=None):
   flops, n_tok = flops_lib.train_flops(cfg, flops_lib.Tokens.of_texts(lens)), int(sum(lens))
   out = {k: getattr(args, k) for k in ("model", "batch", "seq", "pseq", "dtype", "remat")} | {
       "task": task, "neg": K, "dropout": cfg.dropout, "mrl_dims": list(dims), "tokens": n_tok,
-      "model_flops": flops, "xla_flops": info["jax"]["xla_flops"], "packed_rows": list(batch.tokens.shape),
+      "model_flops": flops, "xla_flops": info["jax"]["xla_flops"], "packed_rows": list(batch.rows[0].tokens.shape),
       "peak_gflops": peak, "rss_base_mb": base_mb}
   rows = [("", "compile s", "first step s", "step s (median)", "examples/s", "tokens/s", "MFU %", "cores busy",
            "step memory MB (rest -> peak)")]
@@ -206,7 +208,7 @@ def main(argv=None):
                  f"{args.batch / s:.1f}", f"{n_tok / s:.0f}", f"{out[f'{k}_mfu_pct']:.1f}",
                  f"{out[f'{k}_cores']:.2f}", f"{m[0]:.0f} -> {m[1]:.0f}" if m else "-"))
   notes = [f"MFU: analytic FLOPs of the real tokens (piccolo_jax/flops.py, without remat's recompute) {flops / 1e9:.1f} G/step (XLA counts {out['xla_flops'] / 1e9:.1f} G "
-           f"on {batch.tokens.shape[0]} packed rows of {batch.tokens.shape[1]}); peak matmul "
+           f"on {batch.rows[0].tokens.shape[0]} packed rows of {batch.rows[0].tokens.shape[1]}); peak matmul "
            f"GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peak.items())}; {args.reps} alternating reps"]
   if args.settle and len(runs) > 1:
     out |= {f"{k}_switch_s": harness.median(v) for k, v in settled.items()}

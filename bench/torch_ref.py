@@ -11,8 +11,9 @@ from piccolo_jax import config, export, losses
 def unpacked(batch, task, field, length=None, pad_id=0):
   """(ids, mask) int32 [N, length or the longest] of a Batch's field, one text a row, padded: the layout
   of the unpacked model call (model.Bert.__call__), the parity reference of the packed one."""
-  S = batch.lengths.shape[-1]
-  texts = [batch.tokens[s // S][batch.segments[s // S] == s % S + 1] for s in np.asarray(batch.slots[task][field])]
+  slots = [(t, seg == s + 1) for r in batch.rows for t, seg in zip(r.tokens, r.segments)
+           for s in range(r.lengths.shape[1])]  # Slot order (piccolo_jax/packing.py).
+  texts = [slots[s][0][slots[s][1]] for s in np.asarray(batch.slots[task][field])]
   length = length or max(len(t) for t in texts)
   ids, mask = np.full((len(texts), length), pad_id, np.int32), np.zeros((len(texts), length), np.int32)
   for i, t in enumerate(texts):

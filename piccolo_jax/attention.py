@@ -54,6 +54,12 @@ def on(mesh):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
 
 
+def shards() -> int:
+  """The devices the batch rows are split over in the mesh being traced under (on()); 1 outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
 def platform() -> str:
   """The platform programs are built for: target()'s, else the default backend's."""
   return _TARGET.get() or jax.default_backend()

@@ -1,18 +1,20 @@
 """The batch contract between the data side and the train step, and its assembly from prepared data.
 
 A `Batch` is one global step, whatever its tasks (a step of one dataset is a mix of one task):
-- `tokens`, `segments`, `positions` int32 [R, L] and `lengths` int32 [R, S]: the step's texts packed
-  into R rows (piccolo_jax/packing.py), sharded by row over every device; each process holds its R / P.
-- `slots`: {task: {field: int32 [N]}}: text n of a field is slot r * S + s of the model's [R * S, D]
-  output, in the unpacked order the loss expects (a `neg` field holds K texts a row, rows i*K .. i*K+K-1
-  belonging to row i; padding negatives read slot 0 and are masked by `neg_valid`).
+- `rows`: (packing.Rows, ...): the step's texts packed into groups of R_g rows of L_g tokens, longest first
+  (piccolo_jax/packing.py), each group sharded by row over every device; each process holds its R_g / P.
+- `slots`: {task: {field: int32 [N]}}: text n of a field is its slot (packing.py) in the model's
+  [sum_g R_g * S_g, D] output (model.Bert.embed_rows), in the unpacked order the loss expects (a `neg` field
+  holds K texts a row, rows i*K .. i*K+K-1 belonging to row i; padding negatives read slot 0 and are masked by
+  `neg_valid`).
 - `extras`: {task: {name: array}}: its non-text arrays (tasks.Task.extras: `label` float32 [B], `neg_valid`
   bool [B, K], passage ids `pos_id` [B] and `neg_id` [B, K], teacher scores `pos_score` [B] and `neg_score` [B, K],
   teacher embeddings `teacher` [B, D]).
   Slots and extras are whole on every process (replicated).
-- `mix`: ((task, loss groups), ...), static: the step compiles one program per mix and row shape.
+- `mix`: ((task, loss groups), ...), static: the step compiles one program per mix and row shapes.
 """
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -25,21 +27,19 @@ PLANNED = 256  # Steps of the run whose rows choose the packing menus (spread ov
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-  tokens: np.ndarray
-  segments: np.ndarray
-  positions: np.ndarray
-  lengths: np.ndarray
+  rows: tuple
   slots: dict
   extras: dict
   mix: tuple
 
-  def rows(self) -> tuple:
-    """model.Bert.packed's arguments."""
-    return self.tokens, self.segments, self.positions, self.lengths
+
+jax.tree_util.register_dataclass(Batch, data_fields=["rows", "slots", "extras"], meta_fields=["mix"])
 
 
-jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "segments", "positions", "lengths", "slots", "extras"],
-                                 meta_fields=["mix"])
+class Menu(NamedTuple):
+  """A task's packing (choose_menus): its row lengths, longest first, and row-count tuples, one count each."""
+  lengths: tuple
+  rows: tuple
 
 
 def menu_key(plan, units) -> tuple[str, list]:
@@ -73,17 +73,24 @@ def step_texts(plan, units) -> tuple[list, np.ndarray]:
 
 
 def choose_menus(plan, data_cfg, multiple=1, steps=None, length_multiple=1) -> dict:
-  """{menu key: at most data.pack_menu row counts}: the least-padding menus for the rows that the run's `steps`
-  steps need (default: an epoch's), PLANNED of them spread over the run where it has more; from the token
-  lengths of the prepared data alone, a function of the datasets, seed and run length."""
-  needed, steps = {}, steps or plan.steps_per_epoch
+  """{menu key: Menu}: at most data.pack_lengths row lengths (packing.choose_lengths) and the least-padding
+  data.pack_menu row-count tuples for the rows that the run's `steps` steps need (default: an epoch's),
+  PLANNED of them spread over the run where it has more; from the token lengths of the prepared data alone, a
+  function of the datasets, seed and run length."""
+  lens, longest, steps = {}, {}, steps or plan.steps_per_epoch
   for step in np.unique(np.linspace(0, steps - 1, min(steps, PLANNED)).astype(int)):
     units = plan.units(int(step))
     key, tasks = menu_key(plan, units)
-    L = row_length(plan, tasks, data_cfg.pack_length, length_multiple)
-    rows = packing.first_fit(step_texts(plan, units)[1], L, data_cfg.pack_segments)[2]
-    needed.setdefault(key, []).append(rows)
-  return {key: packing.row_menu(n, data_cfg.pack_menu, multiple) for key, n in needed.items()}
+    longest[key] = row_length(plan, tasks, data_cfg.pack_length, length_multiple)
+    lens.setdefault(key, []).append(step_texts(plan, units)[1])
+  menus, S, A = {}, data_cfg.pack_segments, data_cfg.pack_attention
+  for key, lens_SN in lens.items():
+    lengths = packing.choose_lengths(lens_SN, longest[key], data_cfg.pack_lengths, A, multiple, length_multiple)
+    needed = [packing.Packed(l, lengths, S).rows for l in lens_SN]
+    weights = packing.row_cost(lengths, A)
+    rows = packing.row_menu(needed, data_cfg.pack_menu, multiple, lengths, weights)
+    menus[key] = Menu(lengths, packing.repaired(rows, lens_SN, lengths, S, multiple, weights))
+  return menus
 
 
 class Assembler:
@@ -112,29 +119,34 @@ class Assembler:
   def __call__(self, step, _=None) -> tuple[Batch, dict]:
     units, S, tables = self.plan.units(step), self.data_cfg.pack_segments, self.plan.tables
     key, tasks = menu_key(self.plan, units)
-    L = row_length(self.plan, tasks, self.data_cfg.pack_length, self.length_multiple)
+    menu = self.menus.get(key) or Menu((row_length(self.plan, tasks, self.data_cfg.pack_length,
+                                                   self.length_multiple),), ())
     texts, lens_N = step_texts(self.plan, units)
-    packed = packing.Packed(lens_N, L, S)
-    R = packing.rows_for(packed.rows, self.menus.get(key, ()), self.row_multiple) // self.process_count
-    local_N, at, tokens, order, slots = packed.row_N // R == self.process_index, 0, [], [], [{} for _ in units]
+    packed, R_G = packing.place(lens_N, menu.lengths, menu.rows, S, self.row_multiple,
+                                packing.row_cost(menu.lengths, self.data_cfg.pack_attention))
+    local_G = [R // self.process_count for R in R_G]  # Every group with texts has R >= row_multiple >= P.
+    local_N = packed.row_N // np.maximum(np.take(local_G, packed.group_N), 1) == self.process_index
+    at, tokens, order, slots = 0, [], [], [{} for _ in units]
     for u, field, slot, ids, keep in texts:
       n = np.arange(at, at + keep.sum())  # This field's kept texts, in lens_N.
       tokens.append(tables[units[u][0]].flat(slot, ids[keep][local_N[n]]))
       order.append(n[local_N[n]])
       slots[u][field] = np.zeros(len(ids), np.int32)  # Padding negatives read slot 0.
-      slots[u][field][keep] = packed.slots(n)
+      slots[u][field][keep] = packed.slots(n, R_G)
       at += len(n)
-    rows = packed.pack(np.concatenate(tokens), np.concatenate(order), self.process_index * R, R)
+    rows = packed.pack(np.concatenate(tokens), np.concatenate(order), [self.process_index * R for R in local_G],
+                       local_G)
     extras = [extra_arrays(tables[d], sel) for d, sel in units]
     task_U = [tables[d].task for d, _ in units]
     mix = tuple((task, task_U.count(task) * self.groups_per_unit) for task in sorted(set(task_U)))
     by_task = lambda per_unit: {task: {k: np.concatenate([a[k] for a, t in zip(per_unit, task_U) if t == task])
                                        for k in per_unit[task_U.index(task)]} for task, _ in mix}
-    real = int(lens_N[local_N].sum())
+    real, shape = int(lens_N[local_N].sum()), tuple((R, L) for R, L in zip(R_G, menu.lengths) if R)
     info = dict(step=step, task=key, dataset=",".join(sorted({tables[d].name for d, _ in units})),
-                row_length=L, rows=R * self.process_count, slots=S, tokens=real, pad_frac=float(1 - real / (R * L)),
-                squares=int((lens_N[local_N].astype(np.int64) ** 2).sum()), texts=int(local_N.sum()))
-    return Batch(*(rows[k] for k in packing.ARRAYS), by_task(slots), by_task(extras), mix), info
+                shape=shape, rows=R_G, slots=S, tokens=real, texts=int(local_N.sum()),
+                pad_frac=float(1 - real * self.process_count / sum(R * L for R, L in shape)),
+                squares=int((lens_N[local_N].astype(np.int64) ** 2).sum()))
+    return Batch(rows, by_task(slots), by_task(extras), mix), info
 
 
 def extra_arrays(t, sel) -> dict:

@@ -50,8 +50,11 @@ def base() -> ml_collections.ConfigDict:
       global_batch_size=32,  # Rows (queries, pairs, texts) a step, over all devices and processes.
       mix="dataset",  # dataset: one dataset a global step; groups: one a loss group (docs/training.md).
       pack_length=128,  # Packed row length (longer if a task's longest text is; docs/training.md).
+      pack_lengths=2,  # Most row lengths a step's rows take, chosen per task from the token lengths (1: one).
+      pack_attention=256,  # Choosing them, a row of L tokens costs L * (1 + L / pack_attention): the row length
+      # where a token's attention costs what the rest of its step does (160-290 on CPU; docs/training.md).
       pack_segments=packing.SEGMENTS,  # Most texts in one packed row (1: one text a row, unpacked).
-      pack_menu=3,  # Packed row counts per task: at most this many compiled programs per task.
+      pack_menu=3,  # Row-count tuples per task: at most this many compiled programs per task.
       prepared_dir="",  # Tokenised datasets (prepare.py); "" = $PICCOLO_JAX_CACHE or ~/.cache/piccolo_jax/prepared.
       strict=False,  # True: empty texts and rows without a positive are errors, not counted skips.
       worker_count=0,  # grain worker processes (0: none).
@@ -128,6 +131,9 @@ def check(c: ml_collections.ConfigDict):
       ("data.datasets", c.data.datasets, "the training data: docs/data.md")) if not v]
   if missing:
     raise ValueError(f"set {' and '.join(missing)}")
+  if c.data.pack_lengths < 1 or c.data.pack_attention <= 0 or c.data.pack_menu < 1:
+    raise ValueError(f"data.pack_lengths={c.data.pack_lengths}, data.pack_menu={c.data.pack_menu} and "
+                     f"data.pack_attention={c.data.pack_attention}: expected at least 1, 1 and above 0")
   if c.data.mix not in ("dataset", "groups"):
     raise ValueError(f"data.mix={c.data.mix!r}: expected 'dataset' or 'groups'")
   if c.loss.groups < 1 or c.data.global_batch_size % c.loss.groups:

@@ -100,10 +100,10 @@ class Embedder:
     """Embeds an iterable of N texts into out_ND [N, dim] (an array or np.memmap): row i for text i.
 
     Texts are tokenized `chunk` at a time. Packed (the default): the texts of a chunk and those left
-    from the last are packed first-fit decreasing into rows of L tokens, L the smallest bucket that
-    holds the longest of them; every full batch of batch_size rows is encoded and the texts of the
-    rows left over wait for the next chunk. So a run compiles at most len(buckets) shapes and pads
-    little. Unpacked: texts are queued by bucket length; a full queue is one batch of batch_size
+    from the last are packed first-fit decreasing into rows of the buckets up to L tokens, L the smallest
+    bucket that holds the longest of them, each text in the shortest that holds it (packing.py); every full
+    batch of batch_size rows of a length is encoded and the texts of the rows left over wait for the next
+    chunk. So a run compiles at most len(buckets) shapes and pads little. Unpacked: texts are queued by bucket length; a full queue is one batch of batch_size
     texts, so each text is padded to its own bucket only. Either way the queues left at the end are
     padded to batch_size rows, at most a chunk and a batch of texts' tokens are held, and each
     embedding is its text's alone. The first dim coordinates are kept (Matryoshka) before the
@@ -146,11 +146,12 @@ class Embedder:
       return queue
     lens_N = np.array([len(ids) for _, ids in queue])
     L = packing.round_up(bucket_length(lens_N.max(), self.buckets, max_length), self.block)
-    packed, left_N = packing.Packed(lens_N, L, packing.SEGMENTS), np.ones(len(queue), bool)
+    lengths = [b for b in self.buckets if b < L] + [L]
+    packed, left_N = packing.Packed(lens_N, lengths, packing.SEGMENTS), np.ones(len(queue), bool)
     tokens = lambda sel: np.concatenate([queue[i][1] for i in sel])
-    embed = lambda arrays: np.asarray(_embed_packed(self.model, *(jnp.asarray(arrays[k]) for k in packing.ARRAYS)))
-    for sel, emb_nD in packed.embedded(R, tokens, embed, full_only=not final):
-      self.computed += R * L
+    embed = lambda rows: np.asarray(_embed_packed(self.model, *map(jnp.asarray, rows)))
+    for sel, emb_nD in packed.embedded([R] * len(lengths), tokens, embed, full_only=not final):
+      self.computed += R * packed.lengths[packed.group_N[sel[0]]]
       self._write(out_ND, [queue[i][0] for i in sel], emb_nD[:, :out_ND.shape[1]], normalize, progress)
       left_N[sel] = False
     return [q for q, left in zip(queue, left_N) if left]

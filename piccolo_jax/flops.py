@@ -45,9 +45,10 @@ class Tokens:
     return cls(lens_N.sum(), (lens_N ** 2).sum(), len(lens_N))
 
   @classmethod
-  def of_rows(cls, R, L, S) -> "Tokens":
-    """R packed rows of L tokens and S slots, as computed: every row a text of L tokens, every slot pooled."""
-    return cls(R * L, R * L * L, R * S, R * S * L)
+  def of_rows(cls, shape, S) -> "Tokens":
+    """Groups of R packed rows of L tokens (shape: ((R, L), ...)) and min(S, L) slots, as computed: every row a
+    text of L tokens, every slot pooled."""
+    return cls(*(sum(R * L ** p * min(S, L) ** s for R, L in shape) for p, s in ((1, 0), (2, 0), (0, 1), (1, 1))))
 
 
 def train_flops(cfg, t: Tokens, remat="none") -> float:
@@ -61,8 +62,8 @@ def train_flops(cfg, t: Tokens, remat="none") -> float:
 
 
 def step_flops(cfg, info) -> tuple[float, float]:
-  """(computed, real) training FLOPs of a global step from its assembly info (batch.Assembler: rows, row_length,
-  slots, tokens, squares, texts of the whole global batch)."""
-  rows = Tokens.of_rows(info["rows"], info["row_length"], info["slots"])
+  """(computed, real) training FLOPs of a global step from its assembly info (batch.Assembler: shape, slots,
+  tokens, squares, texts of the whole global batch)."""
+  rows = Tokens.of_rows(info["shape"], info["slots"])
   real = Tokens(info["tokens"], info["squares"], info["texts"])
   return train_flops(cfg, rows, cfg.remat), train_flops(cfg, real, "none")

@@ -56,8 +56,8 @@ class MetricLogger:
     scaled = {k: meta.get(k, 0) * jax.process_count() for k in ("tokens", "squares", "texts")}
     self.task_loss |= {t: float(v) for t, v in m["task_loss"].items()}
     self.skipped += not bool(m["ok"])
-    host = {"step": step, "task": task, "dataset": meta["dataset"], "row_length": meta["row_length"],
-            "rows": meta["rows"],
+    host = {"step": step, "task": task, "dataset": meta["dataset"], "rows": meta["rows"],
+            "row_lengths": "/".join(str(L) for _, L in meta["shape"]),
             "ok": bool(m["ok"]),
             f"loss/{task}": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
             **{f"loss/{t}": float(v) for t, v in m["task_loss"].items() if t != task},

@@ -193,7 +193,7 @@ def example_losses(sources, data, examples, tok_dir) -> np.ndarray:
     nnx.update(model, jax.tree.map(jnp.asarray, s.params))
     model.eval()
     for d, b in sorted(batches.items()):
-      out[i, d] = float(step_lib.step_loss(model.packed(*b.rows()), b, c)[0])
+      out[i, d] = float(step_lib.step_loss(model.embed_rows(b.rows), b, c)[0])
   return out
 
 

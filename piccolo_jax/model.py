@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,7 +160,9 @@ class Attention(nnx.Module):
     return jnp.einsum(f"bld,dhk->{layout}", x_BLD, w_DHE) + b.astype(self.dtype)
 
   def __call__(self, x_BLD, mask):
-    """mask: attention.mask's, for this implementation."""
+    """mask: attention.mask's, for this implementation; or Grouped, x being groups' rows joined (embed_rows)."""
+    if isinstance(mask, Grouped):
+      return self._grouped(x_BLD, mask.masks)
     D, H, layout = x_BLD.shape[-1], self.num_heads, attention.LAYOUT[attention.resolve(self.impl)]
     x_BLD = x_BLD.astype(self.dtype)
     q, k, v = (self._heads(lin, x_BLD, layout) for lin in (self.query, self.key, self.value))
@@ -167,6 +170,22 @@ class Attention(nnx.Module):
                          rate=self.attn_dropout.rate, seed=self.index)
     w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
     return jnp.einsum(f"{layout},hkd->bld", o, w_HED) + self.out.bias[...].astype(self.dtype)
+
+  def _grouped(self, x_nTD, masks):
+    """Attention within each group of rows; the projections once on all of them."""
+    n, D, H = x_nTD.shape[0], x_nTD.shape[-1], self.num_heads
+    transpose = attention.LAYOUT[attention.resolve(self.impl)] == "bhlk"
+    dense = lambda lin, x: x @ lin.kernel[...].astype(self.dtype) + lin.bias[...].astype(self.dtype)
+    heads = lambda t: t.reshape(*t.shape[:2], H, D // H).swapaxes(1, 2) if transpose else \
+        t.reshape(*t.shape[:2], H, D // H)
+    x_nTD, shapes = x_nTD.astype(self.dtype), [rows_shape(m) for m in masks]
+    q, k, v = (split(dense(lin, x_nTD), shapes) for lin in (self.query, self.key, self.value))
+    out = []
+    for q_RLD, k_RLD, v_RLD, m in zip(q, k, v, masks):
+      o = attention.attend(self.impl, heads(q_RLD) * (D // H) ** -0.5, heads(k_RLD), heads(v_RLD), m,
+                           dropout=self.attn_dropout, rate=self.attn_dropout.rate, seed=self.index)
+      out.append((o.swapaxes(1, 2) if transpose else o).reshape(*q_RLD.shape))
+    return dense(self.out, join(out, n))
 
 
 class Layer(nnx.Module):
@@ -208,6 +227,21 @@ class Bert(nnx.Module):
       x_BLD = remat(layer, self.cfg.remat)(x_BLD, mask)
     return x_BLD
 
+  def embed_rows(self, rows):
+    """Embeddings [sum_g R_g * S_g, D] of groups of packed rows (packing.Rows, ...), in slot order (packing.py).
+    The layers run once on all groups' tokens (join), attention within each group."""
+    if len(rows) == 1:
+      return self.packed(*rows[0]).reshape(-1, self.cfg.embed_dim)
+    n = attention.shards()
+    n = n if all(r.tokens.shape[0] % n == 0 for r in rows) else 1
+    masks = Grouped(tuple(attention.mask(self.cfg.attention, r.segments, r.lengths) for r in rows))
+    x_nTD = self.embeddings(join([r.tokens for r in rows], n), join([r.positions for r in rows], n))
+    for layer in self.layers:
+      x_nTD = remat(layer, self.cfg.remat)(x_nTD, masks)
+    h = split(x_nTD.astype(jnp.float32), [r.tokens.shape for r in rows])
+    pooled = [self._pool(h_RLD, r.segments, r.positions, r.lengths) for h_RLD, r in zip(h, rows)]
+    return self.head(jnp.concatenate([p.reshape(-1, p.shape[-1]) for p in pooled]))
+
   def __call__(self, ids_BL, mask_BL):
     """Embeddings of one text a row, padded: mask_BL is 1 on its tokens."""
     h_BLD = self.hidden_states(ids_BL, mask_BL, None, mask_BL.sum(1, keepdims=True)).astype(jnp.float32)
@@ -224,12 +258,16 @@ class Bert(nnx.Module):
     text and pooling is per text, so each equals its unpacked embedding up to float rounding; an
     empty slot comes out as head(0)."""
     h_RLD = self.hidden_states(ids_RL, seg_RL, pos_RL, len_RS).astype(jnp.float32)
+    return self.head(self._pool(h_RLD, seg_RL, pos_RL, len_RS))
+
+  def _pool(self, h_RLD, seg_RL, pos_RL, len_RS):
+    """Pooled [R, S, hidden] of each row's texts (packed)."""
     in_RLS = seg_RL[..., None] == jnp.arange(1, len_RS.shape[1] + 1)
     n_RS = len_RS
     if self.cfg.pooling == "cls":  # The first token of each text.
       in_RLS, n_RS = in_RLS & (pos_RL == 0)[..., None], jnp.minimum(len_RS, 1)
     sum_RSD = jnp.einsum("rls,rld->rsd", in_RLS.astype(jnp.float32), h_RLD, precision="highest")
-    return self.head(sum_RSD / jnp.maximum(n_RS[..., None].astype(jnp.float32), 1e-9))
+    return sum_RSD / jnp.maximum(n_RS[..., None].astype(jnp.float32), 1e-9)
 
   def head(self, e_BD):
     """Pooled [..., hidden] -> embeddings: the scaling layer and L2 norm where the model has them."""
@@ -242,6 +280,32 @@ class Bert(nnx.Module):
   def project(self, e_ND):
     """Embeddings mapped to the teacher's dimension (cfg.distill_dim; unchanged without a map)."""
     return self.distill_map(e_ND).astype(jnp.float32) if self.cfg.distill_dim else e_ND
+
+
+class Grouped(NamedTuple):
+  """The attention masks of groups of packed rows whose tokens the layers see joined (embed_rows)."""
+  masks: tuple
+
+
+def rows_shape(mask) -> tuple:
+  """(R, L) of the rows an attention.mask is of (its first array's leading dims)."""
+  return tuple(jax.tree.leaves(mask)[0].shape[:2])
+
+
+def join(xs, n):
+  """Groups' rows [R_g, L_g, ...] as one [n, sum_g R_g L_g / n, ...]: each group's rows in n blocks (the batch
+  shards), a block's tokens after the same block of the groups before, so no row changes device."""
+  return jnp.concatenate([x.reshape(n, -1, *x.shape[2:]) for x in xs], axis=1)
+
+
+def split(x, shapes):
+  """The inverse of join: [n, T, ...] -> [[R_g, L_g, ...]] for shapes ((R_g, L_g), ...)."""
+  out, at = [], 0
+  for R, L in shapes:
+    width = R // x.shape[0] * L
+    out.append(x[:, at:at + width].reshape(R, L, *x.shape[2:]))
+    at += width
+  return out
 
 
 def l2_normalize(x, eps=1e-12):

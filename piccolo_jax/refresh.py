@@ -60,13 +60,12 @@ class Embed:
   def __call__(self, params, t, slot, ids, longest, progress=None) -> np.ndarray:
     """float32 [len(ids), D] of queries (slot "query") or passages `ids` of table t; longest: their longest."""
     L = max(packing.round_up(self.pack_length, self.block), packing.round_up(longest, math.lcm(8, self.block)))
-    packed = packing.Packed(t.q_len(ids) if slot == "query" else t.p_len(ids), L, self.S)
-    R = packing.round_up(max(1, ROW_TOKENS // L), self.mesh.size)
-    embed = lambda arrays: np.asarray(self.fn(params, self.rngs, *(
-        jax.make_array_from_callback(arrays[k].shape, self.rows, arrays[k].__getitem__) for k in packing.ARRAYS))
-        .addressable_data(0))
+    packed = packing.Packed(t.q_len(ids) if slot == "query" else t.p_len(ids), packing.ladder(L, self.block), self.S)
+    R_G = [packing.round_up(max(1, ROW_TOKENS // L), self.mesh.size) for L in packed.lengths]
+    embed = lambda rows: np.asarray(self.fn(params, self.rngs, *(
+        jax.make_array_from_callback(x.shape, self.rows, x.__getitem__) for x in rows)).addressable_data(0))
     out_ND = None
-    for sel, e_nD in packed.embedded(R, lambda sel: t.flat(slot, ids[sel]), embed):
+    for sel, e_nD in packed.embedded(R_G, lambda sel: t.flat(slot, ids[sel]), embed):
       if out_ND is None:
         out_ND = np.empty((len(ids), e_nD.shape[1]), np.float32)
       out_ND[sel] = e_nD

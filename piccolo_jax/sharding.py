@@ -27,10 +27,9 @@ def put_batch(batch, mesh):
   """The one place host data becomes device arrays (batch.Batch's contract): each process's packed rows ->
   global arrays sharded by row over every device (process slices concatenate in process order); the
   per-task arrays, whole on every process, replicated."""
-  rows = {f: jax.make_array_from_process_local_data(batch_sharding(mesh), getattr(batch, f))
-          for f in ("tokens", "segments", "positions", "lengths")}
-  whole = lambda tree: jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated(mesh), x), tree)
-  return dataclasses.replace(batch, slots=whole(batch.slots), extras=whole(batch.extras), **rows)
+  put = lambda sharded, tree: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharded, x), tree)
+  return dataclasses.replace(batch, rows=put(batch_sharding(mesh), batch.rows), slots=put(replicated(mesh), batch.slots),
+                             extras=put(replicated(mesh), batch.extras))
 
 
 def replicated(mesh) -> NamedSharding:

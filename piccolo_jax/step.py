@@ -47,10 +47,9 @@ class Aux(NamedTuple):
   stats: dict  # {task/name: logged scalar} (tasks.LossArgs.stats).
 
 
-def step_loss(emb_RSD, batch, config, project=None) -> tuple[jax.Array, Aux]:
-  """(loss, Aux) of a batch from its packed rows' embeddings; project: the model's map to a teacher's dimension
-  (model.Bert.project), for the tasks that take it."""
-  emb_ND = emb_RSD.reshape(-1, emb_RSD.shape[-1])
+def step_loss(emb_ND, batch, config, project=None) -> tuple[jax.Array, Aux]:
+  """(loss, Aux) of a batch from its packed rows' embeddings (model.Bert.embed_rows); project: the model's map to
+  a teacher's dimension (model.Bert.project), for the tasks that take it."""
   total = sum(n for _, n in batch.mix)
   loss, per_dim, by_task, stats = 0.0, 0.0, {}, {}
   for task, n in batch.mix:
@@ -65,18 +64,20 @@ def step_loss(emb_RSD, batch, config, project=None) -> tuple[jax.Array, Aux]:
 
 def value_and_grad(graphdef, rngs, params, batch, config, key=None, chunk_size=0):
   """((loss, Aux), grads) of a batch; with chunk_size > 0 by gradient
-  caching (piccolo_jax.gradcache), chunk_size packed rows at a time (not with a distillation map: its
-  gradient would be lost; train.start refuses it). key: the dropout key."""
+  caching (piccolo_jax.gradcache), chunk_size packed rows of a group at a time (not with a distillation map: its
+  gradient would be lost; config.check_run refuses it). key: the dropout key."""
   if chunk_size:
     embed_fn = gradcache.nnx_embed_fn(graphdef, rngs, lambda model, rows: model.packed(*rows))
-    grad_fn = gradcache.cached_value_and_grad(embed_fn, lambda e: step_loss(e["rows"], batch, config), chunk_size)
-    return grad_fn(params, {"rows": batch.rows()}, key)
+    groups = {f"rows{g:02d}": rows for g, rows in enumerate(batch.rows)}  # Sorted in group order.
+    concat = lambda e: jnp.concatenate([e[f].reshape(-1, e[f].shape[-1]) for f in sorted(e)])
+    grad_fn = gradcache.cached_value_and_grad(embed_fn, lambda e: step_loss(concat(e), batch, config), chunk_size)
+    return grad_fn(params, groups, key)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, rngs)
     if key is not None:
       nnx.reseed(model, default=key)
-    return step_loss(model.packed(*batch.rows()), batch, config, model.project)
+    return step_loss(model.embed_rows(batch.rows), batch, config, model.project)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 

@@ -41,11 +41,11 @@ def test_torch_losses_match_ours(task):
   import torch
   from bench import torch_ref
   batch, padded = bench_step.synthetic(task, 4, 8, 8, 2, 2000)
-  emb_RSD = np.random.default_rng(0).normal(size=(*batch.lengths.shape, 48)).astype(np.float32)
+  emb_ND = np.random.default_rng(0).normal(size=(sum(r.lengths.size for r in batch.rows), 48)).astype(np.float32)
   c = config.base()
   c.loss.mrl_dims = (16, 48)
-  ours, _ = step.step_loss(emb_RSD, batch, c)
-  emb = {f: torch.from_numpy(emb_RSD.reshape(-1, 48)[s]) for f, s in batch.slots[task].items()}
+  ours, _ = step.step_loss(emb_ND, batch, c)
+  emb = {f: torch.from_numpy(emb_ND[s]) for f, s in batch.slots[task].items()}
   theirs = torch_ref.torch_losses(task, emb, {k: torch.from_numpy(v) for k, v in padded.items()}, c)
   np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
 
@@ -65,7 +65,9 @@ def test_packing_bench(tiny_dir, tmp_path):
                 "--reps", "0", "--block", "1", "--out", str(md))
   e = out["epochs"]["retrieval-zh 64/512"]
   assert e["real_tokens"] <= e["padded"]["packed"] < e["padded"]["torch pad-to-longest"]
-  assert set(e["secs"]) == {"packed", "torch pad-to-longest"} and "| packed |" in md.read_text()
+  assert set(e["secs"]) == {"packed", "packed, one row length", "torch pad-to-longest"} and "| packed |" in md.read_text()
+  # Rows of several lengths compute fewer attention pairs than rows of one.
+  assert e["squares"]["packed"] < e["squares"]["packed, one row length"]
 
 
 def test_accel_run_dry_run():

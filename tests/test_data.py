@@ -182,7 +182,9 @@ def test_batches_hold_the_tokenized_selected_texts(big, big_tables, small, small
                  [r.prefix("passage_prefix") + names[i] for i in ids[keep]])
         want = tok(texts, truncation=True, max_length=caps[task, "query" if slot == "query" else "pos"])["input_ids"]
         assert [t for t, k in zip(_field_texts(b, task, field), keep) if k] == want, (step, field)
-      assert info["tokens"] == (b.segments > 0).sum() and info["pad_frac"] == pytest.approx(1 - info["tokens"] / b.segments.size)
+      computed = sum(r.segments.size for r in b.rows)
+      assert info["tokens"] == sum((r.segments > 0).sum() for r in b.rows)
+      assert info["pad_frac"] == pytest.approx(1 - info["tokens"] / computed)
 
 
 def test_prepared_cache_is_keyed_by_source_tokenizer_and_caps(tmp_path, tok, monkeypatch, minilm_path):
@@ -260,7 +262,9 @@ def test_seeds_and_worker_processes(big, big_tables, tok):
   other.data.seed = 1
   c = _take(data.make_iterator(assembler(other, big_tables), other.data), 6)
   assert [i["dataset"] for _, i in ref[:6]] != [i["dataset"] for _, i in c] or any(
-      not np.array_equal(x.tokens, y.tokens) for (x, _), (y, _) in zip(ref, c))
+      jax.tree.structure(x.rows) != jax.tree.structure(y.rows) or not all(
+          np.array_equal(p, q) for p, q in zip(jax.tree.leaves(x.rows), jax.tree.leaves(y.rows)))
+      for (x, _), (y, _) in zip(ref, c))
 
 
 def test_sampling_prefixes_and_negatives(big, big_tables, small, small_tables, tok):
@@ -291,7 +295,7 @@ def test_sampling_prefixes_and_negatives(big, big_tables, small, small_tables, t
     if t.task == "cls":  # 118 label negatives each, without replacement, padded to 130 (not packed)
       assert b.extras["cls"]["neg_valid"].shape == (G, 130) and b.extras["cls"]["neg_valid"].sum(1).tolist() == [118] * G
       assert all(len(set(r[:118])) == 118 for r in sel["neg"])
-      assert (b.lengths > 0).sum() == G * (2 + 118)
+      assert sum((r.lengths > 0).sum() for r in b.rows) == G * (2 + 118)
 
 
 def test_put_batch(big, big_tables, tok):
@@ -299,7 +303,7 @@ def test_put_batch(big, big_tables, tok):
   b, _ = assembler(big, big_tables, row_multiple=8)(0)
   g = sharding.put_batch(b, mesh)
   assert g.mix == b.mix
-  for x, y in zip(g.rows(), b.rows()):
+  for x, y in zip(jax.tree.leaves(g.rows), jax.tree.leaves(b.rows)):
     assert x.shape == y.shape and x.sharding.spec == sharding.batch_sharding(mesh).spec
     np.testing.assert_array_equal(np.asarray(x), y)
   for x, y in zip(jax.tree.leaves((g.slots, g.extras)), jax.tree.leaves((b.slots, b.extras))):
@@ -420,9 +424,9 @@ def test_a_new_task_is_one_registry_entry(tmp_path, tok, monkeypatch):
   assert t.task == "qa" and _texts(t, "query", [3], tok) == ["q3?"] and _texts(t, "pos", t.pos_ids[3:4], tok) == ["a3"]
   b, info = assembler(c, [t])(0)
   assert set(b.slots["qa"]) == {"query", "pos"} and b.extras["qa"] == {} and info["task"] == "qa"
-  emb_RSD = np.random.default_rng(0).normal(size=(*b.lengths.shape, 16)).astype(np.float32)
-  loss, (per_dim, by_task, _) = step_lib.step_loss(emb_RSD, b, c)
-  emb = {f: emb_RSD.reshape(-1, 16)[s] for f, s in b.slots["qa"].items()}
+  emb_ND = np.random.default_rng(0).normal(size=(sum(r.lengths.size for r in b.rows), 16)).astype(np.float32)
+  loss, (per_dim, by_task, _) = step_lib.step_loss(emb_ND, b, c)
+  emb = {f: emb_ND[s] for f, s in b.slots["qa"].items()}
   want = np.mean([losses.retrieval_infonce(emb["query"][:, :d], emb["pos"][:, :d], temperature=0.05) for d in (8, 16)])
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   assert per_dim.shape == (2,) and set(by_task) == {"qa"}

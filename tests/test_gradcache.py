@@ -47,7 +47,7 @@ def _batch(rng, b=B, length=L):
            for task, fields in rows.items()}
   extras = {"retrieval": {}, "sts": {"label": rng.integers(0, 6, b).astype(np.float32)},
             "cls": {"neg_valid": (rng.random((b, K)) < 0.7) | (np.arange(K) == 0)}}  # No row without negatives.
-  return bench_step.of_texts(texts, extras, length, S=4, multiple=CHUNK)
+  return bench_step.of_texts(texts, extras, (length, length // 2), S=4, multiple=CHUNK)  # Rows of two lengths.
 
 
 def _assert_grads_close(grads, ref_grads):
@@ -88,9 +88,10 @@ def test_cached_step_equals_plain_step():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-2 * optim.lr)
   assert new_c["params"]["embeddings"]["word"]["embedding"].sharding.spec == P("fsdp")
   # Data parallel inside the chunk loops: each device embeds CHUNK / 8 rows of every chunk.
-  R = batch.tokens.shape[0]
-  assert re.search(rf"s32\[{R // CHUNK},{CHUNK // 8},{L}\]", hlo[CHUNK])
-  assert not re.search(rf"s32\[{R // CHUNK},{CHUNK},{L}\]", hlo[CHUNK])
+  assert len(batch.rows) == 2  # Chunks within each group of rows.
+  for R, L_g in (r.tokens.shape for r in batch.rows):
+    assert re.search(rf"s32\[{R // CHUNK},{CHUNK // 8},{L_g}\]", hlo[CHUNK])
+    assert not re.search(rf"s32\[{R // CHUNK},{CHUNK},{L_g}\]", hlo[CHUNK])
 
 
 def _retrieval_loss(emb):

@@ -64,14 +64,15 @@ def test_remat_policies_give_the_plain_gradient(mixed):
 
 def test_cudnn_segments_are_the_packed_texts(mixed):
   """cuDNN's packed layout (seqlen, offsets) marks out exactly the tokens of each segment."""
-  seqlen_RS, offsets_RS = map(np.asarray, attention.cudnn_segments(jnp.asarray(mixed.lengths)))
-  seg_RL = np.asarray(mixed.segments)
-  for r in range(seg_RL.shape[0]):
-    n = int((mixed.lengths[r] > 0).sum())
-    assert (seqlen_RS[r, n:] == -1).all() and (offsets_RS[r, n:] == -1).all()
-    for s in range(n):
-      np.testing.assert_array_equal(np.flatnonzero(seg_RL[r] == s + 1),
-                                    offsets_RS[r, s] + np.arange(seqlen_RS[r, s]))
+  for rows in mixed.rows:
+    seqlen_RS, offsets_RS = map(np.asarray, attention.cudnn_segments(jnp.asarray(rows.lengths)))
+    seg_RL = np.asarray(rows.segments)
+    for r in range(seg_RL.shape[0]):
+      n = int((rows.lengths[r] > 0).sum())
+      assert (seqlen_RS[r, n:] == -1).all() and (offsets_RS[r, n:] == -1).all()
+      for s in range(n):
+        np.testing.assert_array_equal(np.flatnonzero(seg_RL[r] == s + 1),
+                                      offsets_RS[r, s] + np.arange(seqlen_RS[r, s]))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_analytic_flops_against_xla_cost_analysis():
   # attention 4 D n^2 per text, the head 2 D D' per text; training 3x.
   tiny = accel.model_lib.Config(hidden_size=4, num_heads=1, num_layers=1, intermediate_size=8, dense_out=2)
   assert flops.train_flops(tiny, flops.Tokens.of_texts([3, 5])) == 3 * (8 * 256 + 16 * (9 + 25) + 2 * 16)
-  info = dict(rows=2, row_length=8, slots=4, tokens=8, squares=34, texts=2)
+  info = dict(shape=((2, 8),), slots=4, tokens=8, squares=34, texts=2)
   computed, real = flops.step_flops(tiny.replace(remat="full"), info)
   assert real == flops.train_flops(tiny, flops.Tokens.of_texts([3, 5]))
   # 2 rows of 8 tokens as 2 texts of 8, 8 slots through the head, each slot's pooling product over its row.

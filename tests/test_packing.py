@@ -14,6 +14,7 @@ import conftest
 import tiny_config
 from bench import torch_ref
 from piccolo_jax import attention
+from piccolo_jax import batch as batch_lib
 from piccolo_jax import config
 from piccolo_jax import data
 from piccolo_jax import encode
@@ -24,38 +25,55 @@ from piccolo_jax import state as state_lib
 from piccolo_jax import step as step_lib
 
 
-def _first_fit_loop(lens_N, L, S):
-  """First-fit decreasing, one text at a time: the reference of packing.first_fit."""
-  row_N, slot_N, free, count = np.zeros(len(lens_N), int), np.zeros(len(lens_N), int), [], []
+def _first_fit_loop(lens_N, lengths, S, budget=None):
+  """First-fit decreasing, one text at a time: the reference of packing.first_fit (lengths ascending)."""
+  row_N, slot_N, free, count, length = np.zeros(len(lens_N), int), np.zeros(len(lens_N), int), [], [], []
+  left = list(budget) if budget is not None else [len(lens_N)] * len(lengths)
   for i in np.argsort(-np.asarray(lens_N), kind="stable"):
     r = next((r for r in range(len(free)) if free[r] >= lens_N[i] and count[r] < S), len(free))
     if r == len(free):
-      free.append(L), count.append(0)
+      k = next((k for k, L in enumerate(lengths) if L >= lens_N[i] and left[k]), None)
+      if k is None:
+        return None
+      free.append(lengths[k]), count.append(0), length.append(lengths[k])
+      left[k] -= 1
     row_N[i], slot_N[i], free[r], count[r] = r, count[r], free[r] - lens_N[i], count[r] + 1
-  return row_N, slot_N, len(free)
+  return row_N, slot_N, np.array(length, int)
 
 
 def test_first_fit_puts_every_text_once_in_its_row():
   rng = np.random.default_rng(0)
-  for L, S, n in ((64, 4, 50), (32, 64, 200), (128, 8, 7), (16, 1, 9), (512, 64, 0)):
-    lens = rng.integers(1, L + 1, n)
-    placed = packing.Packed(lens, L, S)
-    row, slot, R = placed.row_N, placed.slot_N, placed.rows
-    assert sorted(set(row)) == list(range(R))  # no empty row
-    assert all(lens[row == r].sum() <= L and (row == r).sum() <= S for r in range(R))
-    assert len(set(zip(row, slot))) == n and (slot < S).all()
-    b = placed.pack(np.repeat(np.arange(1, n + 1), lens), np.arange(n), 0, R)
+  for lengths, S, n in (((64,), 4, 50), ((32, 8), 64, 200), ((128, 48, 16), 8, 70), ((16,), 1, 9), ((512,), 64, 0)):
+    lens = rng.integers(1, lengths[0] + 1, n)
+    placed = packing.Packed(lens, lengths, S)
+    b = placed.pack(np.repeat(np.arange(1, n + 1), lens), np.arange(n), [0] * len(lengths), placed.rows)
+    assert [r.tokens.shape for r in b] == [(R, L) for R, L in zip(placed.rows, lengths) if R]
+    rows = [(g, r) for g, R in enumerate(placed.rows) for r in range(R)]
+    assert sorted(set(zip(placed.group_N, placed.row_N))) == rows  # No empty row.
+    assert len(set(zip(placed.group_N, placed.row_N, placed.slot_N))) == n and (placed.slot_N < S).all()
+    at = {g: i for i, g in enumerate(g for g, R in enumerate(placed.rows) if R)}
     for i in range(n):
-      m = b["pack_seg"][row[i]] == slot[i] + 1
-      np.testing.assert_array_equal(b["pack_tok"][row[i]][m], np.full(lens[i], i + 1))
-      np.testing.assert_array_equal(b["pack_pos"][row[i]][m], np.arange(lens[i]))
-      assert np.ptp(np.flatnonzero(m)) == lens[i] - 1 and b["pack_len"][row[i], slot[i]] == lens[i]
-    assert (b["pack_seg"] > 0).sum() == lens.sum() == b["pack_len"].sum()
-    assert R <= np.ceil(1.23 * lens.sum() / L) + 1 or S < 64  # FFD: within 11/9 OPT + 1
-  for L, S in itertools.product((16, 128), (1, 3, 64)):  # Placed a length at a time = one text at a time.
+      group, row, slot = b[at[placed.group_N[i]]], placed.row_N[i], placed.slot_N[i]
+      m = group.segments[row] == slot + 1
+      np.testing.assert_array_equal(group.tokens[row][m], np.full(lens[i], i + 1))
+      np.testing.assert_array_equal(group.positions[row][m], np.arange(lens[i]))
+      assert np.ptp(np.flatnonzero(m)) == lens[i] - 1 and group.lengths[row, slot] == lens[i]
+      # The shortest length that holds it, unless it filled room in a longer row.
+      assert lengths[placed.group_N[i]] >= lens[i]
+    assert sum((r.segments > 0).sum() for r in b) == lens.sum() == sum(r.lengths.sum() for r in b)
+    slots = placed.slots(np.arange(n), placed.rows)  # One [sum R * S] order, group by group.
+    assert len(set(slots)) == n and (slots < np.dot(placed.rows, placed.S_G)).all()
+    R = sum(placed.rows)
+    assert len(lengths) > 1 or R <= np.ceil(1.23 * lens.sum() / lengths[0]) + 1 or S < 64  # FFD: 11/9 OPT + 1
+  for lengths, S in itertools.product(((16,), (128,), (8, 16), (32, 96, 128)), (1, 3, 64)):
+    L = lengths[-1]  # Placed a length at a time = one text at a time, with and without a budget.
     for lens in (rng.integers(1, L + 1, 300), rng.integers(1, L // 4, 300), rng.choice([1, L // 2, L // 2 + 1, L], 99)):
-      got, want = packing.first_fit(lens, L, S), _first_fit_loop(lens, L, S)
-      assert all(np.array_equal(a, b) for a, b in zip(got, want))
+      own = np.bincount(np.searchsorted(lengths, _first_fit_loop(lens, lengths, S)[2]), minlength=len(lengths))
+      fewer_short = own - np.eye(len(lengths), dtype=int)[0] * (own[0] // 2)  # Spills into longer rows, or fails.
+      for budget in (None, own, fewer_short, fewer_short + np.eye(len(lengths), dtype=int)[-1] * 3):
+        got, want = packing.first_fit(lens, lengths, S, budget), _first_fit_loop(lens, lengths, S, budget)
+        assert (got is None) == (want is None)
+        assert want is None or all(np.array_equal(a, b) for a, b in zip(got, want))
   with pytest.raises(ValueError, match="lengths must be in 1..8"):
     packing.first_fit([3, 9], 8, 4)
 
@@ -64,17 +82,34 @@ def test_first_fit_puts_every_text_once_in_its_row():
 def test_row_menu_is_the_least_padding_menu(size, multiple):
   needed = np.random.default_rng(size * 10 + multiple).integers(10, 31, 60)
   vals = sorted({packing.round_up(n, multiple) for n in needed})
-  waste = lambda menu: sum(packing.rows_for(n, menu, multiple) - n for n in needed)
+  taken = lambda n, menu: min([m for m in menu if m >= packing.round_up(n, multiple)])
+  waste = lambda menu: sum(taken(n, menu) - n for n in needed)
   best = min(waste((*c, vals[-1])) for k in range(size) for c in itertools.combinations(vals[:-1], k))
-  menu = packing.row_menu(needed, size, multiple)
+  menu = [m for m, in packing.row_menu(needed, size, multiple)]
   assert len(menu) <= size and all(m % multiple == 0 for m in menu) and max(menu) == vals[-1]
   assert waste(menu) == best
 
 
-def test_rows_past_the_menu_grow_geometrically():
-  assert packing.rows_for(20, (16, 24)) == 24 and packing.rows_for(16, (16, 24)) == 16
-  assert packing.rows_for(25, (16, 24)) == 27 and packing.rows_for(31, (16, 24)) == 31  # 24 * 1.125**k, up
-  assert packing.rows_for(25, (16, 24), 8) == 32 and packing.rows_for(5, (), 8) == 8
+def test_row_menu_of_several_lengths_holds_every_step_by_tokens():
+  """Row counts per length: each tuple holds, for every g, the tokens of the need's rows of the g longest
+  lengths in its own rows of those lengths (texts also fit longer rows); `repaired` then makes place() pack every
+  step within one, and a batch past the menu grows per length."""
+  rng, lengths = np.random.default_rng(0), (128, 32)
+  steps = [np.r_[rng.integers(33, 129, rng.integers(5, 20)), rng.integers(1, 33, rng.integers(40, 90))] for _ in range(40)]
+  needed = [packing.Packed(l, lengths, 64).rows for l in steps]
+  w = packing.row_cost(lengths, 256)
+  menu = packing.row_menu(needed, 3, 2, lengths, w)
+  assert len(menu) <= 3 and all(r % 2 == 0 for m in menu for r in m)
+  for n in needed:
+    assert any((np.cumsum(np.multiply(m, lengths)) >= np.cumsum(np.multiply(n, lengths))).all() for m in menu)
+  menu = packing.repaired(menu, steps, lengths, 64, 2, w)
+  for l in steps:
+    packed, R_G = packing.place(l, lengths, menu, 64, 2, w)
+    assert R_G in menu and all(a <= b for a, b in zip(packed.rows, R_G))
+    assert R_G == min((m for m in menu if packing.Packed(l, lengths, 64, m).rows is not None), key=lambda m: np.dot(m, w))
+  big = np.r_[np.full(200, 100), np.full(10, 30)]  # Past the menu: each length's own rows, grown.
+  packed, R_G = packing.place(big, lengths, ((16, 24), (24, 24)), 64, 8)
+  assert packed.rows == (200, 10) and R_G == (208, 24)  # 24 * 1.125**k up to 200, in 8s; 10 -> the menu's 24.
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +128,21 @@ def test_processes_split_the_rows_of_one_packing(c, tables):
   one = data.assembler(c.data, c.tasks, tables, row_multiple=2)
   two = [data.assembler(c.data, c.tasks, tables, p, 2, row_multiple=2) for p in range(2)]
   assert all(a.menus == one.menus for a in two) and set(one.menus) == {"retrieval", "sts", "cls"}
+  assert any(len(m.lengths) > 1 for m in one.menus.values())
+  programs = set()
   for step in range(2 * one.plan.steps_per_epoch):
     (b, info), halves = one(step), [a(step) for a in two]
-    assert info["rows"] == halves[0][1]["rows"] == halves[1][1]["rows"] and info["rows"] % 2 == 0
-    assert step >= one.plan.steps_per_epoch or info["rows"] in one.menus[info["task"]]
-    for i, x in enumerate(b.rows()):
-      np.testing.assert_array_equal(np.concatenate([h.rows()[i] for h, _ in halves]), x)
+    programs.add((info["task"], info["rows"]))
+    assert info["rows"] == halves[0][1]["rows"] == halves[1][1]["rows"] and all(R % 2 == 0 for R in info["rows"])
+    assert step >= one.plan.steps_per_epoch or info["rows"] in one.menus[info["task"]].rows
+    for g, rows in enumerate(b.rows):
+      jax.tree.map(lambda x, *h: np.testing.assert_array_equal(np.concatenate(h), x), rows,
+                   *(h.rows[g] for h, _ in halves))
     for h, hinfo in halves:
       jax.tree.map(np.testing.assert_array_equal, (h.slots, h.extras), (b.slots, b.extras))
     assert sum(hinfo["tokens"] for _, hinfo in halves) == info["tokens"]
+  # The program-count bound: a row-count tuple of the task's menu a step, at most data.pack_menu a task.
+  assert len(programs) <= sum(len(m.rows) for m in one.menus.values()) <= c.data.pack_menu * len(one.menus)
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +153,26 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def mixed_batch(c, tables):
-  """A global batch of all three tasks (data.mix=groups, 4 loss groups), packed rows a multiple of 8."""
-  mixed = config.replace(c.data, mix="groups")
+  """A global batch of all three tasks (data.mix=groups, 4 loss groups), packed rows of two lengths, each a
+  multiple of 8 rows (short rows made cheap: 8 rows of them pay off at 8 devices)."""
+  mixed = config.replace(c.data, mix="groups", pack_attention=4)
   assemble = data.assembler(mixed, c.tasks, tables, row_multiple=8, groups=4)
-  return next(b for b, _ in map(assemble, range(assemble.plan.steps_per_epoch)) if len(b.mix) == 3)
+  b = next(b for b, _ in map(assemble, range(assemble.plan.steps_per_epoch)) if len(b.mix) == 3)
+  assert len(b.rows) == 2  # Rows of two lengths.
+  return b
+
+
+@pytest.fixture(scope="module")
+def fused_batch(c, tables, mixed_batch):
+  """The same step's texts in rows of the fused kernels' 128-token blocks: 8 rows of 128, the rest spilled into
+  rows of 256 (a menu of that one tuple)."""
+  mixed = config.replace(c.data, mix="groups")
+  assemble = data.assembler(mixed, c.tasks, tables, row_multiple=8, groups=4, length_multiple=128)
+  assemble.menus = {"mixed": batch_lib.Menu((256, 128), ((8, 8),))}
+  b, info = next((b, i) for b, i in map(assemble, range(assemble.plan.steps_per_epoch)) if len(b.mix) == 3)
+  assert info["shape"] == ((8, 256), (8, 128)) and info["rows"] == (8, 8)
+  jax.tree.map(np.testing.assert_array_equal, b.extras, mixed_batch.extras)
+  return b
 
 
 def _split(cfg, params):
@@ -150,10 +207,10 @@ def _padded(b):
 def test_packed_embeddings_equal_unpacked_through_minilm(minilm, mixed_batch, pooling):
   cfg, params = minilm
   graphdef, rngs = _split(cfg.replace(pooling=pooling), params)
-  packed = jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs).packed(*x))
+  packed = jax.jit(lambda p, rows: nnx.merge(graphdef, p, rngs).embed_rows(rows))
   unpacked = jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs)(*x))
   b = mixed_batch
-  emb_ND = np.asarray(packed(params, *b.rows())).reshape(-1, cfg.hidden_size)
+  emb_ND = np.asarray(packed(params, b.rows))
   for task, fields in _padded(b).items():
     for f, (ids, mask) in fields.items():
       keep = b.extras[task]["neg_valid"].reshape(-1) if f == "neg" else slice(None)
@@ -187,20 +244,20 @@ def two_layers(mixed_batch):
 
 
 @pytest.mark.parametrize("impl", ["xla", "splash", "pallas_gpu"])
-def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch, two_layers, impl):
+def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch, fused_batch, two_layers, impl):
   """A step of all three tasks, 4 loss groups: its loss and every parameter gradient, packed, equal each text
   embedded alone (all-MiniLM-L6-v2's first two layers, dropout off), through each attention implementation (the
   fused kernels in Pallas' interpret mode, under shard_map on the mesh); and so do the embeddings."""
   cfg, params, lc, want = two_layers
   graphdef, rngs = _split(cfg.replace(attention=impl), params)
-  b = mixed_batch
+  b = mixed_batch if impl == "xla" else fused_batch
   if impl != "xla":  # xla's embeddings: test_packed_embeddings_equal_unpacked_through_minilm.
-    emb_ND = np.asarray(jax.jit(lambda p, *x: nnx.merge(graphdef, p, rngs).packed(*x))(params, *b.rows()))
+    emb_ND = np.asarray(jax.jit(lambda p, rows: nnx.merge(graphdef, p, rngs).embed_rows(rows))(params, b.rows))
     unpacked = jax.jit(lambda p, *x: nnx.merge(_split(cfg, params)[0], p, rngs)(*x))
     for task, fields in _padded(b).items():
       for f, (ids, mask) in fields.items():
         keep = b.extras[task]["neg_valid"].reshape(-1) if f == "neg" else slice(None)
-        np.testing.assert_allclose(emb_ND.reshape(-1, cfg.hidden_size)[b.slots[task][f]][keep],
+        np.testing.assert_allclose(emb_ND[b.slots[task][f]][keep],
                                    unpacked(params, ids, mask)[keep], atol=1e-5, err_msg=f"{task} {f}")
   # The fused kernels run per device under shard_map, the same program on 1 device or 8: the 8-device mesh alone.
   for mesh in (sharding.make_mesh(1, jax.devices()[:1]),) * (impl == "xla") + (sharding.make_mesh(1),):
@@ -211,12 +268,12 @@ def test_packed_step_gradient_equals_unpacked_on_1_and_8_devices(mixed_batch, tw
     compiled = jax.jit(grads).lower(sharded, on_mesh).compile()
     _assert_close(compiled(sharded, on_mesh), want)
   # Slot embeddings cross devices; the activations do not.
-  (R, L), S, D = b.tokens.shape, b.lengths.shape[1], cfg.hidden_size
+  slots, row_tokens, D = sum(r.lengths.size for r in b.rows), sum(r.tokens.size for r in b.rows), cfg.hidden_size
   results = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(",
                        compiled.as_text())
   moved = sum(np.prod([int(d) for d in dims.split(",") if d]) for r in results for dims in re.findall(r"f32\[([\d,]*)\]", r))
   beyond_grads = moved - sum(x.size for x in jax.tree.leaves(params))  # The gradients' all-reduce.
-  assert 0 < beyond_grads <= R * S * D < R * L * D
+  assert 0 < beyond_grads <= slots * D <= row_tokens * D  # One gradient all-reduce, whatever the row lengths.
 
 
 def test_packed_gradient_caching_remat_and_bf16(c, mixed_batch):

@@ -80,12 +80,12 @@ def test_mixed_plan_deals_each_group_once_and_processes_agree(mixed_cfg, tables)
     b, info = one(step)
     assert info["task"] == "mixed" and [t for t, _ in b.mix] == ["cls", "retrieval", "sts"]
     assert sorted(n for _, n in b.mix) == [1, 1, 2]  # 4 groups: a third each, one extra
-    assert info["rows"] in one.menus["mixed"]
+    assert info["rows"] in one.menus["mixed"].rows
     assert b.slots["retrieval"]["query"].shape == (dict(b.mix)["retrieval"] * 4,)
     assert b.extras["retrieval"]["neg_valid"].shape[1] == 2  # the dataset's neg_num
     halves = [a(step)[0] for a in two]
-    for i, x in enumerate(b.rows()):
-      np.testing.assert_array_equal(np.concatenate([h.rows()[i] for h in halves]), x)
+    for g, rows in enumerate(b.rows):
+      jax.tree.map(lambda x, *h: np.testing.assert_array_equal(np.concatenate(h), x), rows, *(h.rows[g] for h in halves))
     for h in halves:
       jax.tree.map(np.testing.assert_array_equal, (h.slots, h.extras), (b.slots, b.extras))
   with pytest.raises(ValueError, match="not divisible by loss.groups=3"):
@@ -157,7 +157,7 @@ def test_grouped_mixed_step_equals_torch_ddp_of_the_original(mixed_cfg, tables):
     _assert_grads_close(got, {k: want[k] for k in got}, f"{devices} devices")
   # One group is not G: the grouping changes the loss (retrieval's in-batch negatives).
   whole = dataclasses.replace(b, mix=tuple((t, 1) for t, _ in b.mix))
-  loss, _ = jax.jit(lambda p, b: step_lib.step_loss(nnx.merge(graphdef, p, rngs).packed(*b.rows()), b, lc))(params, whole)
+  loss, _ = jax.jit(lambda p, b: step_lib.step_loss(nnx.merge(graphdef, p, rngs).embed_rows(b.rows), b, lc))(params, whole)
   assert abs(float(loss) - want_loss) > 1e-3
 
 
