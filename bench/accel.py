@@ -63,8 +63,9 @@ def lengths(n, cap, median, sigma, rng):
   return np.clip(np.round(np.exp(rng.normal(np.log(median), sigma, n))), 2, cap).astype(int)
 
 
-def texts(tasks, K, L, passage_median, vocab, seed=0):
-  """(packed Batch of every device's rows, row multiple 8, {task: its padded batch for torch}): random tokens."""
+def texts(tasks, K, L, passage_median, vocab, seed=0, row_lengths=None):
+  """(packed Batch of every device's rows, row multiple 8, {task: its padded batch for torch}): random tokens, in
+  rows of L tokens or of row_lengths."""
   rng, packed, padded, extras = np.random.default_rng(seed), {}, {}, {}
   for task, B in tasks.items():
     q = lengths(B, 64, 14, 0.3, rng)  # retrieval-zh's queries (MiniLM tokenizer: median 14, log sd 0.30).
@@ -79,7 +80,7 @@ def texts(tasks, K, L, passage_median, vocab, seed=0):
                        .reshape(B, K)}
     padded[task] = {f"{f}_{k}": x for f, ids in packed[task].items()
                     for k, x in zip(("ids", "mask"), _pad(ids))} | extras[task]
-  return bench_step.of_texts(packed, extras, L, multiple=8), padded
+  return bench_step.of_texts(packed, extras, row_lengths or L, multiple=8), padded
 
 
 def _pad(ids):
@@ -155,8 +156,8 @@ def lower_one(cfg, batch, dims, mesh, platform, impl) -> dict:
   with attention.target(platform), stub_cudnn() if impl == "cudnn" else contextlib.nullcontext():
     exp = export.export(step, platforms=[platform], disabled_checks=checks)(*args)
   secs, text = time.perf_counter() - t, exp.mlir_module()
-  L = batch.rows[0].tokens.shape[1]
-  square = sorted(set(re.findall(rf"tensor<((?:\d+x)*{L}x{L}x(?:f32|bf16|f16))>", text)))
+  square = sorted({t for L in {r.tokens.shape[1] for r in batch.rows}
+                   for t in re.findall(rf"tensor<((?:\d+x)*{L}x{L}x(?:f32|bf16|f16))>", text)})
   calls = sorted(set(re.findall(r"custom_call @([\w$.]+)", text)))
   return {"platform": platform, "attention": impl, "seconds": round(secs, 2), "devices": exp.nr_devices,
           "custom_calls": calls, "LxL_tensors": square, "module_mb": round(len(text) / 2**20, 1)}
@@ -166,18 +167,24 @@ def lower(args):
   cfg, L, tasks, K, dims = SHAPES[args.shape]
   cfg = cfg.replace(dtype="bfloat16", remat=args.remat, attention_dropout=0.0)
   mesh = sharding.make_mesh(args.fsdp)
-  batch, _ = texts(tasks, K, L, args.passage_median, cfg.vocab_size)
-  R, S = batch.rows[0].lengths.shape
-  out = {"shape": args.shape, "rows": R, "row_length": L, "texts": int((batch.rows[0].lengths > 0).sum()),
+  lengths = tuple(int(x) for x in args.row_lengths.split(",")) if args.row_lengths else None
+  batch, _ = texts(tasks, K, L, args.passage_median, cfg.vocab_size, row_lengths=lengths)
+  shape, S = tuple(r.tokens.shape for r in batch.rows), batch.rows[0].lengths.shape[1]
+  (R, L), = shape if len(shape) == 1 else ((sum(R for R, _ in shape), None),)
+  out = {"shape": args.shape, "rows": R, "row_length": L, "row_shapes": shape,
+         "texts": int(sum((r.lengths > 0).sum() for r in batch.rows)),
          "queries": sum(tasks.values()), "mesh": dict(mesh.shape), "exports": []}
   for platform in args.platforms.split(","):
     for impl in EXPORTS[platform] + (("xla",) if args.with_xla else ()):
       out["exports"].append(lower_one(cfg, batch, dims, mesh, platform, impl))
       print(json.dumps(out["exports"][-1]), flush=True)
-  real, rows = real_tokens(batch), flops.Tokens.of_rows(((R, L),), S)
+  real, rows = real_tokens(batch), flops.Tokens.of_rows(shape, S)
   out["flops"] = {"real": flops.train_flops(cfg, real), "computed": flops.train_flops(cfg, rows, cfg.remat),
                   "real_tokens": real.tokens, "computed_tokens": rows.tokens, "real_squares": real.squares,
                   "computed_squares": rows.squares}
+  if len(shape) > 1:  # accel_bytes models rows of one length.
+    print(json.dumps(out))
+    return
   out["bytes"] = accel_bytes.table(cfg, batch, mesh, tasks)
   if args.compare:
     small, (Ls, Rs) = COMPARE, (256, 32)
@@ -204,6 +211,8 @@ def main(argv=None):
   lo.add_argument("--remat", default="full", choices=model_lib.REMAT_POLICIES)
   lo.add_argument("--fsdp", type=int, default=1, help="devices of the 8 that shard parameters and optimizer")
   lo.add_argument("--passage-median", type=float, default=150, help="median passage length in tokens")
+  lo.add_argument("--row-lengths", default="", help="rows of these lengths (e.g. 512,128; multiples of the fused "
+                  "kernels' 128), not of the shape's one; the bytes per device are then left out")
   lo.add_argument("--with-xla", action="store_true", help="also export the written-out attention")
   lo.add_argument("--no-compare", dest="compare", action="store_false",
                   help="skip the analytic bytes against CPU compiles at a small shape")

@@ -118,11 +118,7 @@ def attend(name, q, k, v, m, *, dropout=None, rate=0.0, seed=0):
   mask from `mask`; dropout: the probability-dropout module of the xla path; rate, seed: cuDNN's."""
   impl = resolve(name)
   if impl == "xla":
-    logits_BHLL = jnp.einsum("bhqk,bhsk->bhqs", q, k)
-    logits_BHLL = jnp.where(m[:, None], logits_BHLL, jnp.finfo(q.dtype).min)
-    probs_BHLL = jax.nn.softmax(logits_BHLL.astype(jnp.float32), axis=-1)
-    probs_BHLL = dropout(probs_BHLL) if dropout is not None else probs_BHLL
-    return jnp.einsum("bhqs,bhsk->bhqk", probs_BHLL.astype(q.dtype), v)
+    return xla(q, k, v, m[:, None], dropout)
   kernel = {"splash": _splash, "pallas_gpu": _pallas_gpu,
             "cudnn": functools.partial(_cudnn, rate=rate, seed=seed)}[impl]
   mesh = jax.sharding.get_abstract_mesh()
@@ -131,6 +127,14 @@ def attend(name, q, k, v, m, *, dropout=None, rate=0.0, seed=0):
   rows = P(BATCH_AXES)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, rows, jax.tree.map(lambda _: rows, m)),
                        out_specs=rows, check_vma=False)(q, k, v, m)
+
+
+def xla(q, k, v, m, dropout=None):
+  """The written-out attention of q, k, v [..., L, E] under mask m (broadcast to [..., L, L]), softmax in float32."""
+  logits = jnp.einsum("...qk,...sk->...qs", q, k)
+  probs = jax.nn.softmax(jnp.where(m, logits, jnp.finfo(q.dtype).min).astype(jnp.float32), axis=-1)
+  probs = dropout(probs) if dropout is not None else probs
+  return jnp.einsum("...qs,...sk->...qk", probs.astype(q.dtype), v)
 
 
 def _interpret() -> bool:

@@ -173,6 +173,8 @@ class Attention(nnx.Module):
 
   def _grouped(self, x_nTD, masks):
     """Attention within each group of rows; the projections once on all of them."""
+    if attention.resolve(self.impl) == "xla":
+      return self._grouped_xla(x_nTD, masks)
     n, D, H = x_nTD.shape[0], x_nTD.shape[-1], self.num_heads
     transpose = attention.LAYOUT[attention.resolve(self.impl)] == "bhlk"
     dense = lambda lin, x: x @ lin.kernel[...].astype(self.dtype) + lin.bias[...].astype(self.dtype)
@@ -186,6 +188,21 @@ class Attention(nnx.Module):
                            dropout=self.attn_dropout, rate=self.attn_dropout.rate, seed=self.index)
       out.append((o.swapaxes(1, 2) if transpose else o).reshape(*q_RLD.shape))
     return dense(self.out, join(out, n))
+
+  def _grouped_xla(self, x_nTD, masks):
+    """The xla attention of _grouped in the head layout [n, H, T, E] throughout: group g's tokens are [n, H, R_g / n,
+    L_g, E] of it, no transpose (as __call__'s einsums)."""
+    n, D, H = x_nTD.shape[0], x_nTD.shape[-1], self.num_heads
+    x_nTD, shapes = x_nTD.astype(self.dtype), [rows_shape(m) for m in masks]
+    q, k, v = (self._heads(lin, x_nTD, "bhlk") for lin in (self.query, self.key, self.value))
+    out, at = [], 0
+    for (R, L), m in zip(shapes, masks):
+      cut = lambda t: t[:, :, at:at + R // n * L].reshape(n, H, R // n, L, D // H)
+      o = attention.xla(cut(q) * (D // H) ** -0.5, cut(k), cut(v), m.reshape(n, 1, R // n, L, L), self.attn_dropout)
+      out.append(o.reshape(n, H, R // n * L, D // H))
+      at += R // n * L
+    w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
+    return jnp.einsum("bhlk,hkd->bld", jnp.concatenate(out, axis=2), w_HED) + self.out.bias[...].astype(self.dtype)
 
 
 class Layer(nnx.Module):
