@@ -103,8 +103,8 @@ class Embedder:
     from the last are packed first-fit decreasing into rows of the buckets up to L tokens, L the smallest
     bucket that holds the longest of them, each text in the shortest that holds it (packing.py); every full
     batch of batch_size rows of a length is encoded and the texts of the rows left over wait for the next
-    chunk. So a run compiles at most len(buckets) shapes and pads little. Unpacked: texts are queued by bucket length; a full queue is one batch of batch_size
-    texts, so each text is padded to its own bucket only. Either way the queues left at the end are
+    chunk. So a run compiles at most len(buckets) shapes and pads little. Unpacked: texts are queued by
+    bucket length; a full queue is one batch of batch_size texts, so each text is padded to its own bucket only. Either way the queues left at the end are
     padded to batch_size rows, at most a chunk and a batch of texts' tokens are held, and each
     embedding is its text's alone. The first dim coordinates are kept (Matryoshka) before the
     optional L2 normalisation. progress: called with the number of texts of each batch done.

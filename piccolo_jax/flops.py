@@ -48,7 +48,9 @@ class Tokens:
   def of_rows(cls, shape, S) -> "Tokens":
     """Groups of R packed rows of L tokens (shape: ((R, L), ...)) and min(S, L) slots, as computed: every row a
     text of L tokens, every slot pooled."""
-    return cls(*(sum(R * L ** p * min(S, L) ** s for R, L in shape) for p, s in ((1, 0), (2, 0), (0, 1), (1, 1))))
+    slots = [(R, L, min(S, L)) for R, L in shape]
+    return cls(sum(R * L for R, L, _ in slots), sum(R * L * L for R, L, _ in slots), sum(R * s for R, _, s in slots),
+               sum(R * s * L for R, L, s in slots))
 
 
 def train_flops(cfg, t: Tokens, remat="none") -> float:

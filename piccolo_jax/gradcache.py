@@ -58,7 +58,7 @@ def cached_value_and_grad(embed_fn, loss_fn, chunk_size, num_devices=None):
 
   Returns:
     (params, texts, key=None) -> ((loss, aux), grads), where texts = {field: tuple of arrays [N, ...]}
-    (padded texts: (ids_NL, mask_NL); packed rows: packing.ARRAYS).
+    (padded texts: (ids_NL, mask_NL); packed rows: a packing.Rows).
     Equal to the plain gradient up to float rounding when embed_fn is deterministic; with
     dropout, the plain step draws one mask per field, this one mask per chunk.
   """

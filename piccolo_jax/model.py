@@ -172,37 +172,32 @@ class Attention(nnx.Module):
     return jnp.einsum(f"{layout},hkd->bld", o, w_HED) + self.out.bias[...].astype(self.dtype)
 
   def _grouped(self, x_nTD, masks):
-    """Attention within each group of rows; the projections once on all of them."""
-    if attention.resolve(self.impl) == "xla":
-      return self._grouped_xla(x_nTD, masks)
+    """Attention within each group of rows, the projections once on all of them, in the implementation's head
+    layout (as __call__). Group g's tokens are [n, R_g / n, L_g] of the joined token axis T: xla attends on them
+    as they lie, the fused kernels take them as [R_g, ...] rows."""
     n, D, H = x_nTD.shape[0], x_nTD.shape[-1], self.num_heads
-    transpose = attention.LAYOUT[attention.resolve(self.impl)] == "bhlk"
-    dense = lambda lin, x: x @ lin.kernel[...].astype(self.dtype) + lin.bias[...].astype(self.dtype)
-    heads = lambda t: t.reshape(*t.shape[:2], H, D // H).swapaxes(1, 2) if transpose else \
-        t.reshape(*t.shape[:2], H, D // H)
-    x_nTD, shapes = x_nTD.astype(self.dtype), [rows_shape(m) for m in masks]
-    q, k, v = (split(dense(lin, x_nTD), shapes) for lin in (self.query, self.key, self.value))
-    out = []
-    for q_RLD, k_RLD, v_RLD, m in zip(q, k, v, masks):
-      o = attention.attend(self.impl, heads(q_RLD) * (D // H) ** -0.5, heads(k_RLD), heads(v_RLD), m,
-                           dropout=self.attn_dropout, rate=self.attn_dropout.rate, seed=self.index)
-      out.append((o.swapaxes(1, 2) if transpose else o).reshape(*q_RLD.shape))
-    return dense(self.out, join(out, n))
-
-  def _grouped_xla(self, x_nTD, masks):
-    """The xla attention of _grouped in the head layout [n, H, T, E] throughout: group g's tokens are [n, H, R_g / n,
-    L_g, E] of it, no transpose (as __call__'s einsums)."""
-    n, D, H = x_nTD.shape[0], x_nTD.shape[-1], self.num_heads
-    x_nTD, shapes = x_nTD.astype(self.dtype), [rows_shape(m) for m in masks]
-    q, k, v = (self._heads(lin, x_nTD, "bhlk") for lin in (self.query, self.key, self.value))
+    impl = attention.resolve(self.impl)
+    layout, E = attention.LAYOUT[impl], D // H
+    t = 2 if layout == "bhlk" else 1  # The token axis of [n, H, T, E] or [n, T, H, E].
+    q, k, v = (self._heads(lin, x_nTD.astype(self.dtype), layout) for lin in (self.query, self.key, self.value))
     out, at = [], 0
-    for (R, L), m in zip(shapes, masks):
-      cut = lambda t: t[:, :, at:at + R // n * L].reshape(n, H, R // n, L, D // H)
-      o = attention.xla(cut(q) * (D // H) ** -0.5, cut(k), cut(v), m.reshape(n, 1, R // n, L, L), self.attn_dropout)
-      out.append(o.reshape(n, H, R // n * L, D // H))
-      at += R // n * L
-    w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
-    return jnp.einsum("bhlk,hkd->bld", jnp.concatenate(out, axis=2), w_HED) + self.out.bias[...].astype(self.dtype)
+    for m in masks:
+      R, L = rows_shape(m)
+      width = R // n * L
+      cut = lambda x: jax.lax.slice_in_dim(x, at, at + width, axis=t).reshape(
+          *x.shape[:t], R // n, L, *x.shape[t + 1:])  # [n, H, R/n, L, E] or [n, R/n, L, H, E].
+      if impl == "xla":
+        o = attention.xla(cut(q) * E ** -0.5, cut(k), cut(v), m.reshape(n, 1, R // n, L, L), self.attn_dropout)
+      else:
+        rows = lambda x: x.swapaxes(1, 2).reshape(R, H, L, E) if t == 2 else x.reshape(R, L, H, E)
+        o = attention.attend(self.impl, rows(cut(q)) * E ** -0.5, rows(cut(k)), rows(cut(v)), m,
+                             dropout=self.attn_dropout, rate=self.attn_dropout.rate, seed=self.index)
+        o = o.reshape(n, R // n, H, L, E).swapaxes(1, 2) if t == 2 else o
+      out.append(o.reshape((n, H, width, E) if t == 2 else (n, width, H, E)))
+      at += width
+    w_HED = self.out.kernel[...].reshape(H, E, D).astype(self.dtype)
+    return jnp.einsum(f"{layout},hkd->bld", jnp.concatenate(out, axis=t), w_HED) + \
+        self.out.bias[...].astype(self.dtype)
 
 
 class Layer(nnx.Module):

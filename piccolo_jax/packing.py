@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-ARRAYS = ("tokens", "segments", "positions", "lengths")  # A group's arrays (Rows), model.Bert.packed's arguments.
 SEGMENTS = 64  # Default most texts a row (data.pack_segments in training).
 GROWTH = 1.125  # Row counts past the menu: max(menu) * GROWTH**k.
 CANDIDATES = 16  # choose_lengths tries row lengths at multiples of about L / CANDIDATES.
