@@ -71,6 +71,8 @@ def atomic_dir(out_dir, collective=False):
       if out_dir.exists():
         out_dir.rmdir()
       tmp.rename(out_dir)
+    if collective:  # No process reads out_dir before it exists (a refresh's negatives: train.data_at).
+      sync(f"renamed {out_dir}")
   finally:
     if owner:
       shutil.rmtree(tmp, ignore_errors=True)
