@@ -38,13 +38,16 @@ from flax import nnx  # noqa: E402
 from bench import accel_bytes  # noqa: E402
 from bench import step as bench_step  # noqa: E402
 from piccolo_jax import attention, config, flops, sharding, state as state_lib, step as step_lib  # noqa: E402
+from piccolo_jax import decoder  # noqa: E402
 from piccolo_jax import model as model_lib  # noqa: E402
 from piccolo_jax import models
 
 TINY = model_lib.Config(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
                         dense_out=96, max_position=512)
+QWEN3_06B_LORA = decoder.Config(**accel_bytes.QWEN3["0.6B"], lora_rank=16, lora_alpha=32.0)
 SHAPES = {  # model, row length, {task: rows}, negatives a retrieval row, MRL dims.
     "stella": (models.STELLA, 512, {"retrieval": 256}, 7, config.MRL_DIMS),
+    "qwen3-0.6b-lora": (QWEN3_06B_LORA, 512, {"retrieval": 64}, 7, (256, 512, 1024)),
     "stella-mixed": (models.STELLA, 512, {"retrieval": 224, "sts": 16, "cls": 16}, 7, config.MRL_DIMS),
     "tiny": (TINY, 256, {"retrieval": 16, "sts": 8, "cls": 8}, 3, (32, 96)),
 }
@@ -102,16 +105,21 @@ def loss_config(dims, seed=0):
 
 
 def abstract_state(cfg, mesh, seed=0):
-  """(state ShapeDtypeStructs with their shardings, graphdef, rngs, tx): nothing allocated."""
+  """(state ShapeDtypeStructs with their shardings, graphdef, rngs, tx): nothing allocated. A LoRA decoder's base
+  is frozen in bfloat16 (state.split_frozen)."""
   model = model_lib.abstract_model(cfg)
   model.train()
   graphdef, params, rngs = nnx.split(model, nnx.Param, ...)
   params, rngs = nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
+  frozen = {}
+  if getattr(cfg, "lora_rank", 0):
+    params, frozen = state_lib.partition(params, lambda p: any(re.search(r, p) for r in state_lib.LORA_TRAINED))
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen)
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 1000)
   opt = jax.eval_shape(tx.init, params)
   shard = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                                     sharding.state_shardings(mesh, tree))
-  state = {"params": shard(params), "opt": shard(opt),
+  state = {"params": shard(params), "frozen": shard(frozen), "opt": shard(opt),
            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))}
   rngs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), rngs)
   return state, graphdef, rngs, tx
@@ -182,6 +190,11 @@ def lower(args):
   out["flops"] = {"real": flops.train_flops(cfg, real), "computed": flops.train_flops(cfg, rows, cfg.remat),
                   "real_tokens": real.tokens, "computed_tokens": rows.tokens, "real_squares": real.squares,
                   "computed_squares": rows.squares}
+  if isinstance(cfg, decoder.Config):  # Bytes per device: accel_bytes.decoder_bytes, at every size.
+    out["param_counts"] = dict(zip(("parameters", "adapters"), accel_bytes.decoder_params(cfg)))
+    print("\n".join(accel_bytes.markdown(out, bytes_table=False) + [""] + accel_bytes.decoder_markdown()))
+    print(json.dumps(out))
+    return
   if len(shape) > 1:  # accel_bytes models rows of one length.
     print(json.dumps(out))
     return
@@ -205,7 +218,7 @@ def run(args):
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m bench.accel", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="cmd", required=True)
-  lo = sub.add_parser("lower", help="export the stella-shape step for TPU and CUDA from this CPU")
+  lo = sub.add_parser("lower", help="export the stella-shape (or --shape) step for TPU and CUDA from this CPU")
   lo.add_argument("--platforms", default="tpu,cuda")
   lo.add_argument("--shape", choices=sorted(SHAPES), default="stella")
   lo.add_argument("--remat", default="full", choices=model_lib.REMAT_POLICIES)

@@ -100,7 +100,7 @@ def compare(cfg, batch, dims, policies=POLICIES) -> list:
   return rows
 
 
-def markdown(out) -> list[str]:
+def markdown(out, bytes_table=True) -> list[str]:
   """BENCHMARKS.md tables of a `bench.accel lower` result."""
   gb = lambda x: f"{x:.2f}"
   lines = ["", "| platform | attention | lowered in s | custom calls | [.., L, L] tensors left |", "|---|---|---|---|---|"]
@@ -111,6 +111,8 @@ def markdown(out) -> list[str]:
             f"| real (texts alone) | {f['real_tokens']:.0f} | {f['real_squares']:.3g} | {f['real'] / 1e12:.1f} |",
             f"| computed (rows, padding included) | {f['computed_tokens']:.0f} | {f['computed_squares']:.3g} | "
             f"{f['computed'] / 1e12:.1f} |"]
+  if not bytes_table:
+    return lines
   names = list(HBM_GB)
   lines += ["", "| remat / attention | parameters GB | optimizer GB | gradients GB | weight casts GB | activations GB "
             "| total GB | " + " | ".join(f"largest global batch, 8 x {n}" for n in names) + " |", "|---" * (7 + len(names)) + "|"]
@@ -129,4 +131,62 @@ def markdown(out) -> list[str]:
                    f"{r['computed_flops'] / 1e9:.1f} | {r['xla_flops'] / 1e9:.1f} | "
                    f"{r['xla_flops'] / r['computed_flops']:.3f} | {r['lowered_flops'] / 1e9:.1f} | "
                    f"{r['lowered_flops'] / r['computed_flops']:.3f} |")
+  return lines
+
+
+# Decoders (decoder.py): Qwen3-Embedding's three sizes, from their Hugging Face configs.
+QWEN3 = {"0.6B": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=3072,
+                      vocab_size=151669),
+         "4B": dict(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, intermediate_size=9728,
+                    vocab_size=151665),
+         "8B": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, intermediate_size=12288,
+                    vocab_size=151665)}
+
+
+def decoder_params(cfg) -> tuple[int, int]:
+  """(parameters, LoRA adapter parameters) of a decoder.Config: its embeddings, layers and final norm; an adapter
+  on a [d_in, d_out] projection has rank x (d_in + d_out)."""
+  D, F, HE, KE = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = {"q": (D, HE), "k": (D, KE), "v": (D, KE), "o": (HE, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+  layer = sum(a * b for a, b in shapes.values()) + 2 * D + (2 * cfg.head_dim if cfg.qk_norm else 0)
+  layer += (HE + 2 * KE) * cfg.attention_bias + D * cfg.output_bias + (2 * F + D) * cfg.mlp_bias
+  from piccolo_jax import decoder  # pylint: disable=g-import-not-at-top
+  adapters = sum(cfg.lora_rank * (a + b) for name, (a, b) in shapes.items()
+                 if decoder._lora(cfg, f"layers/0/attn/{name}" if name in "qkvo" else f"layers/0/{name}"))  # pylint: disable=protected-access
+  return cfg.vocab_size * D + cfg.num_layers * layer + D, cfg.num_layers * adapters
+
+
+def decoder_bytes(cfg, tokens, fsdp) -> dict:
+  """Analytic bytes per device of a decoder's train step on `tokens` tokens a device (bfloat16 compute, remat full,
+  a fused attention kernel), parameters over `fsdp` devices. Full fine-tuning keeps float32 parameters, Adam's two
+  moments and gradients (16 bytes a parameter); LoRA the base in bfloat16 (2 bytes) and those 16 bytes for each
+  adapter parameter. Activations: each layer's input, plus one layer's backward working set (RMSNorm in and out,
+  q, k, v and k, v repeated to every head, the attention output and its log-sum-exp, SwiGLU's three [T, F]), and
+  one layer's weights gathered in bfloat16."""
+  P, A = decoder_params(cfg)
+  D, F, HE, KE, b = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
+      cfg.num_kv_heads * cfg.head_dim, 2
+  state = {"base_bf16": 2 * P / fsdp, "trained_fp32_adam_grads": 16 * A / fsdp} if cfg.lora_rank else \
+      {"base_bf16": 0.0, "trained_fp32_adam_grads": 16 * P / fsdp}
+  work = tokens * (b * (4 * D + 3 * HE + 4 * KE + 3 * F) + 4 * cfg.num_heads)
+  out = state | {"gathered_layer": b * (P - cfg.vocab_size * D) / cfg.num_layers,
+                 "activations": cfg.num_layers * tokens * D * b + work + tokens * D * 4}
+  return out | {"total": sum(out.values())}
+
+
+def decoder_markdown(tokens=4096, fsdp=8, rank=16) -> list[str]:
+  """BENCHMARKS.md's and README's table: GB per device of Qwen3-Embedding's sizes, full versus LoRA."""
+  from piccolo_jax import decoder  # pylint: disable=g-import-not-at-top
+  lines = [f"| model | parameters | fine-tuning | frozen base GB | trained + Adam + grads GB | gathered layer GB | "
+           f"activations GB ({tokens} tokens) | total GB per device (fsdp {fsdp}) | total GB, 1 device |",
+           "|---" * 9 + "|"]
+  for name, shape in QWEN3.items():
+    for r in (0, rank):
+      cfg = decoder.Config(**shape, lora_rank=r)
+      gb, one = decoder_bytes(cfg, tokens, fsdp), decoder_bytes(cfg, tokens, 1)
+      lines.append(f"| Qwen3-Embedding-{name} | {decoder_params(cfg)[0] / 1e9:.2f} B | "
+                   f"{f'LoRA r={r} ({decoder_params(cfg)[1] / 1e6:.1f} M)' if r else 'full'} | " +
+                   " | ".join(f"{gb[k] / 2**30:.2f}" for k in ("base_bf16", "trained_fp32_adam_grads", "gathered_layer",
+                                                                "activations", "total")) +
+                   f" | {one['total'] / 2**30:.1f} |")
   return lines

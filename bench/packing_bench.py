@@ -37,9 +37,10 @@ def to_longest(b):
   return out | b.extras[task]
 
 
-def jax_runner(cfg, params, dims):
-  """step(batch, task) -> loss of the real jitted train step on one device (state carried)."""
-  step, state, rngs, mesh = bench_step.train_step(cfg, params, dims)
+def jax_runner(cfg, params, dims, frozen=None):
+  """step(batch, task) -> loss of the real jitted train step on one device (state carried); frozen: parameters
+  that do not train (state.split_frozen)."""
+  step, state, rngs, mesh = bench_step.train_step(cfg, params, dims, frozen=frozen)
   holder = [state]
 
   def run(batch, task):

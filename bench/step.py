@@ -44,10 +44,10 @@ def synthetic(task, B, Lq, Lp, K, vocab, seed=0) -> tuple:
   return batch, padded | extras
 
 
-def train_step(cfg, params, dims, seed=0, chunk_size=0):
+def train_step(cfg, params, dims, seed=0, chunk_size=0, frozen=None):
   """(jitted step, state, rngs, mesh): the real train step, data-parallel, with the configs' AdamW and losses."""
   (tx, _), mesh = state_lib.make_optimizer(config.section("optim"), params, 1000), sharding.make_mesh(1)
-  state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, seed)
+  state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, seed, frozen)
   c = config.base()
   c.seed, c.loss.mrl_dims = seed, tuple(dims)
   step = step_lib.make_train_step(graphdef, tx, c, chunk_size)

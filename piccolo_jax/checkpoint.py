@@ -82,6 +82,13 @@ class DigestRestore(ocp.args.CheckpointArgs):
   item: None = None
 
 
+SAVED = ("params", "opt", "step")  # Of the train state: all but `frozen`, which model.init gives again (state.py).
+
+
+def saved(state) -> dict:
+  return {k: state[k] for k in SAVED}
+
+
 def save(mngr, step, state, data_iterator, negatives=""):
   """Saves the train state, the data position as JSON (the iterator's state, and the version of refreshed negatives
   it reads, "": the datasets' own; piccolo_jax/refresh.py), and this process's digests of both, asynchronously.
@@ -91,7 +98,7 @@ def save(mngr, step, state, data_iterator, negatives=""):
   state {'next_index': step}) is the same on every process, so a checkpoint restores under a different process
   count (e.g. a 2-process run resumed by 1).
   """
-  data = {**data_iterator.get_state(), "negatives": negatives}
+  data, state = {**data_iterator.get_state(), "negatives": negatives}, saved(state)
   digests = {"arrays": digest.shards(state), "data": digest.of_json(data)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                                           digests=DigestSave(digests)), force=True)
@@ -176,7 +183,8 @@ def _set_aside(mngr, step, reason):
 
 def restore_latest(mngr, state, shardings) -> tuple[dict, int, dict | None]:
   """(state, step, data position) from the newest good checkpoint; (state, 0, None) if none."""
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved(state),
+                        saved(shardings))
   steps = sorted(mngr.all_steps(), reverse=True)
   for step in steps:
     try:
@@ -184,7 +192,7 @@ def restore_latest(mngr, state, shardings) -> tuple[dict, int, dict | None]:
     except ValueError as e:
       _set_aside(mngr, step, str(e))
       continue
-    return restored["state"], step, restored["data"]
+    return {**state, **restored["state"]}, step, restored["data"]
   if steps:
     raise CheckpointError(f"no usable checkpoint in {mngr.directory}: all of steps {sorted(steps)} are "
                           "damaged (set aside as *.corrupt-*); remove the directory to start over")

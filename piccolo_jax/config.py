@@ -11,6 +11,7 @@ import pathlib
 
 import ml_collections
 
+from piccolo_jax import decoder
 from piccolo_jax import losses
 from piccolo_jax import packing
 from piccolo_jax import tasks as tasks_lib
@@ -24,12 +25,19 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Initialisation, dropout and data order (data.seed follows it).
   c.model = dict(
-      init="",  # sentence-transformers/HF BERT dir, piccolo_jax model dir, "minilm", or "stella-shape" (random init at
-      # stella's shape); "" = random init of model.arch.
+      init="",  # sentence-transformers/HF dir of a BERT or a decoder (Qwen3, Qwen2, Llama, Mistral), piccolo_jax model
+      # dir, "minilm", or "stella-shape" (random init at stella's shape); "" = random init of model.arch.
       tokenizer="",  # Tokenizer dir, needed by a random init ("" or stella-shape); else the init's own is used.
-      arch=ml_collections.ConfigDict(dict(  # Random init only.
+      arch=ml_collections.ConfigDict(dict(  # Random init only: model.Config's fields, or decoder.Config's with a
+          # `family` (configs/decoder_tiny.py).
           vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)),
-      dtype="float32",  # Compute dtype; parameters and optimizer state stay float32.
+      pooling="",  # "" keeps the checkpoint's; mean | cls (BERT) | lasttoken (decoders).
+      bidirectional=False,  # Decoders: attention within each text both ways (GritLM, NV-Embed); False: causal.
+      lora=ml_collections.ConfigDict(dict(  # Decoders: LoRA adapters (decoder.py); rank 0: full fine-tuning.
+          rank=0, alpha=16.0, dropout=0.0,
+          targets=decoder.LORA_TARGETS,  # Regexps on the projections' parameter paths.
+          base_dtype="bfloat16")),  # The frozen base weights' dtype (no optimizer state, no float32 copy).
+      dtype="float32",  # Compute dtype; trained parameters and optimizer state stay float32.
       remat="none",  # none | full | a jax.checkpoint_policies policy, e.g. dots_with_no_batch_dims_saveable
       # (model.REMAT_POLICIES; True/False still read as full/none).
       attention="auto",  # auto | xla | splash | pallas_gpu | cudnn (piccolo_jax/attention.py; auto: by platform).
@@ -136,6 +144,12 @@ def check(c: ml_collections.ConfigDict):
                      f"data.pack_attention={c.data.pack_attention}: expected at least 1, 1 and above 0")
   if c.data.mix not in ("dataset", "groups"):
     raise ValueError(f"data.mix={c.data.mix!r}: expected 'dataset' or 'groups'")
+  lora = c.model.lora
+  if lora.rank < 0 or lora.rank and (lora.alpha <= 0 or not 0 <= lora.dropout < 1 or not lora.targets or
+                                     lora.base_dtype not in ("bfloat16", "float32")):
+    raise ValueError(f"model.lora: rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}, targets="
+                     f"{tuple(lora.targets)}, base_dtype={lora.base_dtype!r}: expected rank >= 0 (0: off), alpha > 0, "
+                     "dropout in [0, 1), some targets, base_dtype bfloat16 or float32")
   if c.loss.groups < 1 or c.data.global_batch_size % c.loss.groups:
     raise ValueError(f"data.global_batch_size={c.data.global_batch_size} is not divisible by "
                      f"loss.groups={c.loss.groups}")

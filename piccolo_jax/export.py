@@ -4,21 +4,26 @@ Usage: python -m piccolo_jax.export MODEL_DIR OUT_DIR [--truncate-dim N]
 """
 import argparse
 import json
+import pathlib
 import shutil
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from piccolo_jax import convert
+from piccolo_jax import decoder
 from piccolo_jax import digest
 from piccolo_jax import modeldir
 from piccolo_jax import model as model_lib
+from piccolo_jax import tasks as tasks_lib
 
 ST_ACTIVATIONS = {v: k for k, v in convert.DENSE_ACTIVATION_NAMES.items()}
 
 
-def hf_config(cfg: model_lib.Config) -> dict:
-  """The Hugging Face BertConfig dict of cfg."""
+def hf_config(cfg) -> dict:
+  """The Hugging Face config dict of cfg: a BertConfig's, or its decoder family's base model's."""
+  if isinstance(cfg, decoder.Config):
+    return _decoder_hf_config(cfg)
   from transformers import BertConfig  # pylint: disable=g-import-not-at-top  (imports torch: slow)
   return BertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
@@ -29,7 +34,23 @@ def hf_config(cfg: model_lib.Config) -> dict:
       architectures=["BertModel"]).to_dict()
 
 
-def to_weights(cfg: model_lib.Config, params: dict) -> dict[str, np.ndarray]:
+def _decoder_hf_config(cfg: decoder.Config) -> dict:
+  import transformers  # pylint: disable=g-import-not-at-top
+  kind, arch = {"qwen3": ("Qwen3Config", "Qwen3Model"), "qwen2": ("Qwen2Config", "Qwen2Model"),
+                "llama": ("LlamaConfig", "LlamaModel")}[cfg.family]
+  kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            max_position_embeddings=cfg.max_position, pad_token_id=cfg.pad_token_id, architectures=[arch])
+  if cfg.family == "llama":
+    kw.update(attention_bias=cfg.output_bias, mlp_bias=cfg.mlp_bias)
+  elif cfg.family == "qwen3":
+    kw.update(attention_bias=cfg.output_bias)
+  return getattr(transformers, kind)(**kw).to_dict()
+
+
+def to_weights(cfg, params: dict) -> dict[str, np.ndarray]:
   """Our parameter pure dict -> HF-keyed numpy weights (inverse of convert.to_params)."""
   out = {}
   for path, (key, transpose) in convert.name_map(cfg).items():
@@ -52,15 +73,22 @@ def export(model_dir, out_dir, truncate_dim: int | None = None):
   write_sentence_transformers(cfg, modeldir.load_params(model_dir, cfg), model_dir, out_dir, truncate_dim)
 
 
-def prompts(tasks_cfg) -> dict:
-  """sentence-transformers prompts of the training prefixes: `query` and `passage` (retrieval's), and
-  TASK_query / TASK_passage for another task whose non-empty prefix differs."""
+def prompts(tasks_cfg, datasets=()) -> dict:
+  """sentence-transformers prompts of the training prefixes: `query` and `passage` (retrieval's), TASK_query /
+  TASK_passage for another task whose non-empty prefix differs, and NAME_query / NAME_passage for a dataset entry
+  whose own prefix (an `instruction`: tasks.prefix) differs from its task's."""
   out = {}
   for name, settings in tasks_cfg.items():
     for kind in ("query", "passage"):
       p = settings.get(f"{kind}_prefix")
       if p is not None and (name == "retrieval" or p and p != tasks_cfg["retrieval"][f"{kind}_prefix"]):
         out[kind if name == "retrieval" else f"{name}_{kind}"] = p
+  for entry in datasets:
+    task = tasks_lib.lookup(entry.get("task", "retrieval"))
+    for kind in ("query", "passage"):
+      p = tasks_lib.prefix(task, tasks_cfg, entry, f"{kind}_prefix")
+      if p != tasks_lib.prefix(task, tasks_cfg, {}, f"{kind}_prefix"):
+        out[f"{entry.get('name') or pathlib.PurePath(entry.get('path', '')).name}_{kind}"] = p
   return out
 
 
@@ -112,11 +140,13 @@ def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_di
   card: its README.md."""
   if truncate_dim is not None and not 0 < truncate_dim <= cfg.embed_dim:
     raise ValueError(f"--truncate-dim {truncate_dim} out of range: embeddings have {cfg.embed_dim} dims")
+  cfg, params = decoder.merge_lora(cfg, params)
   weights = to_weights(cfg, params)
   dense = {k.removeprefix("2_Dense."): weights.pop(k) for k in list(weights) if k.startswith("2_Dense.")}
-  # BertModel expects a pooler; sentence embeddings never use it. Zeros keep its load report clean.
-  D = cfg.hidden_size
-  weights |= {"pooler.dense.weight": np.zeros((D, D), np.float32), "pooler.dense.bias": np.zeros(D, np.float32)}
+  if isinstance(cfg, model_lib.Config):  # BertModel expects a pooler; sentence embeddings never use it. Zeros keep
+    # its load report clean.
+    D = cfg.hidden_size
+    weights |= {"pooler.dense.weight": np.zeros((D, D), np.float32), "pooler.dense.bias": np.zeros(D, np.float32)}
   tok_files = modeldir.tokenizer_files(tokenizer_dir)
   with modeldir.atomic_dir(out_dir) as tmp:
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -130,7 +160,7 @@ def write_sentence_transformers(cfg, params, tokenizer_dir, out_dir, truncate_di
         "word_embedding_dimension": cfg.hidden_size,
         "pooling_mode_cls_token": cfg.pooling == "cls", "pooling_mode_mean_tokens": cfg.pooling == "mean",
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False,
+        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": cfg.pooling == "lasttoken",
         "include_prompt": True})
     if cfg.dense_out:
       modules.append(("Dense", "2_Dense"))

@@ -6,8 +6,9 @@ Two counts per step, from the same formula:
   (tests/test_kernels.py); a fused kernel skips no block either, except cuDNN's packed layout.
 - real: the same formula on the texts alone, each attending over its own n tokens: MFU uses it, so packing
   and padding cannot inflate it.
-Per layer and token the forward pass multiplies 2 x (4 D^2 + 2 D F) (Q, K, V, output and FFN projections),
-and attention 4 n D over the n keys it sees; then mean pooling (a [L, S] x [L, D] product per row, in the
+Per layer and token the forward pass multiplies 2 x the layer's matmul weights (Config.layer_weights: BERT's
+4 D^2 + 2 D F for Q, K, V, output and FFN; a decoder's grouped-query projections and SwiGLU), and attention
+4 n H E over the n keys it sees (a causal decoder's fused kernel may skip half; counted whole); then mean pooling (a [L, S] x [L, D] product per row, in the
 computed count) and the dense head, 2 D D' per text. Training is 3x the forward (backward = 2x), plus the
 forward again for what the remat policy recomputes. Left out, under 1% at BERT scale: embeddings, LayerNorm,
 softmax and other elementwise work, the loss's similarity matrices and the optimizer.
@@ -55,10 +56,10 @@ class Tokens:
 
 def train_flops(cfg, t: Tokens, remat="none") -> float:
   """Training FLOPs (forward + backward + remat recompute) of a model.Config on tokens t."""
-  D, F, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-  matmul = 2 * t.tokens * (4 * D * D + 2 * D * F) * layers + 2 * t.texts * D * (cfg.dense_out or 0)
+  D, layers = cfg.hidden_size, cfg.num_layers
+  matmul = 2 * t.tokens * cfg.layer_weights * layers + 2 * t.texts * D * (cfg.dense_out or 0)
   matmul += 2 * t.pooled * D
-  attn = 4 * t.squares * D * layers
+  attn = 4 * t.squares * cfg.attention_width * layers
   again_matmul, again_attn = RECOMPUTED[remat]
   return (3 + again_matmul) * matmul + (3 + again_attn) * attn
 

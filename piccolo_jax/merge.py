@@ -124,7 +124,10 @@ def _checkpoint(path) -> Source:
   if not (workdir / RUN_MODEL).is_file():
     raise MergeError(f"{path}: {workdir} has no {RUN_MODEL} (a run of an older piccolo_jax): merge its model/ "
                      "or export/ instead")
-  cfg = model_lib.Config.load(workdir / RUN_MODEL)
+  cfg = model_lib.load_config(workdir / RUN_MODEL)
+  if getattr(cfg, "lora_rank", 0):
+    raise MergeError(f"{path}: a LoRA run's checkpoints hold its adapters alone: merge its model/ or export/, "
+                     "which have them merged into the base")
   run = json.loads((workdir / "config.json").read_text())
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

@@ -80,12 +80,18 @@ class Config:
     """The config a model dir keeps: float32 compute, no remat, attention chosen by the platform that loads it."""
     return self.replace(dtype="float32", remat="none", attention="auto")
 
+  @property
+  def layer_weights(self) -> int:
+    """Matmul weights a token meets in one layer (Q, K, V, output, FFN): flops.py."""
+    return 4 * self.hidden_size ** 2 + 2 * self.hidden_size * self.intermediate_size
+
+  @property
+  def attention_width(self) -> int:
+    """Heads x head dim: a query-key pair's attention costs 4 x this in FLOPs (flops.py)."""
+    return self.hidden_size
+
   def save(self, path):
     pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-
-  @classmethod
-  def load(cls, path) -> "Config":
-    return cls(**json.loads(pathlib.Path(path).read_text()))
 
 
 def _linear(cfg, d_in, d_out, rngs, use_bias=True):
@@ -172,32 +178,13 @@ class Attention(nnx.Module):
     return jnp.einsum(f"{layout},hkd->bld", o, w_HED) + self.out.bias[...].astype(self.dtype)
 
   def _grouped(self, x_nTD, masks):
-    """Attention within each group of rows, the projections once on all of them, in the implementation's head
-    layout (as __call__). Group g's tokens are [n, R_g / n, L_g] of the joined token axis T: xla attends on them
-    as they lie, the fused kernels take them as [R_g, ...] rows."""
-    n, D, H = x_nTD.shape[0], x_nTD.shape[-1], self.num_heads
-    impl = attention.resolve(self.impl)
-    layout, E = attention.LAYOUT[impl], D // H
-    t = 2 if layout == "bhlk" else 1  # The token axis of [n, H, T, E] or [n, T, H, E].
+    """Attention within each group of rows, the projections once on all of them (attention.grouped)."""
+    D, H = x_nTD.shape[-1], self.num_heads
+    layout = attention.LAYOUT[attention.resolve(self.impl)]
     q, k, v = (self._heads(lin, x_nTD.astype(self.dtype), layout) for lin in (self.query, self.key, self.value))
-    out, at = [], 0
-    for m in masks:
-      R, L = rows_shape(m)
-      width = R // n * L
-      cut = lambda x: jax.lax.slice_in_dim(x, at, at + width, axis=t).reshape(
-          *x.shape[:t], R // n, L, *x.shape[t + 1:])  # [n, H, R/n, L, E] or [n, R/n, L, H, E].
-      if impl == "xla":
-        o = attention.xla(cut(q) * E ** -0.5, cut(k), cut(v), m.reshape(n, 1, R // n, L, L), self.attn_dropout)
-      else:
-        rows = lambda x: x.swapaxes(1, 2).reshape(R, H, L, E) if t == 2 else x.reshape(R, L, H, E)
-        o = attention.attend(self.impl, rows(cut(q)) * E ** -0.5, rows(cut(k)), rows(cut(v)), m,
-                             dropout=self.attn_dropout, rate=self.attn_dropout.rate, seed=self.index)
-        o = o.reshape(n, R // n, H, L, E).swapaxes(1, 2) if t == 2 else o
-      out.append(o.reshape((n, H, width, E) if t == 2 else (n, width, H, E)))
-      at += width
-    w_HED = self.out.kernel[...].reshape(H, E, D).astype(self.dtype)
-    return jnp.einsum(f"{layout},hkd->bld", jnp.concatenate(out, axis=t), w_HED) + \
-        self.out.bias[...].astype(self.dtype)
+    o = attention.grouped(self.impl, q * (D // H) ** -0.5, k, v, masks, dropout=self.attn_dropout, seed=self.index)
+    w_HED = self.out.kernel[...].reshape(H, D // H, D).astype(self.dtype)
+    return jnp.einsum(f"{layout},hkd->bld", o, w_HED) + self.out.bias[...].astype(self.dtype)
 
 
 class Layer(nnx.Module):
@@ -218,26 +205,19 @@ class Layer(nnx.Module):
     return self.ffn_ln(x_BLD + self.dropout(self.ffn_out(h_BLF)))
 
 
-class Bert(nnx.Module):
-  """BERT encoder + pooling (+ optional scaling layer, L2 norm) -> float32 embeddings."""
+class Encoder(nnx.Module):
+  """What every model family shares: packed rows in, pooled (+ head) float32 embeddings out. A family (Bert here,
+  decoder.Decoder) has `cfg` (embed_dim, pooling, dense_out, normalize, distill_dim, attention, remat), `causal`,
+  and `states(ids, pos, mask)`: the last-layer token states of rows, or of groups' rows joined, under `mask`."""
+  causal = False
 
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embeddings = Embeddings(cfg, rngs)
-    self.layers = nnx.List([Layer(cfg, rngs, i) for i in range(cfg.num_layers)])
-    if cfg.dense_out:
-      self.dense = _linear(cfg, cfg.hidden_size, cfg.dense_out, rngs, use_bias=cfg.dense_bias)
-    if cfg.distill_dim:
-      self.distill_map = _linear(cfg, cfg.embed_dim, cfg.distill_dim, rngs)
+  def mask(self, seg_BL, len_BS):
+    return attention.mask(self.cfg.attention, seg_BL, len_BS, self.causal)
 
   def hidden_states(self, ids_BL, seg_BL, pos_BL=None, len_BS=None):
     """Last-layer token states [B, L, hidden]: token l attends to the tokens of its own segment seg_BL[l] (a text;
     padding is segment 0), at positions pos_BL (default 0..L-1), len_BS the texts' lengths (cudnn's layout)."""
-    mask = attention.mask(self.cfg.attention, seg_BL, len_BS)
-    x_BLD = self.embeddings(ids_BL, pos_BL)
-    for layer in self.layers:
-      x_BLD = remat(layer, self.cfg.remat)(x_BLD, mask)
-    return x_BLD
+    return self.states(ids_BL, pos_BL, self.mask(seg_BL, len_BS))
 
   def embed_rows(self, rows):
     """Embeddings [sum_g R_g * S_g, D] of groups of packed rows (packing.Rows, ...), in slot order (packing.py).
@@ -246,23 +226,11 @@ class Bert(nnx.Module):
       return self.packed(*rows[0]).reshape(-1, self.cfg.embed_dim)
     n = attention.shards()
     n = n if all(r.tokens.shape[0] % n == 0 for r in rows) else 1
-    masks = Grouped(tuple(attention.mask(self.cfg.attention, r.segments, r.lengths) for r in rows))
-    x_nTD = self.embeddings(join([r.tokens for r in rows], n), join([r.positions for r in rows], n))
-    for layer in self.layers:
-      x_nTD = remat(layer, self.cfg.remat)(x_nTD, masks)
+    masks = Grouped(tuple(self.mask(r.segments, r.lengths) for r in rows))
+    x_nTD = self.states(join([r.tokens for r in rows], n), join([r.positions for r in rows], n), masks)
     h = split(x_nTD.astype(jnp.float32), [r.tokens.shape for r in rows])
     pooled = [self._pool(h_RLD, r.segments, r.positions, r.lengths) for h_RLD, r in zip(h, rows)]
     return self.head(jnp.concatenate([p.reshape(-1, p.shape[-1]) for p in pooled]))
-
-  def __call__(self, ids_BL, mask_BL):
-    """Embeddings of one text a row, padded: mask_BL is 1 on its tokens."""
-    h_BLD = self.hidden_states(ids_BL, mask_BL, None, mask_BL.sum(1, keepdims=True)).astype(jnp.float32)
-    if self.cfg.pooling == "cls":
-      e_BD = h_BLD[:, 0]
-    else:
-      m_BL1 = mask_BL[..., None].astype(jnp.float32)
-      e_BD = (h_BLD * m_BL1).sum(1) / jnp.maximum(m_BL1.sum(1), 1e-9)
-    return self.head(e_BD)
 
   def packed(self, ids_RL, seg_RL, pos_RL, len_RS):
     """Embeddings [R, S, D] of texts packed into rows (piccolo_jax.packing): text s of row r is the
@@ -273,11 +241,12 @@ class Bert(nnx.Module):
     return self.head(self._pool(h_RLD, seg_RL, pos_RL, len_RS))
 
   def _pool(self, h_RLD, seg_RL, pos_RL, len_RS):
-    """Pooled [R, S, hidden] of each row's texts (packed)."""
+    """Pooled [R, S, hidden] of each row's texts (packed): their mean, first (cls) or last (lasttoken) token."""
     in_RLS = seg_RL[..., None] == jnp.arange(1, len_RS.shape[1] + 1)
     n_RS = len_RS
-    if self.cfg.pooling == "cls":  # The first token of each text.
-      in_RLS, n_RS = in_RLS & (pos_RL == 0)[..., None], jnp.minimum(len_RS, 1)
+    if self.cfg.pooling in ("cls", "lasttoken"):
+      at_RLS = pos_RL[..., None] == (0 if self.cfg.pooling == "cls" else len_RS[:, None, :] - 1)
+      in_RLS, n_RS = in_RLS & at_RLS, jnp.minimum(len_RS, 1)
     sum_RSD = jnp.einsum("rls,rld->rsd", in_RLS.astype(jnp.float32), h_RLD, precision="highest")
     return sum_RSD / jnp.maximum(n_RS[..., None].astype(jnp.float32), 1e-9)
 
@@ -294,14 +263,38 @@ class Bert(nnx.Module):
     return self.distill_map(e_ND).astype(jnp.float32) if self.cfg.distill_dim else e_ND
 
 
+class Bert(Encoder):
+  """BERT encoder + pooling (+ optional scaling layer, L2 norm) -> float32 embeddings."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = Embeddings(cfg, rngs)
+    self.layers = nnx.List([Layer(cfg, rngs, i) for i in range(cfg.num_layers)])
+    if cfg.dense_out:
+      self.dense = _linear(cfg, cfg.hidden_size, cfg.dense_out, rngs, use_bias=cfg.dense_bias)
+    if cfg.distill_dim:
+      self.distill_map = _linear(cfg, cfg.embed_dim, cfg.distill_dim, rngs)
+
+  def states(self, ids_BL, pos_BL, mask):
+    x_BLD = self.embeddings(ids_BL, pos_BL)
+    for layer in self.layers:
+      x_BLD = remat(layer, self.cfg.remat)(x_BLD, mask)
+    return x_BLD
+
+  def __call__(self, ids_BL, mask_BL):
+    """Embeddings of one text a row, padded: mask_BL is 1 on its tokens."""
+    h_BLD = self.hidden_states(ids_BL, mask_BL, None, mask_BL.sum(1, keepdims=True)).astype(jnp.float32)
+    if self.cfg.pooling == "cls":
+      e_BD = h_BLD[:, 0]
+    else:
+      m_BL1 = mask_BL[..., None].astype(jnp.float32)
+      e_BD = (h_BLD * m_BL1).sum(1) / jnp.maximum(m_BL1.sum(1), 1e-9)
+    return self.head(e_BD)
+
+
 class Grouped(NamedTuple):
   """The attention masks of groups of packed rows whose tokens the layers see joined (embed_rows)."""
   masks: tuple
-
-
-def rows_shape(mask) -> tuple:
-  """(R, L) of the rows an attention.mask is of (its first array's leading dims)."""
-  return tuple(jax.tree.leaves(mask)[0].shape[:2])
 
 
 def join(xs, n):
@@ -337,6 +330,20 @@ def remat(layer, policy: str):
   return lambda *xs: run(layer, *xs)
 
 
-def abstract_model(cfg: Config) -> Bert:
-  """A Bert whose arrays are ShapeDtypeStructs (no memory, no init compute)."""
-  return nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))
+def build(cfg, rngs) -> Encoder:
+  """The model of a config: Bert, or a decoder.Decoder for a decoder.Config."""
+  return Bert(cfg, rngs=rngs) if isinstance(cfg, Config) else cfg.module(cfg, rngs=rngs)
+
+
+def abstract_model(cfg) -> Encoder:
+  """The model whose arrays are ShapeDtypeStructs (no memory, no init compute)."""
+  return nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
+
+
+def load_config(path):
+  """The model config saved at path: a Bert Config, or a decoder.Config where its `family` names one."""
+  d = json.loads(pathlib.Path(path).read_text())
+  if d.get("family", "bert") == "bert":
+    return Config(**d)
+  from piccolo_jax import decoder  # pylint: disable=g-import-not-at-top  (decoder builds on this module)
+  return decoder.Config(**d)

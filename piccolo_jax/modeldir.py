@@ -13,13 +13,14 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from piccolo_jax import decoder
 from piccolo_jax import digest
 from piccolo_jax import model as model_lib
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                   "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 def tokenizer_files(src_dir) -> list[pathlib.Path]:
@@ -78,11 +79,13 @@ def atomic_dir(out_dir, collective=False):
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model_dir(out_dir, cfg: model_lib.Config, params, tokenizer_src):
+def save_model_dir(out_dir, cfg, params, tokenizer_src):
   """Writes a model directory atomically: config, Orbax params (pure dict), tokenizer.
 
-  Collective under multi-process: every process calls it with the same (replicated) params.
+  Collective under multi-process: every process calls it with the same (replicated) params. A decoder's LoRA
+  adapters are merged in (decoder.merge_lora): a model dir holds plain weights.
   """
+  cfg, params = decoder.merge_lora(cfg, params)
   tok_files = tokenizer_files(tokenizer_src)
   with atomic_dir(out_dir, collective=True) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
@@ -94,15 +97,15 @@ def save_model_dir(out_dir, cfg: model_lib.Config, params, tokenizer_src):
       digest.write_manifest(tmp)  # Last: every file's digest (python -m piccolo_jax.verify).
 
 
-def load_config(model_dir) -> model_lib.Config:
+def load_config(model_dir):
   path = pathlib.Path(model_dir) / CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {model_dir} is not a piccolo_jax model directory "
                             "(make one with `python -m piccolo_jax.convert SRC OUT`)")
-  return model_lib.Config.load(path)
+  return model_lib.load_config(path)
 
 
-def load_params(model_dir, cfg: model_lib.Config):
+def load_params(model_dir, cfg):
   """Restores the parameter pure dict (numpy-backed jax arrays on the default device)."""
   abstract = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(cfg), nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:

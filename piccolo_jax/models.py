@@ -1,7 +1,9 @@
-"""Models: resolve an init spec, load or convert its parameters, and edit them (new heads, pruning, positions).
+"""Models: resolve an init spec, load or convert its parameters, and edit them (new heads, pruning, positions,
+LoRA adapters).
 
 An init spec (config.model.init, and every tool's MODEL argument) is 'minilm', 'stella-shape' (random init at
-stella's shape), a piccolo_jax model dir, or a sentence-transformers / Hugging Face BERT dir (converted in memory).
+stella's shape), a piccolo_jax model dir, or a sentence-transformers / Hugging Face dir of a BERT or of a decoder
+(Qwen3, Qwen2, Llama, Mistral; converted in memory). Each family is a model.Encoder (model.py, decoder.py).
 """
 import logging
 import pathlib
@@ -12,6 +14,7 @@ from flax import nnx
 
 from piccolo_jax import attention
 from piccolo_jax import convert
+from piccolo_jax import decoder
 from piccolo_jax import modeldir
 from piccolo_jax import model as model_lib
 
@@ -39,9 +42,9 @@ def tokenizer_dir(model_cfg) -> str:
   return tok_dir
 
 
-def load_init(spec: str, seed: int = 0) -> tuple[model_lib.Config, dict, str]:
+def load_init(spec: str, seed: int = 0) -> tuple[object, dict, str]:
   """(model config, host params, tokenizer dir) of an init spec: 'minilm', 'stella-shape' (random
-  init, no tokenizer), a piccolo_jax model dir, or a sentence-transformers / HF BERT dir."""
+  init, no tokenizer), a piccolo_jax model dir, or a sentence-transformers / HF dir (BERT or a decoder)."""
   if spec == "stella-shape":
     return STELLA, random_params(STELLA, seed), ""
   path = resolve_init(spec)
@@ -55,8 +58,8 @@ def load_init(spec: str, seed: int = 0) -> tuple[model_lib.Config, dict, str]:
   return cfg, convert.to_params(cfg, weights, source=path), path
 
 
-def random_params(cfg: model_lib.Config, seed: int) -> dict:
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model_lib.Bert(cfg, rngs=nnx.Rngs(seed)), nnx.Param)))
+def random_params(cfg, seed: int) -> dict:
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model_lib.build(cfg, nnx.Rngs(seed)), nnx.Param)))
 
 
 def extend_positions(p_PD: np.ndarray, length: int, method: str, alpha: float = 0.4) -> np.ndarray:
@@ -75,12 +78,20 @@ def extend_positions(p_PD: np.ndarray, length: int, method: str, alpha: float = 
   raise ValueError(f"model.position_extension {method!r} unknown; use 'tile' or 'hierarchical'")
 
 
-def init_params(config) -> tuple[model_lib.Config, dict, str]:
+def arch_config(arch: dict):
+  """The config of model.arch (a random init): a decoder.Config where it names a `family`, else BERT's."""
+  return decoder.Config(**arch) if "family" in arch else model_lib.Config(**arch)
+
+
+def init_params(config) -> tuple[object, dict, str]:
   """(model config, host parameters, tokenizer dir) from config.model."""
   m, init, tok_dir = config.model, config.model.init, tokenizer_dir(config.model)
-  cfg, params, _ = load_init(init, config.seed) if init else (model_lib.Config(**m.arch), None, "")
+  cfg, params, _ = load_init(init, config.seed) if init else (arch_config(m.arch.to_dict()), None, "")
   params = random_params(cfg, config.seed) if params is None else params
   cfg = cfg.replace(dtype=m.dtype, remat=m.remat, attention=attention.resolve(m.attention))
+  if m.pooling:
+    cfg = cfg.replace(pooling=m.pooling)
+  cfg, params = _decoder_options(m, cfg, params, config.seed)
   if m.dropout >= 0:
     cfg = cfg.replace(dropout=m.dropout, attention_dropout=m.dropout)
   cfg = cfg.replace(attention_dropout=m.attention_dropout if m.attention_dropout >= 0 else cfg.attention_dropout)
@@ -98,13 +109,37 @@ def init_params(config) -> tuple[model_lib.Config, dict, str]:
   if m.keep_layers:
     cfg, params = prune(cfg, params, m.keep_layers)
   if m.max_position > cfg.max_position:
+    if isinstance(cfg, decoder.Config):
+      raise ValueError(f"model.max_position={m.max_position}: extends BERT's position embeddings; a decoder's "
+                       "rotary positions need no extension: set it to 0 (the tasks' token caps bound the texts)")
     emb = params["embeddings"]["position"]
     emb["embedding"] = extend_positions(emb["embedding"], m.max_position, m.position_extension)
     cfg = cfg.replace(max_position=m.max_position, max_seq_length=m.max_position)
   return cfg, params, tok_dir
 
 
-def prune(cfg, params, keep) -> tuple[model_lib.Config, dict]:
+def _decoder_options(m, cfg, params, seed):
+  """cfg and params with config.model's decoder options: bidirectional attention, LoRA adapters."""
+  if not isinstance(cfg, decoder.Config):
+    if m.bidirectional or m.lora.rank:
+      raise ValueError(f"model.bidirectional / model.lora.rank: decoder models only; {m.init or 'model.arch'} is a "
+                       "BERT (bidirectional already, and trained whole)")
+    return cfg, params
+  cfg = cfg.replace(causal=not m.bidirectional)
+  if m.lora.rank:
+    if cfg.lora_rank:
+      raise ValueError(f"model.lora.rank={m.lora.rank}: {m.init} has adapters already; export it (which merges "
+                       "them) and train from the export")
+    cfg = cfg.replace(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                      lora_targets=tuple(m.lora.targets))
+    params = decoder.add_lora(cfg, params, seed)
+    log.info("LoRA rank %d (alpha %s) on %d projections; the base weights frozen in %s", cfg.lora_rank,
+             cfg.lora_alpha, sum(1 for p in jax.tree_util.tree_leaves_with_path(params) if "lora_a" in str(p[0])),
+             m.lora.base_dtype)
+  return cfg, params
+
+
+def prune(cfg, params, keep) -> tuple[object, dict]:
   """A student of the encoder layers `keep` (in order) of cfg's model, e.g. (0, 2, 4) of 6."""
   keep = [int(i) for i in keep]
   if not keep or len(set(keep)) != len(keep) or not all(0 <= i < cfg.num_layers for i in keep):
@@ -113,7 +148,7 @@ def prune(cfg, params, keep) -> tuple[model_lib.Config, dict]:
   return cfg.replace(num_layers=len(keep)), {**params, "layers": {j: params["layers"][i] for j, i in enumerate(keep)}}
 
 
-def add_distill_map(cfg, params, dim, seed) -> tuple[model_lib.Config, dict]:
+def add_distill_map(cfg, params, dim, seed) -> tuple[object, dict]:
   """cfg and params with a new trainable map from the embeddings to a teacher's `dim` (none if equal)."""
   if dim == cfg.embed_dim or cfg.distill_dim == dim:
     return cfg, params

@@ -93,7 +93,7 @@ def export_final(workdir, config, mcfg, tok_dir, tables, step, params, evals, me
     card = export_lib.model_card(mcfg, base=config.model.init or "random init", step=step, tables=tables,
                                  config=config.to_json_best_effort(indent=1), evals=evals, merged=merged)
     export_lib.write_sentence_transformers(mcfg, params, tok_dir, new_export, config.export.truncate_dim or None,
-                                           prompts=export_lib.prompts(config.tasks), card=card)
+                                           prompts=export_lib.prompts(config.tasks, config.data.datasets), card=card)
     _replace(new_model, workdir / "model")
     _replace(new_export, workdir / "export")
     stamp.write_text(json.dumps(made) + "\n")

@@ -165,7 +165,8 @@ def read_meta_list(entry):
   return out
 
 
-ENTRY_KEYS = {"kind", "path", "task", "repeat", "limit", "name", "query_prefix", "passage_prefix", "neg_num"}
+ENTRY_KEYS = {"kind", "path", "task", "repeat", "limit", "name", "query_prefix", "passage_prefix", "neg_num",
+              "instruction"}
 KIND_KEYS = {"tfds": {"data_dir", "split"}, "meta": {"root"}}  # beyond ENTRY_KEYS
 REQUIRED = {"tfds": ("name",), "meta": ("path", "root")}  # every other kind: path
 

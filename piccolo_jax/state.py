@@ -1,4 +1,9 @@
-"""Training state: the optimizer, and the parameters and its state placed on the mesh (models.py loads them)."""
+"""Training state: the optimizer, and the parameters and its state placed on the mesh (models.py loads them).
+
+The state is {params: what trains, frozen: what does not (a LoRA run's base weights, in model.lora.base_dtype;
+else empty), opt: the optimizer's state of params, step}. The step differentiates params only; checkpoints hold
+all but `frozen`, which a run rebuilds from model.init (checkpoint.py).
+"""
 import re
 
 import jax
@@ -36,18 +41,59 @@ def make_optimizer(o, params, total_steps: int, train_positions=False):
   return tx, schedule
 
 
-def init_state(cfg: model_lib.Config, params: dict, tx, mesh, seed: int):
-  """(state on the mesh, its shardings, graphdef, dropout-RNG template) for train_step."""
+LORA_TRAINED = (r"/lora_[ab]$", r"^dense/", r"^distill_map/")  # A LoRA run's trained parameters: the adapters and
+# the heads after pooling (small, and a new one starts random).
+
+
+def split_frozen(params: dict, lora) -> tuple[dict, dict]:
+  """(trained, frozen) parameters: with LoRA (config.model.lora.rank > 0) the adapters and heads, and the rest
+  cast to lora.base_dtype; else (params, {})."""
+  if not lora.rank:
+    return params, {}
+  trained = [re.compile(p) for p in LORA_TRAINED]
+  train, frozen = partition(params, lambda path: any(p.search(path) for p in trained))
+  return train, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(lora.base_dtype)), frozen)
+
+
+def partition(tree: dict, keep) -> tuple[dict, dict]:
+  """(the leaves whose path keep(path) is true, the others) of a nested dict, each a nested dict of its own."""
+  a, b = {}, {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      x, y = partition(v, lambda p, k=k: keep(f"{k}/{p}"))
+      a.update({k: x} if x else {})
+      b.update({k: y} if y else {})
+    else:
+      (a if keep(str(k)) else b)[k] = v
+  return a, b
+
+
+def combine(a: dict, b: dict) -> dict:
+  """The union of two nested dicts of disjoint leaves (partition's inverse)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = combine(out[k], v) if k in out else v
+  return out
+
+
+def full_params(state) -> dict:
+  """Every parameter of a train state: trained and frozen."""
+  return combine(state["params"], state["frozen"])
+
+
+def init_state(cfg, params: dict, tx, mesh, seed: int, frozen=None):
+  """(state on the mesh, its shardings, graphdef, dropout-RNG template) for train_step; params: the trained ones,
+  frozen: the others (split_frozen)."""
   model = model_lib.abstract_model(cfg)
   model.train()
   nnx.reseed(model, default=seed)
   graphdef, _, rngs = nnx.split(model, nnx.Param, ...)
-  p_shard = sharding.state_shardings(mesh, params)
-  params = jax.device_put(params, p_shard)
+  p_shard, f_shard = sharding.state_shardings(mesh, params), sharding.state_shardings(mesh, frozen or {})
+  params, frozen = jax.device_put(params, p_shard), jax.device_put(frozen or {}, f_shard)
   o_shard = sharding.state_shardings(mesh, jax.eval_shape(tx.init, params))
-  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=o_shard)(params),
+  state = {"params": params, "frozen": frozen, "opt": jax.jit(tx.init, out_shardings=o_shard)(params),
            "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
-  shardings = {"params": p_shard, "opt": o_shard, "step": sharding.replicated(mesh)}
+  shardings = {"params": p_shard, "frozen": f_shard, "opt": o_shard, "step": sharding.replicated(mesh)}
   return state, shardings, graphdef, nnx.to_pure_dict(rngs)
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 from piccolo_jax import attention
 from piccolo_jax import gradcache
 from piccolo_jax import losses
+from piccolo_jax import state as state_lib
 from piccolo_jax import tasks as tasks_lib
 
 
@@ -62,19 +63,21 @@ def step_loss(emb_ND, batch, config, project=None) -> tuple[jax.Array, Aux]:
   return loss, Aux(per_dim, by_task, stats)
 
 
-def value_and_grad(graphdef, rngs, params, batch, config, key=None, chunk_size=0):
-  """((loss, Aux), grads) of a batch; with chunk_size > 0 by gradient
-  caching (piccolo_jax.gradcache), chunk_size packed rows of a group at a time (not with a distillation map: its
-  gradient would be lost; config.check_run refuses it). key: the dropout key."""
+def value_and_grad(graphdef, rngs, params, batch, config, key=None, chunk_size=0, frozen=None):
+  """((loss, Aux), grads of params) of a batch; frozen: the parameters that take no gradient (state.py). With
+  chunk_size > 0 by gradient caching (piccolo_jax.gradcache), chunk_size packed rows of a group at a time (not with a
+  distillation map: its gradient would be lost; config.check_run refuses it). key: the dropout key."""
+  frozen = frozen or {}
   if chunk_size:
-    embed_fn = gradcache.nnx_embed_fn(graphdef, rngs, lambda model, rows: model.packed(*rows))
+    embed = gradcache.nnx_embed_fn(graphdef, rngs, lambda model, rows: model.packed(*rows))
+    embed_fn = lambda p, xs, k: embed(state_lib.combine(p, frozen), xs, k)
     groups = {f"rows{g:02d}": rows for g, rows in enumerate(batch.rows)}  # Sorted in group order.
     concat = lambda e: jnp.concatenate([e[f].reshape(-1, e[f].shape[-1]) for f in sorted(e)])
     grad_fn = gradcache.cached_value_and_grad(embed_fn, lambda e: step_loss(concat(e), batch, config), chunk_size)
     return grad_fn(params, groups, key)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params, rngs)
+    model = nnx.merge(graphdef, state_lib.combine(params, frozen), rngs)
     if key is not None:
       nnx.reseed(model, default=key)
     return step_loss(model.embed_rows(batch.rows), batch, config, model.project)
@@ -97,7 +100,7 @@ def make_train_step(graphdef, tx, config, chunk_size=0, mesh=None):
   def _train_step(state, batch, rngs):
     key = dropout_key(config.seed, state["step"])
     (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, config, key,
-                                                              chunk_size)
+                                                              chunk_size, state.get("frozen"))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -109,6 +112,8 @@ def make_train_step(graphdef, tx, config, chunk_size=0, mesh=None):
     # whole state (BENCHMARKS.md, stella shape).
     new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
     new["step"] = state["step"] + 1  # A skipped update still consumes its batch and step.
+    if "frozen" in state:
+      new["frozen"] = state["frozen"]
     return new, {"loss": loss, "loss_per_dim": per_dim, "task_loss": by_task, "stats": stats, "grad_norm": grad_norm,
                  "ok": ok}
 

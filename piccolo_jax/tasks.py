@@ -130,6 +130,14 @@ def has_slot(task: Task, slot: str) -> bool:
   return any(s == slot for _, s in task.fields)
 
 
+INSTRUCTION = "Instruct: {}\nQuery:"  # A dataset entry's `instruction` as a query prefix: Qwen3-Embedding's format.
+
+
 def prefix(task: Task, tasks_cfg, entry, key) -> str:
-  """A dataset's query_prefix or passage_prefix: its entry's, else its task's ("" where the task takes none)."""
-  return entry.get(key, tasks_cfg[task.name][key]) if key in task.prefixes else ""
+  """A dataset's query_prefix or passage_prefix: its entry's (an `instruction` is the query prefix
+  INSTRUCTION.format(it)), else its task's ("" where the task takes none)."""
+  if key not in task.prefixes:
+    return ""
+  if key == "query_prefix" and "instruction" in entry:
+    return INSTRUCTION.format(entry["instruction"])
+  return entry.get(key, tasks_cfg[task.name][key])

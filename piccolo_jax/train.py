@@ -160,8 +160,9 @@ def start(config, workdir) -> Run:
     rundir.write_model(workdir, mcfg, tok_dir)
   groups, chunk = config.loss.groups, config.train.chunk_size
   total = config.train.max_steps or plan_lib.steps_per_epoch(config.data, tables, groups) * config.train.epochs
+  params, frozen = state_lib.split_frozen(params, config.model.lora)
   tx, schedule = state_lib.make_optimizer(config.optim, params, total, train_positions=config.model.max_position > 0)
-  state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed)
+  state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed, frozen)
   multiple = math.lcm(jax.device_count(), max(chunk, 1))  # Packed rows split over the devices and chunks.
   assemble = data_lib.assembler(config.data, config.tasks, tables, jax.process_index(), jax.process_count(),
                                 multiple, groups, total, attention.block(mcfg.attention))
@@ -194,11 +195,12 @@ def train(config, workdir) -> dict:
                    {f"data/{t.name}/teacher_scored_rows": t.scored_rows for t in run.tables
                     if tasks_lib.TASKS[t.task].scored and c.tasks[t.task].kl_weight}, echo=False)
       if c.eval.tasks:
-        evals(0, state_lib.host_params(state["params"], run.mesh))
+        evals(0, state_lib.host_params(state_lib.full_params(state), run.mesh))
     while step < run.total and not preempt.requested:
       if refresh.due(c.refresh, step):
         nonfinite.check(logger.flush())
-        negatives, facts = refresh.refresh(run.workdir, embed, state["params"], refresh.refreshed(run.tables, c.tasks),
+        negatives, facts = refresh.refresh(run.workdir, embed, state_lib.full_params(state),
+                                           refresh.refreshed(run.tables, c.tasks),
                                            mine.config_options(c.refresh), c.seed, step)
         logger.write(step, facts, echo=False)
         run.data = data_at(run, negatives, run.data.get_state())
@@ -210,7 +212,7 @@ def train(config, workdir) -> dict:
         nonfinite.check(logger.flush())
         checkpoint.save(mngr, step, state, run.data, negatives)
       if c.eval.every and step % c.eval.every == 0 and step < run.total:
-        evals(step, state_lib.host_params(state["params"], run.mesh))
+        evals(step, state_lib.host_params(state_lib.full_params(state), run.mesh))
     nonfinite.check(logger.flush())
     mngr.wait_until_finished()
     final, merged = state["params"], ()
@@ -219,7 +221,7 @@ def train(config, workdir) -> dict:
   if preempt.requested:
     log.warning("preempted: saved step %d in %s; run the same command again to resume", step, run.workdir)
     return logger.last
-  params = state_lib.host_params(final, run.mesh)
+  params = state_lib.host_params(state_lib.combine(final, state["frozen"]), run.mesh)
   scores = evals(step, params)
   logger.close()
   if jax.process_index() == 0 and len(evals.results) > 1:
