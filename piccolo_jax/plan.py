@@ -144,9 +144,10 @@ class Plan:
         sel |= {"pos": t.pos_ids[pos]} | ({"pos_score": t.pos_score[pos]} if scored else {})
       if self.k[t.task]:
         neg = np.pad(_pick(rng, t.neg_off, rows_u, k), ((0, 0), (0, self.k[t.task] - k)), constant_values=-1)
-        sel["neg_valid"] = neg >= 0
-        sel["neg"] = np.where(sel["neg_valid"], t.neg_ids[np.maximum(neg, 0)], -1)
+        sel["neg_valid"], at = neg >= 0, np.maximum(neg, 0)
+        some = len(t.neg_ids) > 0  # A table without negatives (a refresh that kept none) has none to read.
+        sel["neg"] = np.where(sel["neg_valid"], t.neg_ids[at] if some else -1, -1)
         if scored:
-          sel["neg_score"] = np.where(sel["neg_valid"], t.neg_score[np.maximum(neg, 0)], np.nan).astype(np.float32)
+          sel["neg_score"] = np.where(sel["neg_valid"], t.neg_score[at] if some else np.nan, np.nan).astype(np.float32)
       out.append((int(d), sel))
     return out

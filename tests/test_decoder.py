@@ -265,3 +265,20 @@ def test_tiny_decoder_run_learns_resumes_exactly_and_exports(tmp_path, monkeypat
   assert isinstance(again.model.cfg, decoder.Config) and again.model.cfg.pooling == "lasttoken"
   np.testing.assert_allclose(again.encode(texts), ours.encode(texts), atol=1e-5)
   assert export.hf_config(again.model.cfg)["model_type"] == "qwen3"
+
+
+@pytest.mark.parametrize("platform,impl,calls", [("tpu", "splash", ["tpu_custom_call"]),
+                                                 ("cuda", "cudnn", ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"])])
+def test_lora_step_lowers_with_causal_fused_attention(platform, impl, calls):
+  """A LoRA decoder's step (bf16, remat, base frozen in bf16, 8 devices with fsdp) exports with the fused kernel, and
+  the analytic parameter counts (bench/accel_bytes.py) are the model's."""
+  from bench import accel, accel_bytes  # pylint: disable=import-outside-toplevel
+  cfg = decoder.Config(**decoder_tiny.get_config().model.arch.to_dict(), lora_rank=4)
+  batch, _ = accel.texts({"retrieval": 8, "sts": 8}, 2, 256, 60, cfg.vocab_size)
+  out = accel.lower_one(cfg.replace(dtype="bfloat16", remat="full"), batch, (32, 64), sharding.make_mesh(4), platform,
+                        impl)
+  assert out["devices"] == 8 and out["custom_calls"] == calls and not out["LxL_tensors"]
+  state, *_ = accel.abstract_state(cfg, sharding.make_mesh(4))
+  size = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  assert accel_bytes.decoder_params(cfg) == (size(state["frozen"]), size(state["params"]))
+  assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {jnp.dtype(jnp.bfloat16)}
