@@ -6,10 +6,11 @@
       calls in each module, any [.., L, L] attention tensor left, analytic FLOPs (real and computed tokens) and
       bytes per device per remat policy with the largest global batch per HBM size; then the analytic bytes
       against XLA's memory_analysis() of CPU compiles at a small shape.
-  python -m bench.accel run [--dry-run]   on the accelerator at hand: the packed step per attention
-      implementation that runs there, retrieval at L = 512 and STS at L = 128 (step time, real tokens/s, MFU,
-      peak memory), and the PyTorch original on the same texts (HF BertModel, SDPA, bf16 autocast, AdamW, padded
-      to the longest). --dry-run: its whole path at a tiny shape on CPU (kernels in interpret mode).
+  python -m bench.accel run [--dry-run] [--shape qwen3-0.6b-lora]   on the accelerator at hand: the packed step per
+      attention implementation that runs there, retrieval at L = 512 and STS at L = 128 (step time, real tokens/s,
+      MFU, peak memory), and the PyTorch original on the same texts (HF BertModel, SDPA, bf16 autocast, AdamW,
+      padded to the longest); or the Qwen3-0.6B-shape LoRA step (causal) alone. --dry-run: its whole path at a
+      tiny shape on CPU (kernels in interpret mode).
 
 Texts are random tokens of synthetic lengths (`lengths`): queries as retrieval-zh's (median 14 tokens, capped at
 64), passages a log-normal of median --passage-median tokens capped at 512. On a device machine without the
@@ -48,6 +49,9 @@ QWEN3_06B_LORA = decoder.Config(**accel_bytes.QWEN3["0.6B"], lora_rank=16, lora_
 SHAPES = {  # model, row length, {task: rows}, negatives a retrieval row, MRL dims.
     "stella": (models.STELLA, 512, {"retrieval": 256}, 7, config.MRL_DIMS),
     "qwen3-0.6b-lora": (QWEN3_06B_LORA, 512, {"retrieval": 64}, 7, (256, 512, 1024)),
+    "decoder-tiny": (decoder.Config(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    head_dim=16, intermediate_size=96, lora_rank=4), 256, {"retrieval": 16}, 3,
+                     (32, 64)),
     "stella-mixed": (models.STELLA, 512, {"retrieval": 224, "sts": 16, "cls": 16}, 7, config.MRL_DIMS),
     "tiny": (TINY, 256, {"retrieval": 16, "sts": 8, "cls": 8}, 3, (32, 96)),
 }
@@ -231,6 +235,8 @@ def main(argv=None):
                   help="skip the analytic bytes against CPU compiles at a small shape")
   ru = sub.add_parser("run", help="measure on the accelerator at hand")
   ru.add_argument("--dry-run", action="store_true", help="the whole path at a tiny shape on CPU")
+  ru.add_argument("--shape", choices=("stella", "qwen3-0.6b-lora"), default="stella",
+                  help="stella: BERT-large against the PyTorch original; qwen3-0.6b-lora: the LoRA decoder step alone")
   ru.add_argument("--reps", type=int, default=5)
   ru.add_argument("--passage-median", type=float, default=150)
   ru.add_argument("--out", default="", help="also write the JSON result here")

@@ -16,7 +16,9 @@ RUNS = {"cpu": ("xla", "splash", "pallas_gpu"), "gpu": ("xla", "pallas_gpu", "cu
 # (task, rows of the global batch, negatives a row, row length L): retrieval as configs/finetune.py trains it at
 # L = 512 (64 queries: the original's padded step has to fit one GPU too), STS pairs at L = 128.
 WORK = {"stella": (("retrieval", 64, 7, 512), ("sts", 256, 0, 128)),
-        "tiny": (("retrieval", 4, 1, 128),)}  # --dry-run: one small task (the same loop runs the second).
+        "qwen3-0.6b-lora": (("retrieval", 32, 7, 512),),  # No torch run: torch_ref is BERT's.
+        "tiny": (("retrieval", 4, 1, 128),),  # --dry-run: one small task (the same loop runs the second).
+        "decoder-tiny": (("retrieval", 4, 1, 128),)}
 
 
 def runnable(impl, dev) -> str:
@@ -29,10 +31,12 @@ def runnable(impl, dev) -> str:
 def jax_run(cfg, batch, dims, reps, warm=True) -> dict:
   """Step time, planned memory and loss of the real train step on batch."""
   mesh = sharding.make_mesh(1, jax.devices()[:1])
-  params = models.random_params(cfg, 0)
+  lora = config.section("model").lora
+  lora.rank = getattr(cfg, "lora_rank", 0)
+  params, frozen = state_lib.split_frozen(models.random_params(cfg, 0), lora)  # A LoRA decoder's base: bf16.
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 1000)
-  state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0)
-  del params
+  state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0, frozen)
+  del params, frozen
   step = step_lib.make_train_step(graphdef, tx, accel.loss_config(dims), 0, mesh)
   arrays = sharding.put_batch(batch, mesh)
   compiled, compile_s = harness.timed(lambda: step.lower(state, arrays, rngs).compile())
@@ -67,7 +71,8 @@ def torch_run(cfg, padded, task, dims, reps, device) -> dict:
 
 def main(args):
   dev = jax.devices()[0]
-  shape = "tiny" if args.dry_run else "stella"
+  decoder = args.shape != "stella"
+  shape = ("decoder-tiny" if decoder else "tiny") if args.dry_run else args.shape
   if not args.dry_run and dev.platform == "cpu":
     raise SystemExit("bench.accel run: no accelerator here (jax sees a CPU); --dry-run runs the path at a tiny shape")
   base, _, _, _, dims = accel.SHAPES[shape]
@@ -79,7 +84,7 @@ def main(args):
     batch, padded = accel.texts({task: B}, K, L, args.passage_median, base.vocab_size)
     real = accel.real_tokens(batch)
     real_flops = flops.train_flops(base, real)
-    for impl in RUNS[dev.platform] + ("torch",):
+    for impl in RUNS[dev.platform] + (() if decoder else ("torch",)):
       why = "" if impl == "torch" else runnable(impl, dev)
       r = {"task": task, "L": L, "queries": B, "negatives": K, "attention": impl, "real_tokens": real.tokens}
       if why:

@@ -158,14 +158,8 @@ def read_source(src_dir) -> tuple[model_lib.Config, dict[str, np.ndarray]]:
   if hf.get("model_type") not in ("bert", *DECODER_TYPES):
     raise ValueError(f"{tdir / 'config.json'}: model_type {hf.get('model_type')!r} is not supported; piccolo_jax "
                      f"converts bert and the decoders {', '.join(DECODER_TYPES)}")
-  kw = _decoder_kw(hf, tdir / "config.json") if hf["model_type"] in DECODER_TYPES else dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"], max_position=hf["max_position_embeddings"],
-            type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            hidden_act=hf.get("hidden_act", "gelu"), dropout=hf.get("hidden_dropout_prob", 0.1),
-            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-            pad_token_id=hf.get("pad_token_id", 0))
-  kw.update(normalize="Normalize" in by_kind, max_seq_length=_max_seq_length(tdir, hf["max_position_embeddings"]))
+  kw, longest = (_decoder_kw if hf["model_type"] in DECODER_TYPES else _bert_kw)(hf, tdir / "config.json")
+  kw.update(normalize="Normalize" in by_kind, max_seq_length=_max_seq_length(tdir, longest))
   if "Pooling" in by_kind:
     kw["pooling"] = _pooling_mode(by_kind["Pooling"] / "config.json")
   weights = _normalize_keys(read_weights(tdir), tdir)
@@ -184,8 +178,19 @@ def read_source(src_dir) -> tuple[model_lib.Config, dict[str, np.ndarray]]:
   return (decoder.Config if "family" in kw else model_lib.Config)(**kw), weights
 
 
-def _decoder_kw(hf, path) -> dict:
-  """decoder.Config fields of a Hugging Face Qwen3 / Qwen2 / Llama / Mistral config."""
+def _bert_kw(hf, path) -> tuple[dict, int]:
+  """(model.Config fields, the longest text) of a Hugging Face BERT config."""
+  del path
+  return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+              num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+              max_position=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+              layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=hf.get("hidden_act", "gelu"),
+              dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+              pad_token_id=hf.get("pad_token_id", 0)), hf["max_position_embeddings"]
+
+
+def _decoder_kw(hf, path) -> tuple[dict, int]:
+  """(decoder.Config fields, the longest text) of a Hugging Face Qwen3 / Qwen2 / Llama / Mistral config."""
   family = DECODER_TYPES[hf["model_type"]]
   rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
   if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -194,6 +199,8 @@ def _decoder_kw(hf, path) -> dict:
     raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported (SwiGLU with silu only)")
   if hf.get("use_sliding_window") or set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"}:
     raise ValueError(f"{path}: sliding-window attention unsupported")
+  # Mistral's window (use_sliding_window unset): texts up to it attend as with full attention; longer are cut.
+  longest = min(hf["max_position_embeddings"], hf.get("sliding_window") or hf["max_position_embeddings"])
   bias = bool(hf.get("attention_bias"))
   return dict(family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
               num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -203,7 +210,7 @@ def _decoder_kw(hf, path) -> dict:
               rope_theta=float(rope["rope_theta"]), max_position=hf["max_position_embeddings"],
               qk_norm=family == "qwen3", attention_bias=family == "qwen2" or bias,
               output_bias=family != "qwen2" and bias, mlp_bias=bool(hf.get("mlp_bias")),
-              pad_token_id=hf.get("pad_token_id") or 0, pooling="lasttoken")
+              pad_token_id=hf.get("pad_token_id") or 0, pooling="lasttoken"), longest
 
 
 def _pooling_mode(path) -> str:

@@ -54,8 +54,8 @@ def run_tiny(workdir, *extra):
 # The files that take longest (a minute or more: the real checkpoint over STS-B dev, CLI processes), first:
 # with `make test`'s --no-loadscope-reorder, pytest-xdist hands out files in this order, so no long file is
 # left to start last while the other worker idles (9 min 13 s -> 8 min 13 s, BENCHMARKS.md).
-SLOW_FIRST = ("test_faults", "test_core", "test_packing", "test_launch", "test_refresh", "test_bench", "test_runs",
-              "test_train", "test_mine")
+SLOW_FIRST = ("test_faults", "test_core", "test_packing", "test_launch", "test_refresh", "test_decoder", "test_bench",
+              "test_runs", "test_train", "test_mine")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,4 +1,4 @@
-"""Decoder embedders (decoder.py): parity with Hugging Face's Qwen3 / Qwen2 / Llama and PEFT's LoRA on tiny random
+"""Decoder embedders (decoder.py): parity with Hugging Face's Qwen3 / Qwen2 / Llama / Mistral and PEFT's LoRA on tiny random
 models built here, FSDP gradients, and a LoRA training run that resumes exactly and exports to sentence-transformers."""
 import json
 import pathlib
@@ -27,11 +27,11 @@ def hf_dirs(tmp_path_factory):
   """{family: a saved tiny random HF base model (norms and biases perturbed), with MiniLM's tokenizer}."""
   out, tok = {}, pathlib.Path(models.resolve_init("minilm"))
   torch.manual_seed(0)
-  for kind in ("Qwen3", "Qwen2", "Llama"):
+  for kind in ("Qwen3", "Qwen2", "Llama", "Mistral"):
     kw = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=96, head_dim=24, max_position_embeddings=512, rope_theta=1e4, pad_token_id=0)
     hf = getattr(transformers, kind + "Model")(getattr(transformers, kind + "Config")(
-        **kw, **({"attention_bias": True} if kind == "Llama" else {}))).eval()
+        **kw, **{"Llama": {"attention_bias": True}, "Mistral": {"sliding_window": 256}}.get(kind, {}))).eval()
     with torch.no_grad():
       for n, p in hf.named_parameters():
         if "norm" in n or "bias" in n:
@@ -82,7 +82,7 @@ def _hidden(hf, ids_BL, mask_BL, causal=True):
     return hf(input_ids=torch.tensor(ids_BL), attention_mask=torch.as_tensor(m)).last_hidden_state.numpy()
 
 
-@pytest.mark.parametrize("kind", ["Qwen3", "Qwen2", "Llama"])
+@pytest.mark.parametrize("kind", ["Qwen3", "Qwen2", "Llama", "Mistral"])
 def test_parity_with_hugging_face_padded_either_side_and_packed(hf_dirs, kind):
   hf = getattr(transformers, kind + "Model").from_pretrained(hf_dirs[kind], attn_implementation="eager").eval()
   for causal in (True, False):
@@ -97,6 +97,8 @@ def test_parity_with_hugging_face_padded_either_side_and_packed(hf_dirs, kind):
       last_ND = np.stack([h[m == 1][-1] for h, m in zip(want_BLD, mask_BL)])  # Last-token pooling.
       np.testing.assert_allclose(ours(jnp.asarray(ids_BL), jnp.asarray(mask_BL)), last_ND, atol=1e-5)
     np.testing.assert_allclose(ours.packed(*_packed(ids_N))[0], last_ND, atol=1e-5)
+  # Mistral's sliding window (256 of its 512 positions) caps the texts: up to it, attention is full.
+  assert convert.read_source(hf_dirs[kind])[0].max_seq_length == (256 if kind == "Mistral" else 512)
   ids_N, ids_BL, mask_BL = _texts("left")
   want_ND = np.stack([h[m == 1].mean(0) for h, m in zip(_hidden(hf, ids_BL, mask_BL), mask_BL)])  # Mean pooling.
   np.testing.assert_allclose(_ours(hf_dirs[kind], pooling="mean").packed(*_packed(ids_N))[0], want_ND, atol=1e-5)
