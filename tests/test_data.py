@@ -448,3 +448,17 @@ def test_prepare_cli_shards_are_what_training_opens(tmp_path, tok, monkeypatch):
   c = tiny_config.get_config()
   tables = data.open_tables(c.data, c.tasks, tok)
   assert [t.task for t in tables] == ["retrieval", "sts", "cls"] and all(len(t) == 32 for t in tables)
+
+
+def test_a_table_without_negatives_samples_none(big, big_tables, tmp_path):
+  """Negatives refreshed by a model that kept none (a random one scores every candidate within the margin): every
+  row's negatives are empty slots, not an index error."""
+  t = big_tables[0]
+  np.zeros(len(t) + 1, np.int64).tofile(tmp_path / "neg_off.bin")
+  for k in ("neg_ids", "neg_score"):
+    (tmp_path / f"{k}.bin").write_bytes(b"")
+  plan = plan_lib.Plan(big.data, big.tasks, [t.with_negatives(tmp_path), *big_tables[1:]])
+  step = next(s for s in range(100) if plan.units(s)[0][0] == 0)
+  ((_, sel),) = plan.units(step)
+  assert len(plan.tables[0].neg_ids) == 0 and sel["neg"].shape[1] > 0
+  assert (sel["neg"] == -1).all() and not sel["neg_valid"].any() and np.isnan(sel["neg_score"]).all()
