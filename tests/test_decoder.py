@@ -30,14 +30,16 @@ def hf_dirs(tmp_path_factory):
   for kind in ("Qwen3", "Qwen2", "Llama", "Mistral"):
     kw = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=96, head_dim=24, max_position_embeddings=512, rope_theta=1e4, pad_token_id=0)
-    hf = getattr(transformers, kind + "Model")(getattr(transformers, kind + "Config")(
+    # Llama as a ...ForCausalLM checkpoint ("model." keys and an lm_head), Qwen2's sharded: the converter reads both.
+    cls = getattr(transformers, kind + ("ForCausalLM" if kind == "Llama" else "Model"))
+    hf = cls(getattr(transformers, kind + "Config")(
         **kw, **{"Llama": {"attention_bias": True}, "Mistral": {"sliding_window": 256}}.get(kind, {}))).eval()
     with torch.no_grad():
       for n, p in hf.named_parameters():
         if "norm" in n or "bias" in n:
           p.add_(torch.randn_like(p) * 0.1)
     out[kind] = tmp_path_factory.mktemp(kind)
-    hf.save_pretrained(out[kind])
+    hf.save_pretrained(out[kind], max_shard_size="1MB" if kind == "Qwen2" else "5GB")
     for f in modeldir.tokenizer_files(tok):
       shutil.copy2(f, out[kind] / f.name)
   return out
@@ -97,11 +99,25 @@ def test_parity_with_hugging_face_padded_either_side_and_packed(hf_dirs, kind):
       last_ND = np.stack([h[m == 1][-1] for h, m in zip(want_BLD, mask_BL)])  # Last-token pooling.
       np.testing.assert_allclose(ours(jnp.asarray(ids_BL), jnp.asarray(mask_BL)), last_ND, atol=1e-5)
     np.testing.assert_allclose(ours.packed(*_packed(ids_N))[0], last_ND, atol=1e-5)
+  files = {f.name for f in hf_dirs[kind].iterdir()}
+  assert ("model.safetensors.index.json" in files) == (kind == "Qwen2")
   # Mistral's sliding window (256 of its 512 positions) caps the texts: up to it, attention is full.
   assert convert.read_source(hf_dirs[kind])[0].max_seq_length == (256 if kind == "Mistral" else 512)
   ids_N, ids_BL, mask_BL = _texts("left")
   want_ND = np.stack([h[m == 1].mean(0) for h, m in zip(_hidden(hf, ids_BL, mask_BL), mask_BL)])  # Mean pooling.
   np.testing.assert_allclose(_ours(hf_dirs[kind], pooling="mean").packed(*_packed(ids_N))[0], want_ND, atol=1e-5)
+
+
+def test_safetensors_reader_takes_bfloat16(tmp_path):
+  """Real checkpoints are bfloat16, which safetensors.numpy cannot read: the memory-mapped reader does, exactly."""
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  want = {"w": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.randn(4, dtype=torch.float32),
+          "e": torch.zeros(0, 2, dtype=torch.float16)}
+  save_file(want, tmp_path / "m.safetensors")
+  got = convert.read_safetensors(tmp_path / "m.safetensors")
+  for k, v in want.items():
+    assert str(got[k].dtype) == str(v.dtype).removeprefix("torch.") and got[k].shape == tuple(v.shape)
+    np.testing.assert_array_equal(np.asarray(got[k], np.float32), v.float().numpy())
 
 
 def _lora(path, rank=4, alpha=8.0):
