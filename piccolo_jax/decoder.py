@@ -144,6 +144,8 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+  """x / rms(x) in float32, times the scale in the compute dtype (as HF's Qwen3RMSNorm / LlamaRMSNorm)."""
+
   def __init__(self, dim, eps, dtype):
     self.scale, self.eps, self.dtype = nnx.Param(jnp.ones((dim,), jnp.float32)), eps, jnp.dtype(dtype)
 
