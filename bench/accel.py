@@ -59,6 +59,9 @@ SHAPES = {  # model, row length, {task: rows}, negatives a retrieval row, MRL di
 # bfloat16 through float32).
 COMPARE = model_lib.Config(vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
                            dense_out=0, max_position=512, attention_dropout=0.0)
+# The decoder's: a small Qwen3 (LoRA rank 16 and full), rows of 256.
+DECODER_COMPARE = decoder.Config(vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                                 head_dim=64, intermediate_size=768, max_position=512)
 EXPORTS = {"tpu": ("splash",), "cuda": ("pallas_gpu", "cudnn")}  # The fused kernel each platform exports with.
 # jax.export refuses custom calls without a stability guarantee unless told; these are the kernels'.
 UNSTABLE = ("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward",
@@ -196,7 +199,17 @@ def lower(args):
                   "computed_squares": rows.squares}
   if isinstance(cfg, decoder.Config):  # Bytes per device: accel_bytes.decoder_bytes, at every size.
     out["param_counts"] = dict(zip(("parameters", "adapters"), accel_bytes.decoder_params(cfg)))
-    print("\n".join(accel_bytes.markdown(out, bytes_table=False) + [""] + accel_bytes.decoder_markdown()))
+    lines = accel_bytes.markdown(out, bytes_table=False) + [""] + accel_bytes.decoder_markdown()
+    if args.compare:
+      small = DECODER_COMPARE
+      b, _ = texts({"retrieval": 32}, 3, 256, 60, small.vocab_size)
+      out["xla_memory"] = accel_bytes.decoder_compare(small, b, (128, 256))
+      lines += ["", "| LoRA rank | remat (CPU compile, float32, xla attention) | analytic state MB | XLA arguments "
+                "less the batch MB | ratio | analytic step MB | XLA temporaries MB | ratio |", "|---" * 8 + "|"]
+      lines += [f"| {r['rank']} | {r['policy']} | {r['analytic_state_mb']:.1f} | {r['xla_arguments_mb']:.1f} | "
+                f"{r['xla_arguments_mb'] / r['analytic_state_mb']:.3f} | {r['analytic_step_mb']:.0f} | "
+                f"{r['xla_temp_mb']:.0f} | {r['xla_temp_mb'] / r['analytic_step_mb']:.2f} |" for r in out["xla_memory"]]
+    print("\n".join(lines))
     print(json.dumps(out))
     return
   if len(shape) > 1:  # accel_bytes models rows of one length.

@@ -156,22 +156,47 @@ def decoder_params(cfg) -> tuple[int, int]:
   return cfg.vocab_size * D + cfg.num_layers * layer + D, cfg.num_layers * adapters
 
 
-def decoder_bytes(cfg, tokens, fsdp) -> dict:
-  """Analytic bytes per device of a decoder's train step on `tokens` tokens a device (bfloat16 compute, remat full,
-  a fused attention kernel), parameters over `fsdp` devices. Full fine-tuning keeps float32 parameters, Adam's two
-  moments and gradients (16 bytes a parameter); LoRA the base in bfloat16 (2 bytes) and those 16 bytes for each
-  adapter parameter. Activations: each layer's input, plus one layer's backward working set (RMSNorm in and out,
-  q, k, v and k, v repeated to every head, the attention output and its log-sum-exp, SwiGLU's three [T, F]), and
-  one layer's weights gathered in bfloat16."""
+def decoder_bytes(cfg, tokens, fsdp, L=None, policy="full") -> dict:
+  """Analytic bytes per device of a decoder's train step on `tokens` tokens a device (cfg.dtype compute), parameters
+  over `fsdp` devices. Full fine-tuning keeps float32 parameters, Adam's two moments and gradients (16 bytes a
+  parameter); LoRA the base in bfloat16 (2 bytes) and those 16 bytes for each adapter parameter. A layer's backward
+  working set: RMSNorm in and out, q, k, v and k, v repeated to every head, the attention output and its float32
+  log-sum-exp (a fused kernel; L given: xla's probabilities [rows, H, L, L], float32 and compute dtype), SwiGLU's
+  three [T, F]. Kept for the backward pass: every layer's input plus one layer's working set (policy full), or
+  every layer's working set (none); plus one layer's weights gathered in the compute dtype for fsdp."""
   P, A = decoder_params(cfg)
-  D, F, HE, KE, b = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
-      cfg.num_kv_heads * cfg.head_dim, 2
+  D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+  HE, KE, b = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, np.dtype(cfg.dtype).itemsize
   state = {"base_bf16": 2 * P / fsdp, "trained_fp32_adam_grads": 16 * A / fsdp} if cfg.lora_rank else \
       {"base_bf16": 0.0, "trained_fp32_adam_grads": 16 * P / fsdp}
-  work = tokens * (b * (4 * D + 3 * HE + 4 * KE + 3 * F) + 4 * cfg.num_heads)
-  out = state | {"gathered_layer": b * (P - cfg.vocab_size * D) / cfg.num_layers,
-                 "activations": cfg.num_layers * tokens * D * b + work + tokens * D * 4}
+  attn = tokens * 4 * H if L is None else tokens * H * L * (4 + b)
+  everything = tokens * b * (4 * D + 5 * HE + 3 * KE + 3 * F) + attn  # q, q roped, output, k and v repeated; k,
+  # k roped, v.
+  kept = cfg.num_layers * (tokens * D * b if policy == "full" else everything) + everything * (policy == "full")
+  out = state | {"gathered_layer": b * (P - cfg.vocab_size * D) / cfg.num_layers, "activations": kept + tokens * D * 4}
   return out | {"total": sum(out.values())}
+
+
+def decoder_compare(cfg, batch, dims, ranks=(0, 16), policies=("none", "full")) -> list:
+  """decoder_bytes against XLA's memory_analysis() of the step compiled on one CPU device (xla attention, float32
+  compute, rows of one length), full and LoRA, remat none and full: [{rank, policy, analytic state MB (base, float32
+  parameters and Adam's moments: 12 of the 16 bytes, gradients being temporaries), XLA's arguments less the batch
+  MB, analytic step MB (gradients, activations), XLA's temporaries MB}]."""
+  from bench import accel  # pylint: disable=g-import-not-at-top
+  mesh, rows = sharding.make_mesh(1, jax.devices()[:1]), []
+  (_, L), tokens = batch.rows[0].tokens.shape, sum(r.tokens.size for r in batch.rows)
+  for r, policy in ((r, p) for r in ranks for p in policies):
+    c = cfg.replace(lora_rank=r, remat=policy, attention="xla", dtype="float32")
+    step, (state, b, rngs) = accel.step_args(c, batch, dims, mesh)
+    mem = step.lower(state, b, rngs).compile().memory_analysis()
+    inputs = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((b.rows, b.slots, b.extras, rngs)))
+    mine = decoder_bytes(c, tokens, 1, L, policy)
+    state_mb = (mine["base_bf16"] + 0.75 * mine["trained_fp32_adam_grads"]) / 2**20
+    rows.append({"rank": r, "policy": policy, "analytic_state_mb": state_mb,
+                 "xla_arguments_mb": (mem.argument_size_in_bytes - inputs) / 2**20,
+                 "analytic_step_mb": (mine["total"] - state_mb * 2**20) / 2**20,
+                 "xla_temp_mb": mem.temp_size_in_bytes / 2**20})
+  return rows
 
 
 def decoder_markdown(tokens=4096, fsdp=8, rank=16) -> list[str]:
@@ -182,7 +207,7 @@ def decoder_markdown(tokens=4096, fsdp=8, rank=16) -> list[str]:
            "|---" * 9 + "|"]
   for name, shape in QWEN3.items():
     for r in (0, rank):
-      cfg = decoder.Config(**shape, lora_rank=r)
+      cfg = decoder.Config(**shape, lora_rank=r, dtype="bfloat16")
       gb, one = decoder_bytes(cfg, tokens, fsdp), decoder_bytes(cfg, tokens, 1)
       lines.append(f"| Qwen3-Embedding-{name} | {decoder_params(cfg)[0] / 1e9:.2f} B | "
                    f"{f'LoRA r={r} ({decoder_params(cfg)[1] / 1e6:.1f} M)' if r else 'full'} | " +

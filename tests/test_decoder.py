@@ -300,3 +300,6 @@ def test_lora_step_lowers_with_causal_fused_attention(platform, impl, calls):
   size = lambda t: sum(x.size for x in jax.tree.leaves(t))
   assert accel_bytes.decoder_params(cfg) == (size(state["frozen"]), size(state["params"]))
   assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {jnp.dtype(jnp.bfloat16)}
+  if platform == "tpu":  # The analytic state (accel_bytes.decoder_bytes) is XLA's arguments, full and LoRA.
+    for row in accel_bytes.decoder_compare(cfg, batch, (32, 64), ranks=(0, 4), policies=("none",)):
+      np.testing.assert_allclose(row["analytic_state_mb"], row["xla_arguments_mb"], rtol=1e-3, err_msg=str(row))
