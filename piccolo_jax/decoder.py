@@ -11,8 +11,6 @@ adapter leaves the model unchanged. The base weights then train not at all (stat
 model.lora's base dtype); `merged` folds the adapters into them, which export does.
 """
 import dataclasses
-import json
-import pathlib
 import re
 
 import jax
@@ -29,7 +27,7 @@ LORA_TARGETS = (r"attn/(q|k|v|o)$", r"/(gate|up|down)$")  # Every projection (pa
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(model_lib.Architecture):
   """Architecture of a decoder embedder (saved as model_config.json, its `family` one of FAMILIES)."""
   family: str = "qwen3"
   vocab_size: int = 151669
@@ -80,7 +78,6 @@ class Config:
       re.compile(p)
 
   module = property(lambda self: Decoder)
-  embed_dim = property(lambda self: self.dense_out or self.hidden_size)
 
   @property
   def layer_weights(self) -> int:
@@ -89,18 +86,9 @@ class Config:
 
   attention_width = property(lambda self: self.num_heads * self.head_dim)
 
-  def replace(self, **kw) -> "Config":
-    return dataclasses.replace(self, **kw)
-
-  def portable(self) -> "Config":
-    return self.replace(dtype="float32", remat="none", attention="auto")
-
   def merged(self) -> "Config":
     """The config once merge_lora has folded the adapters in."""
     return self.replace(lora_rank=0)
-
-  def save(self, path):
-    pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 class Linear(nnx.Module):

@@ -25,8 +25,26 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "everything_saveable")
 
 
+class Architecture:
+  """What every model family's config (a frozen dataclass: this Config, decoder.Config) does alike."""
+
+  @property
+  def embed_dim(self) -> int:
+    return self.dense_out or self.hidden_size
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+  def portable(self):
+    """The config a model dir keeps: float32 compute, no remat, attention chosen by the platform that loads it."""
+    return self.replace(dtype="float32", remat="none", attention="auto")
+
+  def save(self, path):
+    pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(Architecture):
   """Architecture of a BERT sentence encoder (saved as model_config.json)."""
   vocab_size: int = 30522
   hidden_size: int = 384
@@ -70,17 +88,6 @@ class Config:
       raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
 
   @property
-  def embed_dim(self) -> int:
-    return self.dense_out or self.hidden_size
-
-  def replace(self, **kw) -> "Config":
-    return dataclasses.replace(self, **kw)
-
-  def portable(self) -> "Config":
-    """The config a model dir keeps: float32 compute, no remat, attention chosen by the platform that loads it."""
-    return self.replace(dtype="float32", remat="none", attention="auto")
-
-  @property
   def layer_weights(self) -> int:
     """Matmul weights a token meets in one layer (Q, K, V, output, FFN): flops.py."""
     return 4 * self.hidden_size ** 2 + 2 * self.hidden_size * self.intermediate_size
@@ -89,9 +96,6 @@ class Config:
   def attention_width(self) -> int:
     """Heads x head dim: a query-key pair's attention costs 4 x this in FLOPs (flops.py)."""
     return self.hidden_size
-
-  def save(self, path):
-    pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 def _linear(cfg, d_in, d_out, rngs, use_bias=True):
