@@ -118,10 +118,7 @@ def abstract_state(cfg, mesh, seed=0):
   model.train()
   graphdef, params, rngs = nnx.split(model, nnx.Param, ...)
   params, rngs = nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
-  frozen = {}
-  if getattr(cfg, "lora_rank", 0):
-    params, frozen = state_lib.partition(params, lambda p: any(re.search(r, p) for r in state_lib.LORA_TRAINED))
-    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen)
+  params, frozen = state_lib.split_frozen(params, cfg)
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 1000)
   opt = jax.eval_shape(tx.init, params)
   shard = lambda tree: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,

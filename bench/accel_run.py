@@ -31,9 +31,7 @@ def runnable(impl, dev) -> str:
 def jax_run(cfg, batch, dims, reps, warm=True) -> dict:
   """Step time, planned memory and loss of the real train step on batch."""
   mesh = sharding.make_mesh(1, jax.devices()[:1])
-  lora = config.section("model").lora
-  lora.rank = getattr(cfg, "lora_rank", 0)
-  params, frozen = state_lib.split_frozen(models.random_params(cfg, 0), lora)  # A LoRA decoder's base: bf16.
+  params, frozen = state_lib.split_frozen(models.random_params(cfg, 0), cfg)  # A LoRA decoder's base: bf16.
   tx, _ = state_lib.make_optimizer(config.section("optim"), params, 1000)
   state, _, graphdef, rngs = state_lib.init_state(cfg, params, tx, mesh, 0, frozen)
   del params, frozen

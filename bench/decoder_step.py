@@ -22,7 +22,7 @@ def main():
   c, load0 = decoder_tiny.get_config(), os.getloadavg()[0]
   c.data.datasets = tuple(dict(d, limit=args.limit) for d in c.data.datasets)
   cfg, params, tok_dir = models.init_params(c)
-  params, frozen = state_lib.split_frozen(params, c.model.lora)
+  params, frozen = state_lib.split_frozen(params, cfg, c.model.lora.base_dtype)
   tables = data.open_tables(c.data, c.tasks, encode.load_tokenizer(tok_dir))
   batches = {k: [a(s) for s in range(a.plan.steps_per_epoch)] for k, a in
              ((k, data.assembler(config.replace(c.data, **kw), c.tasks, tables)) for k, kw in RUNS.items())}

@@ -45,14 +45,17 @@ LORA_TRAINED = (r"/lora_[ab]$", r"^dense/", r"^distill_map/")  # A LoRA run's tr
 # the heads after pooling (small, and a new one starts random).
 
 
-def split_frozen(params: dict, lora) -> tuple[dict, dict]:
-  """(trained, frozen) parameters: with LoRA (config.model.lora.rank > 0) the adapters and heads, and the rest
-  cast to lora.base_dtype; else (params, {})."""
-  if not lora.rank:
+def split_frozen(params: dict, cfg, base_dtype="bfloat16") -> tuple[dict, dict]:
+  """(trained, frozen) parameters (host arrays, or ShapeDtypeStructs) of a model config: with LoRA adapters
+  (decoder.Config.lora_rank > 0) the adapters and heads, and the rest cast to base_dtype (config.model.lora's);
+  else (params, {})."""
+  if not getattr(cfg, "lora_rank", 0):
     return params, {}
-  trained = [re.compile(p) for p in LORA_TRAINED]
+  trained, dtype = [re.compile(p) for p in LORA_TRAINED], jnp.dtype(base_dtype)
   train, frozen = partition(params, lambda path: any(p.search(path) for p in trained))
-  return train, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(lora.base_dtype)), frozen)
+  cast = lambda x: jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else \
+      np.asarray(x).astype(dtype)
+  return train, jax.tree.map(cast, frozen)
 
 
 def partition(tree: dict, keep) -> tuple[dict, dict]:

@@ -100,7 +100,7 @@ def make_train_step(graphdef, tx, config, chunk_size=0, mesh=None):
   def _train_step(state, batch, rngs):
     key = dropout_key(config.seed, state["step"])
     (loss, (per_dim, by_task, stats)), grads = value_and_grad(graphdef, rngs, state["params"], batch, config, key,
-                                                              chunk_size, state.get("frozen"))
+                                                              chunk_size, state["frozen"])
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -111,9 +111,8 @@ def make_train_step(graphdef, tx, config, chunk_size=0, mesh=None):
     # A cond, not a select over every parameter and moment: XLA:CPU ran that as extra passes over the
     # whole state (BENCHMARKS.md, stella shape).
     new = jax.lax.cond(ok, update, lambda _: {k: state[k] for k in ("params", "opt")}, None)
-    new["step"] = state["step"] + 1  # A skipped update still consumes its batch and step.
-    if "frozen" in state:
-      new["frozen"] = state["frozen"]
+    new["step"], new["frozen"] = state["step"] + 1, state["frozen"]  # A skipped update still consumes its batch
+    # and step.
     return new, {"loss": loss, "loss_per_dim": per_dim, "task_loss": by_task, "stats": stats, "grad_norm": grad_norm,
                  "ok": ok}
 

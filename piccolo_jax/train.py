@@ -160,7 +160,7 @@ def start(config, workdir) -> Run:
     rundir.write_model(workdir, mcfg, tok_dir)
   groups, chunk = config.loss.groups, config.train.chunk_size
   total = config.train.max_steps or plan_lib.steps_per_epoch(config.data, tables, groups) * config.train.epochs
-  params, frozen = state_lib.split_frozen(params, config.model.lora)
+  params, frozen = state_lib.split_frozen(params, mcfg, config.model.lora.base_dtype)
   tx, schedule = state_lib.make_optimizer(config.optim, params, total, train_positions=config.model.max_position > 0)
   state, shardings, graphdef, rngs = state_lib.init_state(mcfg, params, tx, mesh, config.seed, frozen)
   multiple = math.lcm(jax.device_count(), max(chunk, 1))  # Packed rows split over the devices and chunks.
